@@ -1,0 +1,122 @@
+"""The client actor: one warm process that owns a shard of virtual clients.
+
+It keeps one model whose weights are a flat vector (loading the global model
+is a single copy), its clients' data (gathered and shifted once, on first use)
+and their state across rounds. Nothing here is per-client Python objects
+created per call: that churn is what makes stateless per-client engines slow.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import ray
+import torch
+
+from simfl.client_data import ClientData, client_data
+from simfl.config import Scenario
+from simfl.data import Dataset
+from simfl.models import build_model
+from simfl.partition import Partition
+from simfl.resources import gpu_memory_fraction, torch_threads
+from simfl.seeding import torch_generator
+from simfl.training import evaluate, train_client
+from simfl.weights import FlatWeights
+
+
+class ShardNotAttached(RuntimeError):
+    """Raised by a client actor that Ray restarted and that has not been re-attached yet."""
+
+
+def new_client_state() -> dict[str, int]:
+    return {"participation": 0, "last_round": 0}
+
+
+@ray.remote
+class ClientShard:
+    def __init__(self, scenario: dict, shard: int, client_ids: list[int]) -> None:
+        self.sc = Scenario.model_validate(scenario)
+        res = self.sc.resources
+        torch.set_num_threads(torch_threads(res.cpus_per_actor))
+        self.device = torch.device("cpu")
+        fraction = gpu_memory_fraction(res.gpus_per_actor)
+        if fraction is not None and torch.cuda.is_available():
+            self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
+            torch.cuda.set_per_process_memory_fraction(fraction, self.device)
+        self.shard = shard
+        self.states: dict[int, dict[str, int]] = {int(c): new_client_state() for c in client_ids}
+        self.data: dict[int, ClientData] = {}
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def attach(self, refs: dict, states: dict[int, dict[str, int]]) -> dict:
+        """Fetch the dataset and partition, build the model, restore client state.
+
+        Called after creation and again after Ray restarts this actor, so the
+        constructor holds no object refs (a restart never depends on them).
+        Data come zero-copy from the node's object store.
+        """
+        self.dataset: Dataset = ray.get(refs["dataset"])
+        self.partition: Partition = ray.get(refs["partition"])
+        self.shifts = [p.shift for p in self.sc.populations]
+        ds = self.dataset
+        self.model = build_model(self.sc.model, ds.channels, ds.image_size, ds.num_classes).to(self.device)
+        self.flat = FlatWeights(self.model)
+        for client, state in states.items():
+            if int(client) not in self.states:
+                raise KeyError(f"client {client} is not owned by shard {self.shard}")
+            self.states[int(client)] = dict(state)
+        return {"shard": self.shard, "node_id": self.node_id, "pid": os.getpid(), "clients": len(self.states)}
+
+    def _require_attached(self) -> None:
+        if not hasattr(self, "flat"):
+            raise ShardNotAttached(f"client shard {self.shard} was restarted and holds no data yet")
+
+    def _data(self, client: int) -> ClientData:
+        if client not in self.data:
+            self.data[client] = client_data(self.dataset, self.partition, self.shifts, self.sc.seed, client)
+        return self.data[client]
+
+    def _weights(self, weights: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(weights, dtype=np.float32)).to(self.device)
+
+    def train(self, round_: int, weights: np.ndarray, clients: list[int]) -> list[dict]:
+        """Train each listed client from ``weights``; randomness comes from (seed, client, round)."""
+        self._require_attached()
+        global_weights = self._weights(weights)
+        results = []
+        for client in clients:
+            data = self._data(client)
+            gen = torch_generator(self.sc.seed, "client-train", client, round_)
+            local = train_client(self.model, self.flat, global_weights, data.x, data.y, self.sc.training, gen)
+            state = self.states[client]
+            state["participation"] += 1
+            state["last_round"] = round_
+            results.append(
+                {
+                    "client_id": client,
+                    "delta": local.delta.numpy(),
+                    "samples": local.samples,
+                    "steps": local.steps,
+                    "loss": local.loss,
+                    "accuracy": local.accuracy,
+                    "time_s": local.time_s,
+                    "state": dict(state),
+                    "actor": self.shard,
+                    "node_id": self.node_id,
+                }
+            )
+        return results
+
+    def evaluate(self, weights: np.ndarray, clients: list[int]) -> list[dict]:
+        """Global model on each client's local validation split (clients with none are skipped)."""
+        self._require_attached()
+        self.flat.load(self._weights(weights))
+        rows = []
+        for client in clients:
+            data = self._data(client)
+            if len(data.val_y) == 0:
+                continue
+            loss_sum, correct, n = evaluate(self.model, data.val_x, data.val_y, self.sc.evaluation.batch_size)
+            rows.append({"client_id": client, "samples": n, "loss_sum": loss_sum, "correct": correct})
+        return rows

@@ -1,0 +1,310 @@
+"""The coordinator actor: samples clients, dispatches, aggregates, evaluates, checkpoints.
+
+It owns the run: the global weights, the server optimiser, the journal of
+client states (what a restarted client actor is given back), the run tables
+and TensorBoard. It runs on the driver's node so that the run directory is
+local, and it sends the global weights once per round per actor through the
+object store, never once per client.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+from torch.utils.tensorboard import SummaryWriter
+
+from actors.client import ClientShard, ShardNotAttached
+from simfl.aggregation import ServerOptimizer, weighted_mean
+from simfl.checkpoint import load_latest, save_checkpoint
+from simfl.client_data import population_test_set
+from simfl.config import Scenario
+from simfl.data import Dataset
+from simfl.models import build_model
+from simfl.partition import Partition
+from simfl.resources import assign_clients, torch_threads
+from simfl.seeding import derive_seed, rng
+from simfl.tables import RunTables
+from simfl.training import evaluate
+from simfl.weights import FlatWeights
+
+# How often a client actor may die within one round before the run gives up.
+MAX_RERUNS_PER_ROUND = 3
+
+
+def sample_cohort(sc: Scenario, eligible: np.ndarray, round_: int) -> np.ndarray:
+    """This round's clients, from (seed, round) alone: independent of actors and of resumes."""
+    k = sc.training.cohort_size(len(eligible))
+    return np.sort(rng(sc.seed, "sample", round_).choice(eligible, size=k, replace=False))
+
+
+@ray.remote
+class Coordinator:
+    def __init__(
+        self,
+        scenario: dict,
+        run_dir: str,
+        refs: dict,
+        n_actors: int,
+        resume: bool,
+    ) -> None:
+        # ``refs`` wraps the dataset and partition object refs, so Ray hands them to us
+        # unresolved and each client actor fetches them from the object store itself.
+        self.sc = Scenario.model_validate(scenario)
+        self.run_dir = Path(run_dir)
+        torch.set_num_threads(torch_threads(max(self.sc.resources.coordinator_cpus, 1.0)))
+        dataset: Dataset = ray.get(refs["dataset"])
+        self.partition: Partition = ray.get(refs["partition"])
+        self.pop_names = self.partition.populations
+        self.held_out = self.partition.held_out
+
+        torch.manual_seed(derive_seed(self.sc.seed, "model-init"))
+        self.model = build_model(self.sc.model, dataset.channels, dataset.image_size, dataset.num_classes)
+        self.flat = FlatWeights(self.model)
+        self.weights = self.flat.snapshot()
+        self.server = ServerOptimizer(self.sc.training.algorithm, self.flat.trainable)
+        self.test_sets = self._test_sets(dataset)
+
+        pop = self.partition.client_population
+        self.train_clients = np.flatnonzero(~self.held_out[pop])
+        self.owner = assign_clients(self.partition.sizes, n_actors)
+        self.journal: dict[int, dict[str, int]] = {}
+        self.round = 0
+
+        self.tables = RunTables(self.run_dir, self.sc.output.flush_seconds)
+        purge = None
+        if resume:
+            purge = self._restore()
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
+
+        res = self.sc.resources
+        self.actors = [
+            ClientShard.options(
+                num_cpus=res.cpus_per_actor,
+                num_gpus=res.gpus_per_actor,
+                max_restarts=-1,
+                max_task_retries=0,
+                scheduling_strategy="SPREAD",
+                name=f"{self.run_dir.name}/client-{i}",
+                namespace="simfl",
+            ).remote(scenario, i, np.flatnonzero(self.owner == i).tolist())
+            for i in range(n_actors)
+        ]
+        self.refs = refs
+        self.actor_info = ray.get([self._attach(i) for i in range(n_actors)])
+
+    # ------------------------------------------------------------ setup
+
+    def _test_sets(self, dataset: Dataset) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        sets = {"global": (torch.from_numpy(np.array(dataset.test_x)), torch.from_numpy(dataset.test_y.astype(np.int64)))}
+        for i, p in enumerate(self.sc.populations):
+            sets[p.name] = population_test_set(dataset, p.shift, self.sc.seed, i)
+        return sets
+
+    def _restore(self) -> int:
+        state = load_latest(self.run_dir)
+        if state is None:
+            raise RuntimeError(f"{self.run_dir} has no checkpoint to resume from")
+        self.round = int(state["round"])
+        self.weights = state["weights"]
+        self.server.load_state_dict(state["server"])
+        self.journal = {int(c): dict(s) for c, s in state["journal"].items()}
+        self.tables.truncate_to(state["manifest"])
+        return self.round + 1
+
+    def _attach(self, shard: int):
+        """Give a (new or restarted) client actor its data and its clients' journaled state."""
+        states = {c: s for c, s in self.journal.items() if self.owner[c] == shard}
+        return self.actors[shard].attach.remote(self.refs, states)
+
+    def info(self) -> dict:
+        return {"round": self.round, "actors": self.actor_info, "clients": int(self.partition.num_clients)}
+
+    # ------------------------------------------------------------ one round
+
+    def _dispatch(self, method: str, weights_ref, clients: np.ndarray, *args) -> tuple[list[dict], int]:
+        """Call ``method`` on each owning actor; re-run an actor's share if it dies. Returns (rows, reruns)."""
+        by_actor = {int(i): clients[self.owner[clients] == i].tolist() for i in np.unique(self.owner[clients])}
+        pending = {getattr(self.actors[i], method).remote(*args, weights_ref, ids): i for i, ids in by_actor.items()}
+        rows: list[dict] = []
+        reruns = 0
+        attempts = dict.fromkeys(by_actor, 1)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            shard = pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except (RayActorError, ShardNotAttached):
+                # The actor died mid-call (RayActorError) or between calls (restarted, empty).
+                attempts[shard] += 1
+                reruns += 1
+                if attempts[shard] > MAX_RERUNS_PER_ROUND + 1:
+                    raise
+                # Ray restarts the actor; re-attach its data and state, then re-run its share.
+                self._attach(shard)
+                pending[getattr(self.actors[shard], method).remote(*args, weights_ref, by_actor[shard])] = shard
+                continue
+            for row in out:
+                row["attempt"] = attempts[shard]
+            rows.extend(out)
+        rows.sort(key=lambda r: r["client_id"])
+        return rows, reruns
+
+    def run_round(self) -> dict | None:
+        """Train one round; returns a summary for the progress bar, or None when the run is complete."""
+        if self.round >= self.sc.training.rounds:
+            return None
+        started = time.perf_counter()
+        r = self.round + 1
+        cohort = sample_cohort(self.sc, self.train_clients, r)
+        weights_ref = ray.put(self.weights.numpy())
+        results, reruns = self._dispatch("train", weights_ref, cohort, r)
+
+        deltas = [torch.tensor(res["delta"]) for res in results]  # copies out of the read-only object store
+        samples = [res["samples"] for res in results]
+        mean_delta = weighted_mean(deltas, samples)
+        new_weights = self.server.step(self.weights, mean_delta)
+        global_norm = float((new_weights - self.weights).norm())
+        self.weights = new_weights
+        for res in results:
+            self.journal[res["client_id"]] = res["state"]
+
+        pop = self.partition.client_population
+        client_rows = [
+            {
+                "round": r,
+                "client_id": res["client_id"],
+                "population": self.pop_names[pop[res["client_id"]]],
+                "samples": res["samples"],
+                "steps": res["steps"],
+                "loss": res["loss"],
+                "accuracy": res["accuracy"],
+                "update_norm": float(np.linalg.norm(res["delta"])),
+                "time_s": res["time_s"],
+                "actor": res["actor"],
+                "node_id": res["node_id"],
+                "attempt": res["attempt"],
+                "participation": res["state"]["participation"],
+            }
+            for res in results
+        ]
+        total = sum(samples)
+        train_loss = sum(row["loss"] * row["samples"] for row in client_rows) / total
+        train_acc = sum(row["accuracy"] * row["samples"] for row in client_rows) / total
+        summary: dict = {"round": r, "train_loss": train_loss, "train_accuracy": train_acc}
+        self.tables.append("clients", client_rows)
+        self.tb.add_scalar("train/loss", train_loss, r)
+        self.tb.add_scalar("train/accuracy", train_acc, r)
+
+        if r % self.sc.evaluation.every == 0 or r == self.sc.training.rounds:
+            summary.update(self._evaluate(r))
+
+        round_time = time.perf_counter() - started
+        self.tables.append(
+            "rounds",
+            [
+                {
+                    "round": r,
+                    "clients": len(results),
+                    "samples": total,
+                    "train_loss": train_loss,
+                    "train_accuracy": train_acc,
+                    "update_norm_mean": float(np.mean([row["update_norm"] for row in client_rows])),
+                    "global_update_norm": global_norm,
+                    "reruns": reruns,
+                    "round_time_s": round_time,
+                    "finished_at": time.time(),
+                }
+            ],
+        )
+        self.tb.add_scalar("time/round_s", round_time, r)
+        self.round = r
+        every = self.sc.checkpoint.every
+        if (every and r % every == 0) or r == self.sc.training.rounds:
+            self._checkpoint()
+        else:
+            self.tables.maybe_flush()
+        summary["round_time_s"] = round_time
+        return summary
+
+    # ------------------------------------------------------------ evaluation
+
+    def _evaluate(self, r: int) -> dict:
+        self.flat.load(self.weights)
+        rows = []
+        out: dict = {}
+        for name, (x, y) in self.test_sets.items():
+            loss_sum, correct, n = evaluate(self.model, x, y, self.sc.evaluation.batch_size)
+            held = name != "global" and bool(self.held_out[self.pop_names.index(name)])
+            rows.append(
+                {"round": r, "population": name, "held_out": held, "scope": "test", "clients": None,
+                 "samples": n, "loss": loss_sum / n, "accuracy": correct / n}
+            )
+            self.tb.add_scalar(f"test_accuracy/{name}", correct / n, r)
+            self.tb.add_scalar(f"test_loss/{name}", loss_sum / n, r)
+        out["test_accuracy"] = rows[0]["accuracy"]
+
+        n_clients = self.partition.num_clients
+        k = n_clients if self.sc.evaluation.local_clients == "all" else min(self.sc.evaluation.local_clients, n_clients)
+        chosen = np.sort(rng(self.sc.seed, "local-eval", r).choice(n_clients, size=k, replace=False))
+        if self.sc.evaluation.local_val_fraction > 0:
+            local, _ = self._dispatch("evaluate", ray.put(self.weights.numpy()), chosen)
+            rows.extend(self._local_rows(r, local))
+        self.tables.append("evals", rows)
+        return out
+
+    def _local_rows(self, r: int, local: list[dict]) -> list[dict]:
+        pop = self.partition.client_population
+        self.tables.append(
+            "client_evals",
+            [
+                {"round": r, "client_id": row["client_id"], "population": self.pop_names[pop[row["client_id"]]],
+                 "samples": row["samples"], "loss": row["loss_sum"] / row["samples"],
+                 "accuracy": row["correct"] / row["samples"]}
+                for row in local
+            ],
+        )
+        rows = []
+        for p, name in enumerate(self.pop_names):
+            mine = [row for row in local if pop[row["client_id"]] == p]
+            if not mine:
+                continue
+            n = sum(row["samples"] for row in mine)
+            acc = sum(row["correct"] for row in mine) / n
+            rows.append(
+                {"round": r, "population": name, "held_out": bool(self.held_out[p]), "scope": "local_val",
+                 "clients": len(mine), "samples": n, "loss": sum(row["loss_sum"] for row in mine) / n, "accuracy": acc}
+            )
+            self.tb.add_scalar(f"local_val_accuracy/{name}", acc, r)
+        return rows
+
+    # ------------------------------------------------------------ persistence
+
+    def _checkpoint(self) -> None:
+        self.tables.flush()
+        self.tb.flush()
+        save_checkpoint(
+            self.run_dir,
+            self.round,
+            {
+                "weights": self.weights,
+                "server": self.server.state_dict(),
+                "journal": self.journal,
+                "manifest": self.tables.manifest(),
+            },
+            keep=self.sc.checkpoint.keep,
+        )
+
+    def finish(self) -> dict:
+        """Flush everything and save the final model; returns the last evaluation rows."""
+        self.tables.flush()
+        self.tb.close()
+        torch.save({"weights": self.weights}, self.run_dir / "final_weights.pt")
+        for actor in self.actors:
+            ray.kill(actor)
+        return {"round": self.round}

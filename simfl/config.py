@@ -1,0 +1,376 @@
+"""Scenario schema: strict, validated once, then passed around as plain models.
+
+Every scenario key lives here, so that a typo or an out-of-range value is caught
+before a run directory or a Ray actor exists, and reported with its key path.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from simfl.errors import UserError
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are not coerced from strings."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+def _kind_shorthand(value: Any) -> Any:
+    """Allow ``label_skew: iid`` as shorthand for ``label_skew: {kind: iid}``."""
+    return {"kind": value} if isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------- data
+
+
+class SyntheticConfig(Strict):
+    """Sizes of the embedded offline dataset; the train split is sized to the partition."""
+
+    num_classes: int = Field(8, ge=2, le=64)
+    val_size: PositiveInt = 2000
+    test_size: PositiveInt = 2000
+
+
+class DataConfig(Strict):
+    name: str = "synthetic"
+    root: str = "~/.simfl/data"
+    size: PositiveInt = 28
+    download: bool = True
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from simfl.data import DATASETS
+
+        v = v.lower()
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(sorted(DATASETS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _size_fits(self) -> DataConfig:
+        if self.name == "cifar10" and self.size != 32:
+            raise ValueError("size: CIFAR-10 images are 32 px; set data.size: 32")
+        if self.name not in ("synthetic", "cifar10") and self.size not in (28, 64, 128, 224):
+            raise ValueError(f"size: MedMNIST comes in 28, 64, 128 or 224 px, not {self.size}")
+        if self.name == "synthetic" and not 8 <= self.size <= 256:
+            raise ValueError(f"size: synthetic images must be 8..256 px, not {self.size}")
+        return self
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser()
+
+
+# ---------------------------------------------------------------- populations
+
+
+class LabelSkew(Strict):
+    """How a client's label mix departs from the dataset's."""
+
+    kind: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: PositiveFloat | None = None
+    classes: PositiveInt | None = None
+
+    _shorthand = model_validator(mode="before")(_kind_shorthand)
+
+    @model_validator(mode="after")
+    def _params(self) -> LabelSkew:
+        if self.kind == "dirichlet" and self.alpha is None:
+            raise ValueError("dirichlet label skew needs alpha (> 0)")
+        if self.kind == "shards" and self.classes is None:
+            raise ValueError("shards label skew needs classes (classes per client)")
+        if self.kind != "dirichlet" and self.alpha is not None:
+            raise ValueError(f"alpha only applies to kind: dirichlet, not {self.kind}")
+        if self.kind != "shards" and self.classes is not None:
+            raise ValueError(f"classes only applies to kind: shards, not {self.kind}")
+        return self
+
+
+class QuantitySkew(Strict):
+    """Samples per client: log-normal around ``mean`` (sigma 0 gives equal sizes), clipped."""
+
+    mean: PositiveFloat = 50.0
+    sigma: NonNegativeFloat = 0.0
+    min: PositiveInt = 2
+    max: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> QuantitySkew:
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
+class ShiftConfig(Strict):
+    """Acquisition shift of a population: its mean device, and how much each client's device varies."""
+
+    color: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (1.0, 1.0, 1.0)
+    color_jitter: NonNegativeFloat = 0.0
+    brightness: float = Field(0.0, ge=-1.0, le=1.0)
+    contrast: PositiveFloat = 1.0
+    jitter: NonNegativeFloat = 0.0
+    blur: NonNegativeFloat = Field(0.0, le=5.0)
+    noise: NonNegativeFloat = Field(0.0, le=1.0)
+    downsample: PositiveInt = Field(1, le=8)
+
+    @property
+    def is_identity(self) -> bool:
+        return self == ShiftConfig()
+
+
+class PopulationConfig(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    clients: PositiveInt
+    label_skew: LabelSkew = LabelSkew()
+    quantity: QuantitySkew = QuantitySkew()
+    shift: ShiftConfig = ShiftConfig()
+    held_out: bool = False
+
+
+# ---------------------------------------------------------------- model and training
+
+
+class ModelConfig(Strict):
+    arch: Literal["convnet", "lenet", "resnet18"] = "convnet"
+    norm: Literal["batch", "group", "none"] = "group"
+    latent_dim: PositiveInt | None = None
+    width: PositiveInt = 32
+
+    @model_validator(mode="after")
+    def _norm(self) -> ModelConfig:
+        if self.arch == "resnet18" and self.norm == "none":
+            raise ValueError("norm: resnet18 needs a norm layer (batch or group)")
+        return self
+
+
+class OptimizerConfig(Strict):
+    kind: Literal["sgd", "adam"] = "sgd"
+    lr: PositiveFloat = 0.05
+    momentum: NonNegativeFloat = 0.0
+    weight_decay: NonNegativeFloat = 0.0
+
+    _shorthand = model_validator(mode="before")(_kind_shorthand)
+
+
+class AlgorithmConfig(Strict):
+    """Client side (FedProx's proximal term) and server side (FedAdam/FedYogi) of the FL algorithm."""
+
+    kind: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    mu: NonNegativeFloat | None = None
+    server_lr: PositiveFloat | None = None
+    beta1: float | None = Field(None, ge=0.0, lt=1.0)
+    beta2: float | None = Field(None, ge=0.0, lt=1.0)
+    tau: PositiveFloat | None = None
+
+    _shorthand = model_validator(mode="before")(_kind_shorthand)
+
+    @model_validator(mode="after")
+    def _params(self) -> AlgorithmConfig:
+        adaptive = ("server_lr", "beta1", "beta2", "tau")
+        if self.kind == "fedprox" and self.mu is None:
+            raise ValueError("fedprox needs mu (proximal weight, >= 0)")
+        if self.kind != "fedprox" and self.mu is not None:
+            raise ValueError(f"mu only applies to kind: fedprox, not {self.kind}")
+        if self.kind not in ("fedadam", "fedyogi"):
+            extra = [k for k in adaptive if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to fedadam/fedyogi, not {self.kind}")
+        return self
+
+    @property
+    def server(self) -> dict[str, float]:
+        """Server optimiser settings with Reddi et al. (2021) defaults filled in."""
+        return {
+            "server_lr": self.server_lr if self.server_lr is not None else 0.01,
+            "beta1": self.beta1 if self.beta1 is not None else 0.9,
+            "beta2": self.beta2 if self.beta2 is not None else 0.99,
+            "tau": self.tau if self.tau is not None else 1e-3,
+        }
+
+
+class TrainingConfig(Strict):
+    rounds: PositiveInt = 5
+    clients_per_round: PositiveInt | None = None
+    fraction: float | None = Field(None, gt=0.0, le=1.0)
+    local_epochs: PositiveInt = 1
+    local_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 32
+    optimizer: OptimizerConfig = OptimizerConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+
+    @model_validator(mode="after")
+    def _one_cohort_size(self) -> TrainingConfig:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("set clients_per_round or fraction, not both")
+        return self
+
+    def cohort_size(self, eligible: int) -> int:
+        if self.fraction is not None:
+            return max(1, min(eligible, math.ceil(self.fraction * eligible)))
+        return min(eligible, self.clients_per_round or 10)
+
+
+class EvaluationConfig(Strict):
+    every: PositiveInt = 1
+    local_val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    local_clients: PositiveInt | Literal["all"] = 100
+    batch_size: PositiveInt = 512
+
+
+class ResourcesConfig(Strict):
+    client_actors: PositiveInt | Literal["auto"] = "auto"
+    cpus_per_actor: PositiveFloat = 1.0
+    gpus_per_actor: float = Field(0.0, ge=0.0, le=8.0)
+    coordinator_cpus: NonNegativeFloat = 0.0
+
+
+class OutputConfig(Strict):
+    dir: str = "runs"
+    name: str | None = None
+    flush_seconds: PositiveFloat = 10.0
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(1, ge=0)
+    keep: PositiveInt = 2
+
+
+class Scenario(Strict):
+    name: str = "scenario"
+    seed: int = Field(0, ge=0, lt=2**32)
+    data: DataConfig = DataConfig()
+    populations: list[PopulationConfig] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    output: OutputConfig = OutputConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @field_validator("populations")
+    @classmethod
+    def _populations(cls, populations: list[PopulationConfig]) -> list[PopulationConfig]:
+        # A field validator, so that errors are reported under the `populations` key path.
+        names = [p.name for p in populations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"population names must be unique; repeated: {', '.join(dupes)}")
+        if "global" in names:
+            raise ValueError("population name 'global' is reserved for the unshifted test split")
+        if all(p.held_out for p in populations):
+            raise ValueError("every population is held_out; at least one must train")
+        return populations
+
+    @property
+    def num_clients(self) -> int:
+        return sum(p.clients for p in self.populations)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {key}: value is not valid YAML ({exc.problem})") from None
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {key}: {where} is not an index of a list of {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    child = node.get(part)
+                    if isinstance(child, str):  # shorthand such as `algorithm: fedavg`
+                        child = {"kind": child}
+                    elif child is not None and not isinstance(child, (dict, list)):
+                        raise UserError(f"--set {key}: {where} is not a mapping")
+                    node[part] = child if isinstance(child, (dict, list)) else {}
+                    node = node[part]
+            else:
+                raise UserError(f"--set {key}: {'.'.join(parts[:depth])} is not a mapping")
+    return raw
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line: the first failing key path, what is wrong, and the offending value."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in first and not isinstance(first["input"], (dict, list)):
+        msg += f" (got {first['input']!r})"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{path}: {msg}{more}"
+
+
+def parse_scenario(raw: Any, overrides: list[str] | None = None, name: str | None = None) -> Scenario:
+    if not isinstance(raw, dict):
+        raise UserError("scenario: the file must hold a YAML mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    if name is not None:
+        raw.setdefault("name", name)
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"scenario: {format_validation_error(exc)}") from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Read, override and validate a scenario file; every failure is a one-line UserError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"scenario file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"scenario file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_scenario(raw, overrides, name=path.stem)
+
+
+def scenario_to_yaml(scenario: Scenario) -> str:
+    return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,64 @@
+"""How many client actors to start, which clients each owns, and its GPU share.
+
+Pure functions of the scenario and the cluster's totals, so they are testable
+without Ray and the same plan can be shown before anything starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from simfl.config import ResourcesConfig
+from simfl.errors import UserError
+
+
+def plan_actors(cfg: ResourcesConfig, cluster_cpus: float, cluster_gpus: float, num_clients: int) -> int:
+    """Number of client actors: the user's number, or as many as the cluster fits (``auto``)."""
+    if cfg.gpus_per_actor > 0 and cluster_gpus <= 0:
+        raise UserError("resources.gpus_per_actor: the Ray cluster has no GPUs; set it to 0")
+    if cfg.client_actors != "auto":
+        return min(cfg.client_actors, num_clients)
+    fit = math.floor((cluster_cpus - cfg.coordinator_cpus) / cfg.cpus_per_actor + 1e-9)
+    if cfg.gpus_per_actor > 0:
+        fit = min(fit, math.floor(cluster_gpus / cfg.gpus_per_actor + 1e-9))
+    if fit < 1:
+        raise UserError(
+            f"resources.cpus_per_actor: {cfg.cpus_per_actor} CPUs per actor do not fit the "
+            f"cluster's {cluster_cpus:g} CPUs"
+        )
+    return min(fit, num_clients)
+
+
+def assign_clients(sizes: np.ndarray, n_actors: int) -> np.ndarray:
+    """Owner actor of each client, balancing sample counts across actors.
+
+    Clients are dealt largest first in snake order (0..M-1, M-1..0, ...), which
+    keeps every actor's total within one client's size of the others without a
+    per-client Python loop.
+    """
+    order = np.argsort(-sizes, kind="stable")
+    lap = np.arange(len(sizes)) // n_actors
+    pos = np.arange(len(sizes)) % n_actors
+    dealt = np.where(lap % 2 == 0, pos, n_actors - 1 - pos)
+    owner = np.empty(len(sizes), dtype=np.int64)
+    owner[order] = dealt
+    return owner
+
+
+def torch_threads(cpus: float) -> int:
+    """Intra-op threads for a process holding ``cpus`` CPUs: never more threads than its share."""
+    return max(1, int(cpus))
+
+
+def gpu_memory_fraction(gpus_per_actor: float) -> float | None:
+    """Share of one GPU's memory an actor may allocate; None when it uses no GPU.
+
+    Ray's ``num_gpus`` is only a scheduling label; the client actor passes this to
+    ``torch.cuda.set_per_process_memory_fraction`` so that an actor exceeding its
+    share fails alone instead of starving its neighbours.
+    """
+    if gpus_per_actor <= 0:
+        return None
+    return min(1.0, gpus_per_actor)

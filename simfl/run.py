@@ -1,0 +1,181 @@
+"""``python -m simfl.run SCENARIO.yaml``: run one scenario on a local Ray instance or a cluster.
+
+Everything a user can get wrong (the scenario, the data, the cluster address)
+is checked before the run directory exists, and reported in one line with exit
+code 2. The driver then only starts the coordinator and shows progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from simfl.config import Scenario, load_scenario, scenario_to_yaml
+from simfl.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m simfl.run", description=__doc__.splitlines()[0])
+    p.add_argument("scenario", nargs="?", help="scenario YAML file (omit with --resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a scenario key, e.g. --set training.rounds=3 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.add_argument("--address", help="Ray cluster to join ('auto' for the local cluster started by `ray start`/`ray up`); "
+                   "default: start a private local Ray instance")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the private local Ray instance (default: all)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start Ray's dashboard (local instance only)")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="interface the local dashboard binds to (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@dataclass
+class Prepared:
+    scenario: Scenario
+    dataset: object
+    partition: object
+
+
+def prepare(scenario: Scenario) -> Prepared:
+    """Load the data and partition the clients: pure, deterministic, and fails before any side effect."""
+    from simfl.data import load_dataset
+    from simfl.partition import client_sizes, make_partition
+
+    sizes = client_sizes(scenario.populations, scenario.seed)
+    dataset = load_dataset(scenario.data, int(sizes.sum()), scenario.seed)
+    partition = make_partition(
+        scenario.populations, dataset.train_y, dataset.num_classes, scenario.seed, scenario.evaluation.local_val_fraction
+    )
+    return Prepared(scenario, dataset, partition)
+
+
+def connect_ray(args: argparse.Namespace) -> None:
+    import ray
+
+    if ray.is_initialized():  # embedded use (tests, notebooks): reuse the caller's instance
+        return
+    kwargs = {"logging_level": logging.WARNING, "configure_logging": True}
+    if args.address:
+        try:
+            ray.init(address=args.address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--address {args.address}: cannot join a Ray cluster there ({str(exc).splitlines()[0]})") from None
+        return
+    ray.init(
+        num_cpus=args.num_cpus,
+        include_dashboard=not args.no_dashboard,
+        dashboard_host=args.dashboard_host,
+        **kwargs,
+    )
+
+
+def new_run_dir(scenario: Scenario) -> Path:
+    base = Path(scenario.output.dir).expanduser()
+    name = scenario.output.name or f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = base / name
+    n = 1
+    while run_dir.exists():
+        run_dir = base / f"{name}-{n}"
+        n += 1
+    return run_dir
+
+
+def write_run_header(run_dir: Path, prepared: Prepared) -> None:
+    import pyarrow.parquet as pq
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "scenario.yaml").write_text(scenario_to_yaml(prepared.scenario))
+    pq.write_table(prepared.partition.to_table(), run_dir / "partition.parquet")
+
+
+def execute(run_dir: Path, prepared: Prepared, resume: bool, quiet: bool) -> dict:
+    """Start the coordinator on this node and drive it round by round."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from tqdm import tqdm
+
+    from actors.coordinator import Coordinator
+    from simfl.resources import plan_actors
+
+    sc = prepared.scenario
+    totals = ray.cluster_resources()
+    n_actors = plan_actors(sc.resources, totals.get("CPU", 0.0), totals.get("GPU", 0.0), prepared.partition.num_clients)
+    refs = {"dataset": ray.put(prepared.dataset), "partition": ray.put(prepared.partition)}
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    coordinator = Coordinator.options(num_cpus=sc.resources.coordinator_cpus, scheduling_strategy=here).remote(
+        sc.model_dump(mode="json"), str(run_dir), refs, n_actors, resume
+    )
+    info = ray.get(coordinator.info.remote())
+    bar = tqdm(total=sc.training.rounds, initial=info["round"], unit="round", disable=quiet, dynamic_ncols=True,
+               desc=f"{sc.name} · {info['clients']} clients · {n_actors} actors")
+    last: dict = {}
+    try:
+        while (summary := ray.get(coordinator.run_round.remote())) is not None:
+            last.update(summary)
+            postfix = {"loss": f"{summary['train_loss']:.3f}"}
+            if "test_accuracy" in last:
+                postfix["test_acc"] = f"{last['test_accuracy']:.3f}"
+            bar.set_postfix(postfix)
+            bar.update(1)
+        ray.get(coordinator.finish.remote())
+    finally:
+        bar.close()
+        ray.kill(coordinator)
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_dir: Path | None = None
+    created = False
+    try:
+        if args.resume:
+            from simfl.checkpoint import list_checkpoints
+
+            run_dir = Path(args.resume)
+            if args.scenario or args.overrides:
+                raise UserError("--resume: a resumed run uses its saved scenario.yaml; drop the scenario and --set")
+            if not list_checkpoints(run_dir):
+                raise UserError(f"--resume {run_dir}: no checkpoint there (checkpoints/round_*.pt)")
+            scenario = load_scenario(run_dir / "scenario.yaml")
+        elif args.scenario:
+            scenario = load_scenario(args.scenario, args.overrides)
+        else:
+            raise UserError("give a scenario file, or --resume RUN_DIR")
+        prepared = prepare(scenario)
+        connect_ray(args)
+        if not args.resume:
+            run_dir = new_run_dir(scenario)
+            write_run_header(run_dir, prepared)
+            created = True
+        last = execute(run_dir, prepared, resume=bool(args.resume), quiet=args.quiet)
+    except UserError as exc:
+        _discard(run_dir, created)
+        print(f"simfl: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BaseException:
+        _discard(run_dir, created)
+        raise
+    acc = f", test accuracy {last['test_accuracy']:.4f}" if "test_accuracy" in last else ""
+    print(f"simfl: finished {scenario.training.rounds} rounds{acc}; results in {run_dir}")
+    return 0
+
+
+def _discard(run_dir: Path | None, created: bool) -> None:
+    """Leave no half-written run behind: a new run that never reached a checkpoint is removed."""
+    from simfl.checkpoint import list_checkpoints
+
+    if created and run_dir is not None and not list_checkpoints(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Run tables: their schemas, and a crash-safe streaming Parquet writer.
+
+Each table is a directory of part files. A part is written under a hidden
+temporary name and renamed into place, so a crash never leaves a truncated
+file that ``pandas.read_parquet(run_dir / "clients")`` would choke on
+(pyarrow skips names starting with "." or "_").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "rounds": pa.schema(
+        [
+            ("round", pa.int32()),
+            ("clients", pa.int32()),
+            ("samples", pa.int64()),
+            ("train_loss", pa.float64()),
+            ("train_accuracy", pa.float64()),
+            ("update_norm_mean", pa.float64()),
+            ("global_update_norm", pa.float64()),
+            ("reruns", pa.int32()),
+            ("round_time_s", pa.float64()),
+            ("finished_at", pa.float64()),
+        ]
+    ),
+    "clients": pa.schema(
+        [
+            ("round", pa.int32()),
+            ("client_id", pa.int64()),
+            ("population", pa.string()),
+            ("samples", pa.int64()),
+            ("steps", pa.int32()),
+            ("loss", pa.float64()),
+            ("accuracy", pa.float64()),
+            ("update_norm", pa.float64()),
+            ("time_s", pa.float64()),
+            ("actor", pa.int32()),
+            ("node_id", pa.string()),
+            ("attempt", pa.int32()),
+            ("participation", pa.int32()),
+        ]
+    ),
+    "evals": pa.schema(
+        [
+            ("round", pa.int32()),
+            ("population", pa.string()),
+            ("held_out", pa.bool_()),
+            ("scope", pa.string()),
+            ("clients", pa.int32()),
+            ("samples", pa.int64()),
+            ("loss", pa.float64()),
+            ("accuracy", pa.float64()),
+        ]
+    ),
+    "client_evals": pa.schema(
+        [
+            ("round", pa.int32()),
+            ("client_id", pa.int64()),
+            ("population", pa.string()),
+            ("samples", pa.int64()),
+            ("loss", pa.float64()),
+            ("accuracy", pa.float64()),
+        ]
+    ),
+}
+
+
+class PartWriter:
+    """Buffers rows of one table and writes them as numbered part files."""
+
+    def __init__(self, directory: Path, schema: pa.Schema) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.rows: list[dict] = []
+        self.next_part = len(self.parts())
+
+    def parts(self) -> list[str]:
+        return sorted(p.name for p in self.directory.glob("part-*.parquet"))
+
+    def append(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        name = f"part-{self.next_part:06d}.parquet"
+        tmp = self.directory / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.directory / name)
+        self.next_part += 1
+        self.rows = []
+
+    def truncate_to(self, keep: list[str]) -> None:
+        """Delete parts written after a checkpoint, so a resumed run rewrites them exactly once."""
+        for name in self.parts():
+            if name not in keep:
+                (self.directory / name).unlink()
+        for tmp in self.directory.glob(".part-*.tmp"):
+            tmp.unlink()
+        self.next_part = len(self.parts())
+
+
+class RunTables:
+    """All tables of a run, flushed together every ``flush_seconds`` and at checkpoints."""
+
+    def __init__(self, run_dir: Path, flush_seconds: float) -> None:
+        self.writers = {name: PartWriter(Path(run_dir) / name, schema) for name, schema in SCHEMAS.items()}
+        self.flush_seconds = flush_seconds
+        self.last_flush = time.monotonic()
+
+    def append(self, table: str, rows: list[dict]) -> None:
+        self.writers[table].append(rows)
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        for writer in self.writers.values():
+            writer.flush()
+        self.last_flush = time.monotonic()
+
+    def manifest(self) -> dict[str, list[str]]:
+        return {name: writer.parts() for name, writer in self.writers.items()}
+
+    def truncate_to(self, manifest: dict[str, list[str]]) -> None:
+        for name, writer in self.writers.items():
+            writer.truncate_to(manifest.get(name, []))

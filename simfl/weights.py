@@ -1,0 +1,49 @@
+"""A model's floating-point state as one contiguous vector that the model trains in place.
+
+Parameters and float buffers are re-pointed at slices of a single flat tensor.
+Loading the global model is then one ``copy_``, an update is one subtraction,
+and aggregation works on vectors: no per-client ``state_dict`` churn.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FlatWeights:
+    """Binds ``model``'s parameters and float buffers to views of one flat vector."""
+
+    def __init__(self, model: nn.Module) -> None:
+        entries: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                entries.append((module, name, param, True))
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None and buf.is_floating_point():
+                    entries.append((module, name, buf, False))
+        total = sum(t.numel() for _, _, t, _ in entries)
+        device = entries[0][2].device if entries else torch.device("cpu")
+        self.vector = torch.empty(total, dtype=torch.float32, device=device)
+        # True where the entry is a trainable parameter; server optimisers only touch those.
+        self.trainable = torch.zeros(total, dtype=torch.bool, device=device)
+        offset = 0
+        for module, name, tensor, is_param in entries:
+            n = tensor.numel()
+            view = self.vector[offset : offset + n].view_as(tensor)
+            view.copy_(tensor.detach())
+            if is_param:
+                tensor.data = view
+            else:
+                module._buffers[name] = view
+            self.trainable[offset : offset + n] = is_param
+            offset += n
+
+    def load(self, vector: torch.Tensor) -> None:
+        self.vector.copy_(vector)
+
+    def snapshot(self) -> torch.Tensor:
+        return self.vector.detach().clone()
+
+    def __len__(self) -> int:
+        return self.vector.numel()
