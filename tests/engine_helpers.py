@@ -1,0 +1,44 @@
+"""Helpers shared by the engine tests: run a scenario in-process and read its results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from simfl.run import main
+
+# Columns that legitimately differ between equal runs (timing, placement, retries).
+VOLATILE = {"time_s", "round_time_s", "finished_at", "actor", "node_id", "attempt", "reruns"}
+
+SMOKE_FAST = [
+    "--set", "training.rounds=3",
+    "--set", "evaluation.every=1",
+    "--set", "evaluation.local_clients=8",
+    "--quiet",
+]
+
+
+def run_smoke(out: Path, name: str, *extra: str) -> Path:
+    """Run scenarios/smoke.yaml in this process (on the session's Ray instance); return the run dir."""
+    code = main(["scenarios/smoke.yaml", "--set", f"output.dir={out}", "--set", f"output.name={name}", *SMOKE_FAST, *extra])
+    assert code == 0
+    return out / name
+
+
+def table(run_dir: Path, name: str) -> pd.DataFrame:
+    df = pd.read_parquet(run_dir / name)
+    keys = [c for c in ("round", "client_id", "population", "scope") if c in df.columns]
+    return df.drop(columns=[c for c in VOLATILE if c in df.columns]).sort_values(keys).reset_index(drop=True)
+
+
+def final_weights(run_dir: Path) -> torch.Tensor:
+    return torch.load(run_dir / "final_weights.pt", weights_only=True)["weights"]
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    """Bit-identical final model and identical metric tables."""
+    assert torch.equal(final_weights(a), final_weights(b))
+    for name in ("rounds", "clients", "evals", "client_evals"):
+        pd.testing.assert_frame_equal(table(a, name), table(b, name), check_exact=True)
