@@ -124,6 +124,9 @@ class Coordinator:
     def info(self) -> dict:
         return {"round": self.round, "actors": self.actor_info, "clients": int(self.partition.num_clients)}
 
+    def global_weights(self) -> torch.Tensor:
+        return self.weights.clone()
+
     # ------------------------------------------------------------ one round
 
     def _dispatch(self, method: str, weights_ref, clients: np.ndarray, *args) -> tuple[list[dict], int]:

@@ -28,7 +28,7 @@ from simfl.errors import UserError
 
 
 class Strict(BaseModel):
-    """Base for every section: unknown keys are errors, values are not coerced from strings."""
+    """Base for every section: unknown keys are errors and models are immutable once validated."""
 
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
 

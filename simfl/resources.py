@@ -22,7 +22,13 @@ def plan_actors(cfg: ResourcesConfig, cluster_cpus: float, cluster_gpus: float, 
         return min(cfg.client_actors, num_clients)
     fit = math.floor((cluster_cpus - cfg.coordinator_cpus) / cfg.cpus_per_actor + 1e-9)
     if cfg.gpus_per_actor > 0:
-        fit = min(fit, math.floor(cluster_gpus / cfg.gpus_per_actor + 1e-9))
+        gpu_fit = math.floor(cluster_gpus / cfg.gpus_per_actor + 1e-9)
+        if gpu_fit < 1:
+            raise UserError(
+                f"resources.gpus_per_actor: {cfg.gpus_per_actor:g} GPUs per actor do not fit the "
+                f"cluster's {cluster_gpus:g} GPUs"
+            )
+        fit = min(fit, gpu_fit)
     if fit < 1:
         raise UserError(
             f"resources.cpus_per_actor: {cfg.cpus_per_actor} CPUs per actor do not fit the "

@@ -13,8 +13,9 @@ import torch
 
 
 def _entropy(seed: int, purpose: str, keys: tuple[int, ...]) -> list[int]:
-    # crc32 is stable across processes and Python versions, unlike hash().
-    return [int(seed), zlib.crc32(purpose.encode()), *(int(k) for k in keys)]
+    # crc32 is stable across processes and Python versions, unlike hash(). The key
+    # count goes in too: SeedSequence pads with zeros, so (k,) and (k, 0) would collide.
+    return [int(seed), zlib.crc32(purpose.encode()), len(keys), *(int(k) for k in keys)]
 
 
 def rng(seed: int, purpose: str, *keys: int) -> np.random.Generator:

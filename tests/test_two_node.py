@@ -8,13 +8,15 @@ fit one per node, so the run's `clients` table must name both nodes.
 The cluster must not disturb other Ray instances that tests may run beside it:
 every port with a fixed default gets a free one, worker ports are left to the
 OS, the temp dir (which also holds the `address=auto` pointer file) is private,
-and teardown signals only the process groups this fixture started. It never
-runs `ray stop`, which would kill every Ray process on the machine.
+and teardown signals only what this fixture started: the nodes' process groups
+and their descendants. It never runs `ray stop`, which would kill every Ray
+process on the machine.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,7 +30,6 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from ray.util.state import list_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 # The `ray` CLI of the interpreter running the tests, so cluster and engine share one Ray.
@@ -92,23 +93,29 @@ def stop_node(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def kill_strays(temp_dir: str) -> None:
-    """Kill processes of this cluster outside its process groups: Ray starts each
-    worker process in its own session, and all of them name the private temp dir."""
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] != os.getpid() and any(temp_dir in arg for arg in p.info["cmdline"] or ()):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+def descendants(procs: list[subprocess.Popen]) -> list[psutil.Process]:
+    """Every process below the given ones. Ray starts worker processes in sessions of
+    their own, so signalling the nodes' process groups does not reach them."""
+    found = []
+    for proc in procs:
+        try:
+            found += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def alive_node_ids(address: str) -> set[str]:
+    """Hex ids of the nodes `ray status` lists as active. It reads the GCS directly;
+    the state API (`ray list nodes`) would need the dashboard's HTTP server."""
     try:
-        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], timeout=10)
-    except Exception:  # GCS or its API server not up yet; the caller retries until its deadline.
+        status = subprocess.run(
+            [RAY, "status", "--address", address], capture_output=True, text=True, timeout=60, env=cluster_env()
+        )
+    except subprocess.TimeoutExpired:  # GCS not answering yet; the caller retries until its deadline.
         return set()
-    return {n.node_id for n in nodes}
+    active = status.stdout.partition("Active:")[2].partition("Pending:")[0]
+    return set(re.findall(r"\bnode_([0-9a-f]+)\b", active))
 
 
 def wait_for_nodes(address: str, count: int, procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> set[str]:
@@ -121,7 +128,7 @@ def wait_for_nodes(address: str, count: int, procs: dict[str, subprocess.Popen],
         if len(ids) == count:
             return ids
         time.sleep(1)
-    tails = "\n".join(f"--- {name}\n{log.read_text()[-2000:]}" for name, log in logs.items())
+    tails = "\n".join(f"--- {name}\n{logs[name].read_text()[-2000:]}" for name in procs)
     pytest.fail(f"{count} alive nodes not seen at {address} within {STARTUP_TIMEOUT_S} s\n{tails}")
 
 
@@ -148,8 +155,8 @@ def two_node_cluster():
         "--head",
         f"--port={gcs_port}",
         "--include-dashboard=false",
-        # The state API used below is served here even without the dashboard UI;
-        # its fixed default port (8265) may belong to another cluster.
+        # The API server still starts without the dashboard UI, on a fixed
+        # default port (8265) that may belong to another cluster.
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={client_port}",
@@ -167,11 +174,20 @@ def two_node_cluster():
         node_ids = wait_for_nodes(address, 2, procs, logs)
         yield Cluster(address=address, node_ids=frozenset(node_ids))
     finally:
+        # Taken before any signal: once a raylet dies, its workers are re-parented
+        # and can no longer be told apart from other clusters' workers.
+        workers = descendants(list(procs.values()))
         # Worker node first, while the head's GCS can still record it leaving.
         for name in ("worker", "head"):
             if name in procs:
                 stop_node(procs[name])
-        kill_strays(temp_dir)
+        # Workers exit on their own once their raylet is gone; kill any that linger.
+        _, lingering = psutil.wait_procs(workers, timeout=STOP_TIMEOUT_S)
+        for p in lingering:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -29,7 +29,7 @@ from simfl.seeding import rng
 
 CHUNK = 1024
 _SPLITS = {"train": 0, "val": 1, "test": 2}
-_PIXEL_BUDGET = 1 << 16  # float32 pixels per rendered batch: bounds memory to tens of MB
+_PIXEL_BUDGET = 1 << 18  # float32 pixels per rendered batch: bounds memory to tens of MB
 _MAX_GRANULES = 32
 _TEXTURE_GRID = 10
 
@@ -53,21 +53,21 @@ class CellType:
 # The eight BloodMNIST cell types, in BloodMNIST's label order.
 _BASE_TYPES: tuple[CellType, ...] = (
     # basophil: bilobed nucleus hidden under coarse dark-purple granules
-    CellType("bilobed", 0.48, 0.40, 0.0, (0.45, 0.32, 0.62), (0.86, 0.80, 0.92), (0.30, 0.18, 0.50), 26, 0.11, 0.2),
+    CellType("bilobed", 0.58, 0.40, 0.0, (0.45, 0.32, 0.62), (0.86, 0.80, 0.92), (0.30, 0.18, 0.50), 26, 0.11, 0.2),
     # eosinophil: "spectacle" bilobed nucleus, cytoplasm packed with orange granules
-    CellType("bilobed", 0.52, 0.32, 0.0, (0.42, 0.26, 0.56), (0.98, 0.84, 0.76), (0.96, 0.52, 0.36), 32, 0.085, 0.3),
+    CellType("bilobed", 0.62, 0.32, 0.0, (0.42, 0.26, 0.56), (0.98, 0.84, 0.76), (0.96, 0.52, 0.36), 32, 0.085, 0.3),
     # erythroblast: small cell, round very dark nucleus, lilac rim
-    CellType("round", 0.34, 0.62, 0.05, (0.22, 0.13, 0.32), (0.84, 0.74, 0.84), (1.0, 1.0, 1.0), 0, 0.1, 0.15),
+    CellType("round", 0.40, 0.62, 0.05, (0.22, 0.13, 0.32), (0.84, 0.74, 0.84), (1.0, 1.0, 1.0), 0, 0.1, 0.15),
     # immature granulocyte: large blue cell, big pale eccentric nucleus, few pink granules
-    CellType("round", 0.66, 0.56, 0.22, (0.58, 0.44, 0.74), (0.76, 0.82, 0.94), (0.90, 0.62, 0.78), 10, 0.06, 0.45),
+    CellType("round", 0.78, 0.56, 0.22, (0.58, 0.44, 0.74), (0.76, 0.82, 0.94), (0.90, 0.62, 0.78), 10, 0.06, 0.45),
     # lymphocyte: small, dark round nucleus filling the cell, thin sky-blue rim
-    CellType("round", 0.40, 0.74, 0.12, (0.32, 0.22, 0.52), (0.72, 0.84, 0.97), (1.0, 1.0, 1.0), 0, 0.1, 0.3),
+    CellType("round", 0.48, 0.74, 0.12, (0.32, 0.22, 0.52), (0.72, 0.84, 0.97), (1.0, 1.0, 1.0), 0, 0.1, 0.3),
     # monocyte: large grey-blue cell with a kidney / horseshoe nucleus
-    CellType("kidney", 0.66, 0.26, 0.0, (0.50, 0.38, 0.66), (0.80, 0.80, 0.90), (1.0, 1.0, 1.0), 0, 0.1, 0.35),
+    CellType("kidney", 0.78, 0.26, 0.0, (0.50, 0.38, 0.66), (0.80, 0.80, 0.90), (1.0, 1.0, 1.0), 0, 0.1, 0.35),
     # neutrophil: 3-5 nuclear lobes on an arc, pale pink cytoplasm with fine granules
-    CellType("multilobed", 0.52, 0.19, 0.0, (0.40, 0.25, 0.55), (0.94, 0.86, 0.90), (0.84, 0.70, 0.82), 14, 0.05, 0.2),
+    CellType("multilobed", 0.62, 0.19, 0.0, (0.40, 0.25, 0.55), (0.94, 0.86, 0.90), (0.84, 0.70, 0.82), 14, 0.05, 0.2),
     # platelet: a small cluster of purple fragments between the red cells, no cell body
-    CellType("fragments", 0.26, 0.28, 0.0, (0.52, 0.38, 0.68), (1.0, 1.0, 1.0), (0.48, 0.34, 0.64), 8, 0.14, 0.2),
+    CellType("fragments", 0.30, 0.28, 0.0, (0.52, 0.38, 0.68), (1.0, 1.0, 1.0), (0.48, 0.34, 0.64), 8, 0.14, 0.2),
 )
 _BACKGROUND_RGB = (0.95, 0.91, 0.89)
 _RBC_RGB = (0.92, 0.62, 0.64)
@@ -120,10 +120,9 @@ def _make_split(n: int, size: int, types: list[CellType], seed: int, split_id: i
     images = np.empty((n, size, size, 3), np.uint8)
     labels = np.empty(n, np.int64)
     for chunk, start in enumerate(range(0, n, CHUNK)):
-        x, y = _make_chunk(rng(seed, "synthetic", split_id, chunk), size, types)
         stop = min(start + CHUNK, n)
-        images[start:stop] = x[: stop - start]
-        labels[start:stop] = y[: stop - start]
+        r = rng(seed, "synthetic", split_id, chunk)
+        labels[start:stop] = _render_chunk(r, types, images[start:stop])
     return images, labels
 
 
@@ -138,11 +137,11 @@ class _Draws:
     nscale: np.ndarray  # (n,) nucleus size factor
     body: np.ndarray  # (n, 2, 3) outline bumps
     lobes: np.ndarray  # (n, 9, 3) nucleus lobe jitter
-    count: np.ndarray  # (n,) lobe / fragment count
+    count: np.ndarray  # (n,) lobe / fragment count, or kidney bend
     granules: np.ndarray  # (n, _MAX_GRANULES, 4) radius, angle, size, density
     rbc: np.ndarray  # (n, 4, 4) red cells: angle, distance, size, presence
-    stain: np.ndarray  # (n, 5, 4) per-layer stain strength and hue, one row per layer
-    light: np.ndarray  # (n, 3) illumination colour
+    stain: np.ndarray  # (n, 5, 4) per layer: strength, then hue of each channel
+    light: np.ndarray  # (n, 4) brightness, then tint of each channel
     texture: np.ndarray  # (n, 3, g, g) smooth noise: background, cytoplasm, chromatin
 
     def take(self, idx: np.ndarray) -> _Draws:
@@ -156,7 +155,7 @@ def _draw(r: np.random.Generator, n: int) -> _Draws:
     return _Draws(
         center=u(2) * 0.24 - 0.12,
         angle=u() * np.float32(2 * np.pi),
-        scale=u() * 0.24 + 0.88,
+        scale=u() * 0.3 + 0.85,
         nscale=u() * 0.24 + 0.88,
         body=u(2, 3),
         lobes=u(9, 3),
@@ -164,51 +163,95 @@ def _draw(r: np.random.Generator, n: int) -> _Draws:
         granules=u(_MAX_GRANULES, 4),
         rbc=u(4, 4),
         stain=u(5, 4),
-        light=u(3),
+        light=u(4),
         texture=r.standard_normal((n, 3, _TEXTURE_GRID, _TEXTURE_GRID), dtype=np.float32),
     )
 
 
-def _make_chunk(r: np.random.Generator, size: int, types: list[CellType]) -> tuple[np.ndarray, np.ndarray]:
-    labels = r.integers(len(types), size=CHUNK).astype(np.int64)
+def _render_chunk(r: np.random.Generator, types: list[CellType], out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (the first images of a chunk) and return their labels.
+
+    A whole chunk's randomness is drawn even when fewer images are needed, so
+    the images that are rendered do not depend on how many are.
+    """
+    labels = r.integers(len(types), size=CHUNK).astype(np.int64)[: len(out)]
     draws = _draw(r, CHUNK)
-    images = np.empty((CHUNK, size, size, 3), np.uint8)
+    size = out.shape[1]
     batch = max(1, _PIXEL_BUDGET // (size * size))
     for c, cell in enumerate(types):
         idx = np.flatnonzero(labels == c)
         for start in range(0, len(idx), batch):
             sub = idx[start : start + batch]
-            images[sub] = _render(cell, draws.take(sub), size)
-    return images, labels
+            out[sub] = _render(cell, draws.take(sub), size)
+    return labels
 
 
 # ---------------------------------------------------------------- rendering
 
 
 def _render(cell: CellType, d: _Draws, size: int) -> np.ndarray:
-    """Images of one cell type, (m, size, size, 3) uint8."""
+    """Images of one cell type, (m, size, size, 3) uint8.
+
+    Written for few passes over the pixels: masks are thresholded in place and
+    every layer is computed straight into the canvas.
+    """
     grid = (np.arange(size, dtype=np.float32) + 0.5) * np.float32(2 / size) - 1
     px = np.float32(1 / size)  # half a pixel: the blur that keeps sub-pixel blobs visible
     radius = cell.body_r * d.scale
     pose = _Pose(d.center[:, 0], d.center[:, 1], radius, np.cos(d.angle), np.sin(d.angle))
+    canvas = _Canvas(len(radius), size, layers=6 if cell.granules else 5)
+    contrast = np.array([0.5, 0.15, cell.chromatin], np.float32)[:, None, None]
+    texture = _upsample(1 + contrast * d.texture, grid)  # (m, 3, S, S), mean 1
 
-    body_field = _field(*pose.place(*_body_blobs(d)), grid, px)
-    body = _mask(body_field, 0.4, radius, size)
-    nuc_blobs = _NUCLEUS_LAYOUTS[cell.nucleus](cell, d)
-    nucleus = _mask(_field(*pose.place(*nuc_blobs), grid, px), 0.4, radius * cell.nuc_size, size)
-    texture = _upsample(d.texture, grid)
-    rbc = _red_cells(d, grid, px, size) * (1 - body)
-
-    layers = [
-        (1 + 0.5 * texture[:, 0], _BACKGROUND_RGB),
-        (rbc, _RBC_RGB),
-        (body * (1 + 0.15 * texture[:, 1]), cell.cyto_rgb),
-        (nucleus * (1 + cell.chromatin * texture[:, 2]), cell.nuc_rgb),
-    ]
+    np.copyto(canvas.layer(_stain(_BACKGROUND_RGB, d.stain[:, 0])), texture[:, 0])
+    body = _mask(_field(*pose.place(*_body_blobs(d)), grid, px), 0.4, radius, size)
+    rbc = _red_cells(d, grid, px, size)
+    rbc -= body  # the white cell lies on top
+    np.maximum(rbc, 0, out=canvas.layer(_stain(_RBC_RGB, d.stain[:, 1])))
+    np.multiply(body, texture[:, 1], out=canvas.layer(_stain(cell.cyto_rgb, d.stain[:, 2])))
+    lobes = pose.place(*_NUCLEUS_LAYOUTS[cell.nucleus](cell, d))
+    nucleus = _mask(_field(*lobes, grid, px), 0.4, radius * cell.nuc_size, size)
+    np.multiply(nucleus, texture[:, 2], out=canvas.layer(_stain(cell.nuc_rgb, d.stain[:, 3])))
     if cell.granules:
         granules = _field(*pose.place(*_granule_blobs(cell, d)), grid, px)
-        layers.append((np.minimum(granules, 1.5), cell.gran_rgb))
-    return _compose(layers, d)
+        np.minimum(granules, 1.5, out=canvas.layer(_stain(cell.gran_rgb, d.stain[:, 4])))
+    return canvas.develop(d.light)
+
+
+class _Canvas:
+    """Layer densities (m, L, S, S) and their per-image absorbance (m, L, 3)."""
+
+    def __init__(self, m: int, size: int, layers: int) -> None:
+        self.density = np.empty((m, layers, size, size), np.float32)
+        self.absorb = np.empty((m, layers, 3), np.float32)
+        self.used = 0
+
+    def layer(self, absorb: np.ndarray) -> np.ndarray:
+        """Register a layer's absorbance; returns the density view to write into."""
+        self.absorb[:, self.used] = absorb
+        self.used += 1
+        return self.density[:, self.used - 1]
+
+    def develop(self, light: np.ndarray) -> np.ndarray:
+        """Beer-Lambert: image = light * exp(-sum of density x absorbance), as uint8 NHWC.
+
+        Illumination (brightness and a slight tint per image) enters as one more
+        layer of density 1, so it costs no extra pass.
+        """
+        tint = (0.88 + 0.12 * light[:, :1]) * (0.97 + 0.03 * light[:, 1:])
+        self.layer(-np.log(255 * tint)).fill(1)
+        m, layers, size, _ = self.density.shape
+        optical = np.matmul(self.absorb.transpose(0, 2, 1), self.density.reshape(m, layers, -1))
+        np.negative(optical, out=optical)
+        np.exp(optical, out=optical)
+        return optical.astype(np.uint8).reshape(m, 3, size, size).transpose(0, 2, 3, 1)
+
+
+def _stain(rgb: tuple[float, float, float], jitter: np.ndarray) -> np.ndarray:
+    """Absorbance (m, 3) of a stain whose colour on white is ``rgb``, varied per image:
+    strength +-20% and hue +-15% per channel, as slides are stained unevenly."""
+    base = -np.log(np.asarray(rgb, np.float32))
+    return base * np.exp((jitter[:, 1:] - 0.5) * 0.3) * (0.8 + 0.4 * jitter[:, :1])
 
 
 @dataclass(frozen=True)
@@ -242,34 +285,39 @@ def _field(x: np.ndarray, y: np.ndarray, s: np.ndarray, w: np.ndarray, grid: np.
 
 
 def _mask(field: np.ndarray, level: float, scale: np.ndarray, size: int) -> np.ndarray:
-    """Threshold a blob field with an edge about one pixel wide (antialiased)."""
+    """Threshold a blob field, in place, with an edge about one pixel wide (antialiased)."""
     # Near a blob's edge the field changes by ~2*level/scale per unit length; a pixel is 2/size.
-    half = np.minimum(2 * level / (scale * size), level)[:, None, None].astype(np.float32)
-    return np.clip((field - level) / (2 * half) + 0.5, 0, 1)
+    half = np.minimum(2 * level / (scale * size), level).astype(np.float32)
+    gain = (1 / (2 * half))[:, None, None]
+    field *= gain
+    field += 0.5 - level * gain
+    return np.clip(field, 0, 1, out=field)
 
 
 def _body_blobs(d: _Draws) -> tuple[np.ndarray, ...]:
     """A round cell with two random bumps, so outlines are not perfect circles."""
     m = len(d.angle)
     ang = d.body[:, :, 0] * np.float32(2 * np.pi)
-    dx = np.concatenate([np.zeros((m, 1), np.float32), 0.35 * np.cos(ang)], axis=1)
-    dy = np.concatenate([np.zeros((m, 1), np.float32), 0.35 * np.sin(ang)], axis=1)
-    s = np.concatenate([np.ones((m, 1), np.float32), 0.6 + 0.1 * d.body[:, :, 1]], axis=1)
-    w = np.concatenate([np.ones((m, 1), np.float32), 0.15 + 0.25 * d.body[:, :, 2]], axis=1)
+    zero, one = np.zeros((m, 1), np.float32), np.ones((m, 1), np.float32)
+    dx = np.concatenate([zero, 0.35 * np.cos(ang)], axis=1)
+    dy = np.concatenate([zero, 0.35 * np.sin(ang)], axis=1)
+    s = np.concatenate([one, 0.6 + 0.1 * d.body[:, :, 1]], axis=1)
+    w = np.concatenate([one, 0.15 + 0.25 * d.body[:, :, 2]], axis=1)
     return dx, dy, s, w
 
 
 def _round(cell: CellType, d: _Draws) -> tuple[np.ndarray, ...]:
     """One big lobe off-centre plus two small bumps that dent its outline."""
     size = cell.nuc_size * d.nscale[:, None]
-    j = d.lobes[:, :3]
+    j = d.lobes[:, :2]
     ang = j[:, :, 0] * np.float32(2 * np.pi)
-    off = np.array([1.0, 0.45, 0.45], np.float32) * (j[:, :, 1] * 0.5 + 0.75)
-    dx = cell.nuc_offset + np.where(np.arange(3) == 0, 0, off * size * np.cos(ang))
-    dy = np.where(np.arange(3) == 0, 0, off * size * np.sin(ang))
-    s = size * np.array([1.0, 0.55, 0.55], np.float32) * (0.9 + 0.2 * j[:, :, 2])
+    dist = size * (0.35 + 0.25 * j[:, :, 1])
+    zero = np.zeros_like(size)
+    dx = cell.nuc_offset + np.concatenate([zero, dist * np.cos(ang)], axis=1)
+    dy = np.concatenate([zero, dist * np.sin(ang)], axis=1)
+    s = np.concatenate([size, 0.55 * size * (0.9 + 0.2 * j[:, :, 2])], axis=1)
     w = np.broadcast_to(np.array([1.0, 0.7, 0.7], np.float32), s.shape)
-    return dx + 0 * s, dy + 0 * s, s, w
+    return dx, dy, s, w
 
 
 def _bilobed(cell: CellType, d: _Draws) -> tuple[np.ndarray, ...]:
@@ -287,8 +335,7 @@ def _bilobed(cell: CellType, d: _Draws) -> tuple[np.ndarray, ...]:
 def _arc(count: np.ndarray, max_lobes: int, spread: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Positions of ``count`` lobes evenly on an arc around the cell centre, opening to the left."""
     k = np.arange(max_lobes, dtype=np.float32)
-    t = k / np.maximum(count[:, None] - 1, 1) - 0.5  # -0.5..0.5 over the present lobes
-    phi = t * spread[:, None]
+    phi = (k / np.maximum(count[:, None] - 1, 1) - 0.5) * spread[:, None]
     return radius * np.cos(phi), radius * np.sin(phi)
 
 
@@ -296,13 +343,12 @@ def _multilobed(cell: CellType, d: _Draws) -> tuple[np.ndarray, ...]:
     """3-5 small lobes on an arc, each pair joined by a thin strand."""
     count = 3 + np.floor(d.count * 3).astype(np.float32)  # 3, 4 or 5
     j = d.lobes
-    spread = np.float32(np.pi) * (0.35 * count - 0.2)
-    lx, ly = _arc(count, 5, spread, 0.42)
+    lx, ly = _arc(count, 5, np.float32(np.pi) * (0.35 * count - 0.2), 0.42)
     lx, ly = lx + (j[:, :5, 0] - 0.5) * 0.15 - 0.15, ly + (j[:, :5, 1] - 0.5) * 0.15
     bx, by = (lx[:, :-1] + lx[:, 1:]) / 2, (ly[:, :-1] + ly[:, 1:]) / 2
     present = (np.arange(5) < count[:, None]).astype(np.float32)
     size = cell.nuc_size * d.nscale[:, None]
-    s = np.concatenate([size * (0.85 + 0.3 * j[:, :5, 2]), size * 0.4 + 0 * bx], axis=1)
+    s = np.concatenate([size * (0.85 + 0.3 * j[:, :5, 2]), np.broadcast_to(0.4 * size, bx.shape)], axis=1)
     w = np.concatenate([present, 0.9 * present[:, 1:]], axis=1)
     return np.concatenate([lx, bx], axis=1), np.concatenate([ly, by], axis=1), s, w
 
@@ -347,41 +393,28 @@ def _granule_blobs(cell: CellType, d: _Draws) -> tuple[np.ndarray, ...]:
 
 
 def _red_cells(d: _Draws, grid: np.ndarray, px: np.float32, size: int) -> np.ndarray:
-    """Up to four red cells around the edges, each a disc with a paler centre."""
+    """Up to four red cells spread around the edges, each a disc with a paler centre."""
     rb = d.rbc
-    ang = rb[:, :, 0] * np.float32(2 * np.pi)
-    dist = 0.8 + 0.45 * rb[:, :, 1]
-    x, y = dist * np.cos(ang), dist * np.sin(ang)
-    s = 0.36 + 0.1 * rb[:, :, 2]
+    ang = (rb[:, :1, 0] + np.arange(4, dtype=np.float32) / 4 + (rb[:, :, 1] - 0.5) * 0.2) * np.float32(2 * np.pi)
+    dist = 0.85 + 0.45 * rb[:, :, 2]
+    s = 0.34 + 0.1 * rb[:, :, 1]
     w = (rb[:, :, 3] < 0.75).astype(np.float32)
-    disc = _mask(_field(x, y, s, w, grid, px), 0.4, np.full(len(ang), 0.4, np.float32), size)
-    pallor = _field(x, y, 0.45 * s, w, grid, px)
-    return disc * (1 - 0.55 * np.minimum(pallor, 1))
+    x, y = dist * np.cos(ang), dist * np.sin(ang)
+    disc = _mask(_field(x, y, s, w, grid, px), 0.5, np.full(len(ang), 0.38, np.float32), size)
+    pallor = _field(x, y, 0.5 * s, 0.6 * w, grid, px)
+    disc -= pallor
+    return disc
 
 
 def _upsample(noise: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Smooth noise on the image grid from a coarse (g, g) grid, by Gaussian interpolation."""
+    """Smooth noise on the image grid from a coarse (g, g) grid, by normalized Gaussian
+    interpolation (so a constant stays constant).
+
+    Batched small matmuls on purpose: one big GEMM would be multithreaded by BLAS,
+    which is many times slower for these skinny shapes, worst on a busy machine.
+    """
     g = noise.shape[-1]
     knots = np.linspace(-1, 1, g, dtype=np.float32)
     weights = np.exp(-np.square((grid[:, None] - knots[None, :]) * (g / 2.5)))
-    weights /= weights.sum(axis=1, keepdims=True)
+    weights /= weights.sum(axis=1, keepdims=True)  # (S, g)
     return weights @ noise @ weights.T
-
-
-def _compose(layers: list[tuple[np.ndarray, tuple[float, float, float]]], d: _Draws) -> np.ndarray:
-    """Beer-Lambert: image = light * exp(-sum of layer density x absorbance).
-
-    Each image gets its own stain strength and hue per layer and its own
-    illumination, as slides and microscopes differ.
-    """
-    m, size = layers[0][0].shape[0], layers[0][0].shape[-1]
-    density = np.empty((m, len(layers), size * size), np.float32)
-    absorb = np.empty((m, len(layers), 3), np.float32)
-    for i, (layer, rgb) in enumerate(layers):
-        density[:, i] = layer.reshape(m, -1)
-        stain = d.stain[:, i]
-        hue = np.exp((stain[:, 1:] - 0.5) * 0.3)  # +-15% per channel
-        absorb[:, i] = -np.log(np.asarray(rgb, np.float32)) * hue * (0.8 + 0.4 * stain[:, :1])
-    light = 255 * (0.9 + 0.1 * d.light)[:, :, None]
-    image = light * np.exp(-np.matmul(absorb.transpose(0, 2, 1), density)) + 0.5  # (m, 3, S*S)
-    return image.astype(np.uint8).reshape(m, 3, size, size).transpose(0, 2, 3, 1)

@@ -1,0 +1,150 @@
+"""The CLI as a user meets it: bad input, SIGKILL + --resume, and the 500-client BloodMNIST scenario."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from engine_helpers import assert_same_results, run_smoke
+from simfl.data.synthetic import make_dataset
+from simfl.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simfl.run", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["training.rounds=ten"], "training.rounds"),
+        (["training.lr=0.1"], "training.lr: unknown key"),
+        (["populations.0.label_skew.alpha=0"], "populations.0.label_skew.alpha"),
+        (["populations.0.label_skew.alpha=-1"], "populations.0.label_skew.alpha"),
+        (["populations.1.clients=-5"], "populations.1.clients"),
+        (["populations.1.label_skew.classes=40"], "populations.1.label_skew.classes"),
+        (["data.name=bloodmnist", "data.download=false", "data.root={tmp}"], "data.root"),
+        (["resources.gpus_per_actor=0.5"], "resources.gpus_per_actor"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, overrides, key):
+    out = tmp_path / "runs"
+    sets = [item for o in overrides for item in ("--set", o.format(tmp=tmp_path))]
+    proc = cli("scenarios/smoke.yaml", "--set", f"output.dir={out}", "--no-dashboard", "--num-cpus", "1", *sets)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("simfl: error: ") and key in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_dataset_message_says_where_to_put_it(tmp_path):
+    proc = cli("scenarios/smoke.yaml", "--set", "data.name=bloodmnist", "--set", "data.download=false",
+               "--set", f"data.root={tmp_path}")
+    assert proc.returncode == 2
+    assert "bloodmnist.npz" in proc.stderr and str(tmp_path) in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("seed: 0\npopulations: [{name: a, clients: 2}]\nbogus: 1\n", "bogus: unknown key"),
+        ("seed: 0\n", "populations: required key is missing"),
+        ("seed: [0\n", "not valid YAML"),
+        ("populations: [{name: a, clients: 2, label_skew: {kind: dirichlet}}]\n", "populations.0.label_skew"),
+    ],
+)
+def test_malformed_scenario_files(tmp_path, text, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    proc = cli(str(path))
+    assert proc.returncode == 2
+    assert key in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_scenario_file():
+    proc = cli("scenarios/does_not_exist.yaml")
+    assert proc.returncode == 2 and "does_not_exist.yaml" in proc.stderr
+
+
+SIGKILL_RUN = ["--set", "training.rounds=6", "--set", "resources.client_actors=2"]
+
+
+@pytest.mark.timeout(600)
+def test_sigkilled_run_resumes_to_the_same_results(ray_local, tmp_path):
+    reference = run_smoke(tmp_path / "ref", "ref", *SIGKILL_RUN)
+    out = tmp_path / "killed"
+    run_dir = out / "k"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simfl.run", "scenarios/smoke.yaml", "--set", f"output.dir={out}",
+         "--set", "output.name=k", "--set", "training.rounds=6", "--set", "evaluation.every=1",
+         "--set", "evaluation.local_clients=8", "--set", "resources.client_actors=2",
+         "--quiet", "--no-dashboard", "--num-cpus", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "round_000002.pt").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "final_weights.pt").exists(), "the run finished before it was killed"
+    done = pd.read_parquet(run_dir / "rounds")["round"].max()
+    assert done < 6
+
+    resumed = cli("--resume", str(run_dir), "--quiet", "--no-dashboard", "--num-cpus", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert pd.read_parquet(run_dir / "rounds")["round"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert_same_results(reference, run_dir)
+
+
+def write_fake_bloodmnist(root: Path, train: int) -> None:
+    """A bloodmnist.npz in MedMNIST's exact layout (keys, dtypes, (N, 1) labels)."""
+    ds = make_dataset(train_size=train, val_size=300, test_size=600, image_size=28, num_classes=8, seed=7)
+    root.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        root / "bloodmnist.npz",
+        train_images=ds.train_x, train_labels=ds.train_y[:, None].astype(np.uint8),
+        val_images=ds.val_x, val_labels=ds.val_y[:, None].astype(np.uint8),
+        test_images=ds.test_x, test_labels=ds.test_y[:, None].astype(np.uint8),
+    )
+
+
+@pytest.mark.timeout(600)
+def test_noniid_500_runs_to_the_end_on_bloodmnist_npz(ray_local, tmp_path):
+    root = tmp_path / "data"
+    write_fake_bloodmnist(root, train=11_959)
+    out = tmp_path / "runs"
+    code = main(["scenarios/noniid_500.yaml", "--set", f"data.root={root}", "--set", "data.download=false",
+                 "--set", f"output.dir={out}", "--set", "output.name=n500", "--set", "training.rounds=2",
+                 "--set", "training.local_epochs=1", "--set", "evaluation.every=1",
+                 "--set", "evaluation.local_clients=50", "--set", "resources.client_actors=2", "--quiet"])
+    assert code == 0
+    run_dir = out / "n500"
+    partition = pd.read_parquet(run_dir / "partition.parquet")
+    assert len(partition) == 500
+    assert set(partition["population"]) == {"university_hospitals", "regional_clinics", "external_lab"}
+    for name in ("rounds", "clients", "evals", "client_evals"):
+        assert len(pd.read_parquet(run_dir / name)) > 0, name
+    assert len(pd.read_parquet(run_dir / "clients")) == 100
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/accuracy", "time/round_s", "test_accuracy/global",
+                "test_accuracy/external_lab", "local_val_accuracy/regional_clinics"):
+        assert tag in tags, tags
+        assert len(events.Scalars(tag)) == 2
