@@ -14,27 +14,47 @@ from simfl.config import ResourcesConfig
 from simfl.errors import UserError
 
 
-def plan_actors(cfg: ResourcesConfig, cluster_cpus: float, cluster_gpus: float, num_clients: int) -> int:
-    """Number of client actors: the user's number, or as many as the cluster fits (``auto``)."""
-    if cfg.gpus_per_actor > 0 and cluster_gpus <= 0:
-        raise UserError("resources.gpus_per_actor: the Ray cluster has no GPUs; set it to 0")
+def plan_actors(
+    cfg: ResourcesConfig, cluster_cpus: float, cluster_gpus: float, num_clients: int, elastic: bool = False
+) -> int:
+    """Number of client actors: the user's number, or as many as the cluster fits (``auto``).
+
+    On a fixed cluster (the private local instance) a plan that does not fit is
+    an error, since Ray would wait forever for resources that never come. On an
+    ``elastic`` one (joined with --address, maybe autoscaling) an explicit count
+    is trusted: the autoscaler may add the nodes it needs.
+    """
     if cfg.client_actors != "auto":
-        return min(cfg.client_actors, num_clients)
+        n = min(cfg.client_actors, num_clients)
+        if not elastic:
+            _check_fit(cfg, n, cluster_cpus, cluster_gpus)
+        return n
+    if cfg.gpus_per_actor > 0 and cluster_gpus <= 0:
+        hint = "; set resources.client_actors to a number to let the autoscaler add GPU nodes" if elastic else ""
+        raise UserError(f"resources.gpus_per_actor: the Ray cluster has no GPUs{hint}")
     fit = math.floor((cluster_cpus - cfg.coordinator_cpus) / cfg.cpus_per_actor + 1e-9)
     if cfg.gpus_per_actor > 0:
-        gpu_fit = math.floor(cluster_gpus / cfg.gpus_per_actor + 1e-9)
-        if gpu_fit < 1:
-            raise UserError(
-                f"resources.gpus_per_actor: {cfg.gpus_per_actor:g} GPUs per actor do not fit the "
-                f"cluster's {cluster_gpus:g} GPUs"
-            )
-        fit = min(fit, gpu_fit)
+        fit = min(fit, math.floor(cluster_gpus / cfg.gpus_per_actor + 1e-9))
     if fit < 1:
-        raise UserError(
-            f"resources.cpus_per_actor: {cfg.cpus_per_actor} CPUs per actor do not fit the "
-            f"cluster's {cluster_cpus:g} CPUs"
-        )
+        _check_fit(cfg, 1, cluster_cpus, cluster_gpus)
     return min(fit, num_clients)
+
+
+def _check_fit(cfg: ResourcesConfig, n: int, cluster_cpus: float, cluster_gpus: float) -> None:
+    need_gpus = n * cfg.gpus_per_actor
+    if need_gpus > cluster_gpus + 1e-9:
+        raise UserError(
+            f"resources.gpus_per_actor: {n} actors x {cfg.gpus_per_actor:g} GPUs do not fit the "
+            f"cluster's {cluster_gpus:g} GPUs"
+        )
+    need_cpus = n * cfg.cpus_per_actor + cfg.coordinator_cpus
+    if need_cpus > cluster_cpus + 1e-9:
+        key = "client_actors" if n > 1 else "cpus_per_actor"
+        raise UserError(
+            f"resources.{key}: {n} actors x {cfg.cpus_per_actor:g} CPUs (+{cfg.coordinator_cpus:g} for the "
+            f"coordinator) do not fit the cluster's {cluster_cpus:g} CPUs; lower resources.client_actors "
+            f"or resources.cpus_per_actor"
+        )
 
 
 def assign_clients(sizes: np.ndarray, n_actors: int) -> np.ndarray:

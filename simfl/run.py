@@ -96,24 +96,37 @@ def write_run_header(run_dir: Path, prepared: Prepared) -> None:
     pq.write_table(prepared.partition.to_table(), run_dir / "partition.parquet")
 
 
-def execute(run_dir: Path, prepared: Prepared, resume: bool, quiet: bool) -> dict:
+def plan(prepared: Prepared, elastic: bool) -> int:
+    import ray
+
+    from simfl.resources import plan_actors
+
+    totals = ray.cluster_resources()
+    return plan_actors(prepared.scenario.resources, totals.get("CPU", 0.0), totals.get("GPU", 0.0),
+                       prepared.partition.num_clients, elastic=elastic)
+
+
+def execute(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool, quiet: bool) -> dict:
     """Start the coordinator on this node and drive it round by round."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm import tqdm
 
     from actors.coordinator import Coordinator
-    from simfl.resources import plan_actors
 
     sc = prepared.scenario
-    totals = ray.cluster_resources()
-    n_actors = plan_actors(sc.resources, totals.get("CPU", 0.0), totals.get("GPU", 0.0), prepared.partition.num_clients)
     refs = {"dataset": ray.put(prepared.dataset), "partition": ray.put(prepared.partition)}
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     coordinator = Coordinator.options(num_cpus=sc.resources.coordinator_cpus, scheduling_strategy=here).remote(
         sc.model_dump(mode="json"), str(run_dir), refs, n_actors, resume
     )
-    info = ray.get(coordinator.info.remote())
+    info_ref = coordinator.info.remote()
+    waited = 0
+    while not ray.wait([info_ref], timeout=30)[0]:
+        waited += 30
+        print(f"simfl: still waiting for resources for {n_actors} client actors after {waited} s "
+              f"(each asks {sc.resources.cpus_per_actor:g} CPU, {sc.resources.gpus_per_actor:g} GPU)", file=sys.stderr)
+    info = ray.get(info_ref)
     bar = tqdm(total=sc.training.rounds, initial=info["round"], unit="round", disable=quiet, dynamic_ncols=True,
                desc=f"{sc.name} · {info['clients']} clients · {n_actors} actors")
     last: dict = {}
@@ -152,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give a scenario file, or --resume RUN_DIR")
         prepared = prepare(scenario)
         connect_ray(args)
+        n_actors = plan(prepared, elastic=bool(args.address))
         if not args.resume:
             run_dir = new_run_dir(scenario)
             write_run_header(run_dir, prepared)
             created = True
-        last = execute(run_dir, prepared, resume=bool(args.resume), quiet=args.quiet)
+        last = execute(run_dir, prepared, n_actors, resume=bool(args.resume), quiet=args.quiet)
     except UserError as exc:
         _discard(run_dir, created)
         print(f"simfl: error: {exc}", file=sys.stderr)

@@ -14,7 +14,7 @@ def res(**kw):
 
 
 def test_explicit_count_capped_by_clients():
-    assert plan_actors(res(client_actors=4), cluster_cpus=2, cluster_gpus=0, num_clients=10) == 4
+    assert plan_actors(res(client_actors=4), cluster_cpus=4, cluster_gpus=0, num_clients=10) == 4
     assert plan_actors(res(client_actors=16), cluster_cpus=64, cluster_gpus=0, num_clients=10) == 10
     assert plan_actors(res(client_actors=1), cluster_cpus=1, cluster_gpus=0, num_clients=1) == 1
 
@@ -74,6 +74,25 @@ def test_too_many_cpus_per_actor():
     # the coordinator's reservation counts too
     with pytest.raises(UserError, match="resources.cpus_per_actor"):
         plan_actors(res(cpus_per_actor=2, coordinator_cpus=3), cluster_cpus=4, cluster_gpus=0, num_clients=10)
+
+
+def test_explicit_count_must_fit_a_fixed_cluster():
+    # On the private local instance nothing will ever add CPUs: Ray would wait forever.
+    with pytest.raises(UserError, match="resources.client_actors") as info:
+        plan_actors(res(client_actors=4), cluster_cpus=2, cluster_gpus=0, num_clients=10)
+    assert "\n" not in str(info.value)
+    assert plan_actors(res(client_actors=4, cpus_per_actor=0.5), cluster_cpus=2, cluster_gpus=0, num_clients=10) == 4
+    with pytest.raises(UserError, match="resources.gpus_per_actor"):
+        plan_actors(res(client_actors=3, gpus_per_actor=0.5), cluster_cpus=8, cluster_gpus=1, num_clients=10)
+
+
+def test_elastic_cluster_trusts_explicit_counts():
+    # Joined with --address, an autoscaler may add the nodes the actors ask for.
+    assert plan_actors(res(client_actors=4), cluster_cpus=2, cluster_gpus=0, num_clients=10, elastic=True) == 4
+    cfg = res(client_actors=2, gpus_per_actor=1)
+    assert plan_actors(cfg, cluster_cpus=4, cluster_gpus=0, num_clients=10, elastic=True) == 2
+    with pytest.raises(UserError, match="client_actors to a number"):
+        plan_actors(res(gpus_per_actor=1), cluster_cpus=4, cluster_gpus=0, num_clients=10, elastic=True)
 
 
 def test_zero_cpu_cluster_rejected():

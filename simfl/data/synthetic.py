@@ -32,6 +32,9 @@ _SPLITS = {"train": 0, "val": 1, "test": 2}
 _PIXEL_BUDGET = 1 << 18  # float32 pixels per rendered batch: bounds memory to tens of MB
 _MAX_GRANULES = 32
 _TEXTURE_GRID = 10
+import os
+SLIDE_S=float(os.environ.get('SS','0.25'))
+SLIDE_H=float(os.environ.get('SH','0.25'))
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class _Draws:
     count: np.ndarray  # (n,) lobe / fragment count, or kidney bend
     granules: np.ndarray  # (n, _MAX_GRANULES, 4) radius, angle, size, density
     rbc: np.ndarray  # (n, 4, 4) red cells: angle, distance, size, presence
-    stain: np.ndarray  # (n, 5, 4) per layer: strength, then hue of each channel
+    stain: np.ndarray  # (n, 6, 4) per layer, then per slide: strength, then hue of each channel
     light: np.ndarray  # (n, 4) brightness, then tint of each channel
     texture: np.ndarray  # (n, 3, g, g) smooth noise: background, cytoplasm, chromatin
 
@@ -162,7 +165,7 @@ def _draw(r: np.random.Generator, n: int) -> _Draws:
         count=u(),
         granules=u(_MAX_GRANULES, 4),
         rbc=u(4, 4),
-        stain=u(5, 4),
+        stain=u(6, 4),
         light=u(4),
         texture=r.standard_normal((n, 3, _TEXTURE_GRID, _TEXTURE_GRID), dtype=np.float32),
     )
@@ -200,21 +203,22 @@ def _render(cell: CellType, d: _Draws, size: int) -> np.ndarray:
     radius = cell.body_r * d.scale
     pose = _Pose(d.center[:, 0], d.center[:, 1], radius, np.cos(d.angle), np.sin(d.angle))
     canvas = _Canvas(len(radius), size, layers=6 if cell.granules else 5)
+    slide = _slide(d.stain[:, 5])
     contrast = np.array([0.5, 0.15, cell.chromatin], np.float32)[:, None, None]
     texture = _upsample(1 + contrast * d.texture, grid)  # (m, 3, S, S), mean 1
 
-    np.copyto(canvas.layer(_stain(_BACKGROUND_RGB, d.stain[:, 0])), texture[:, 0])
+    np.copyto(canvas.layer(_stain(_BACKGROUND_RGB, d.stain[:, 0], slide)), texture[:, 0])
     body = _mask(_field(*pose.place(*_body_blobs(d)), grid, px), 0.4, radius, size)
     rbc = _red_cells(d, grid, px, size)
     rbc -= body  # the white cell lies on top
-    np.maximum(rbc, 0, out=canvas.layer(_stain(_RBC_RGB, d.stain[:, 1])))
-    np.multiply(body, texture[:, 1], out=canvas.layer(_stain(cell.cyto_rgb, d.stain[:, 2])))
+    np.maximum(rbc, 0, out=canvas.layer(_stain(_RBC_RGB, d.stain[:, 1], slide)))
+    np.multiply(body, texture[:, 1], out=canvas.layer(_stain(cell.cyto_rgb, d.stain[:, 2], slide)))
     lobes = pose.place(*_NUCLEUS_LAYOUTS[cell.nucleus](cell, d))
     nucleus = _mask(_field(*lobes, grid, px), 0.4, radius * cell.nuc_size, size)
-    np.multiply(nucleus, texture[:, 2], out=canvas.layer(_stain(cell.nuc_rgb, d.stain[:, 3])))
+    np.multiply(nucleus, texture[:, 2], out=canvas.layer(_stain(cell.nuc_rgb, d.stain[:, 3], slide)))
     if cell.granules:
         granules = _field(*pose.place(*_granule_blobs(cell, d)), grid, px)
-        np.minimum(granules, 1.5, out=canvas.layer(_stain(cell.gran_rgb, d.stain[:, 4])))
+        np.minimum(granules, 1.5, out=canvas.layer(_stain(cell.gran_rgb, d.stain[:, 4], slide)))
     return canvas.develop(d.light)
 
 
@@ -247,11 +251,18 @@ class _Canvas:
         return optical.astype(np.uint8).reshape(m, 3, size, size).transpose(0, 2, 3, 1)
 
 
-def _stain(rgb: tuple[float, float, float], jitter: np.ndarray) -> np.ndarray:
-    """Absorbance (m, 3) of a stain whose colour on white is ``rgb``, varied per image:
-    strength +-20% and hue +-15% per channel, as slides are stained unevenly."""
+def _slide(jitter: np.ndarray) -> np.ndarray:
+    """Per-image factor (m, 3) on every stain's absorbance: strength +-SLIDE_S and hue per
+    channel +-SLIDE_H, as whole slides differ in staining. It shifts all colours at once,
+    so colour alone does not give the class away."""
+    return np.exp((jitter[:, 1:] - 0.5) * 2 * SLIDE_H) * (1 - SLIDE_S + 2 * SLIDE_S * jitter[:, :1])
+
+
+def _stain(rgb: tuple[float, float, float], jitter: np.ndarray, slide: np.ndarray) -> np.ndarray:
+    """Absorbance (m, 3) of a stain whose colour on white is ``rgb``, on this image's
+    slide, varied per layer: strength +-10% and hue +-8% per channel."""
     base = -np.log(np.asarray(rgb, np.float32))
-    return base * np.exp((jitter[:, 1:] - 0.5) * 0.3) * (0.8 + 0.4 * jitter[:, :1])
+    return base * slide * np.exp((jitter[:, 1:] - 0.5) * 0.16) * (0.9 + 0.2 * jitter[:, :1])
 
 
 @dataclass(frozen=True)
