@@ -9,6 +9,17 @@ start it themselves.
 from __future__ import annotations
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    # Tests train tiny models in this process: extra intra-op threads only add
+    # contention (50x slowdowns seen on a busy 2-core machine). Actors set their own.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

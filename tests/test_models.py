@@ -13,14 +13,6 @@ COMBOS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small CPU models: extra intra-op threads only add contention on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make(arch="convnet", norm="group", channels=3, size=28, classes=5, **kw):
     torch.manual_seed(0)

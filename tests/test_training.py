@@ -18,14 +18,6 @@ def make(norm="group", seed=0, classes=2):
     return model, FlatWeights(model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: intra-op threads only add contention (and on a busy 2-core box, 50x slowdowns).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def toy(n=40, seed=0):
     """Two separable classes of tiny uint8 images, with noise: class 0 is bright on the

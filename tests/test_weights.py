@@ -8,14 +8,6 @@ from simfl.models import build_model
 from simfl.weights import FlatWeights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small CPU models: extra intra-op threads only add contention on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make(norm="batch", seed=0):
     torch.manual_seed(seed)
