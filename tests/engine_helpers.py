@@ -14,6 +14,8 @@ VOLATILE = {"time_s", "round_time_s", "finished_at", "actor", "node_id", "attemp
 
 SMOKE_FAST = [
     "--set", "training.rounds=3",
+    "--set", "training.clients_per_round=8",
+    "--set", "training.local_epochs=1",
     "--set", "evaluation.every=1",
     "--set", "evaluation.local_clients=8",
     "--quiet",

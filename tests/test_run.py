@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine_helpers import assert_same_results, run_smoke
+from engine_helpers import SMOKE_FAST, assert_same_results, run_smoke
 from simfl.data.synthetic import make_dataset
 from simfl.run import main
 
@@ -90,9 +90,7 @@ def test_sigkilled_run_resumes_to_the_same_results(ray_local, tmp_path):
     run_dir = out / "k"
     proc = subprocess.Popen(
         [sys.executable, "-m", "simfl.run", "scenarios/smoke.yaml", "--set", f"output.dir={out}",
-         "--set", "output.name=k", "--set", "training.rounds=6", "--set", "evaluation.every=1",
-         "--set", "evaluation.local_clients=8", "--set", "resources.client_actors=2",
-         "--quiet", "--no-dashboard", "--num-cpus", "2"],
+         "--set", "output.name=k", *SMOKE_FAST, *SIGKILL_RUN, "--no-dashboard", "--num-cpus", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 300

@@ -29,12 +29,11 @@ from simfl.seeding import rng
 
 CHUNK = 1024
 _SPLITS = {"train": 0, "val": 1, "test": 2}
-_PIXEL_BUDGET = 1 << 18  # float32 pixels per rendered batch: bounds memory to tens of MB
+_PIXEL_BUDGET = 1 << 18  # float32 pixels per working array (1 MB): small enough to stay in cache
 _MAX_GRANULES = 32
 _TEXTURE_GRID = 10
-import os
-SLIDE_S=float(os.environ.get('SS','0.25'))
-SLIDE_H=float(os.environ.get('SH','0.25'))
+_SLIDE_STRENGTH = 0.25  # +- per image on every stain: slides differ, so colour alone is not the class
+_SLIDE_HUE = 0.22  # +- per channel and image
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,12 @@ _BASE_TYPES: tuple[CellType, ...] = (
     CellType("bilobed", 0.62, 0.32, 0.0, (0.42, 0.26, 0.56), (0.98, 0.84, 0.76), (0.96, 0.52, 0.36), 32, 0.085, 0.3),
     # erythroblast: small cell, round very dark nucleus, lilac rim
     CellType("round", 0.40, 0.62, 0.05, (0.22, 0.13, 0.32), (0.84, 0.74, 0.84), (1.0, 1.0, 1.0), 0, 0.1, 0.15),
-    # immature granulocyte: large blue cell, big pale eccentric nucleus, few pink granules
-    CellType("round", 0.78, 0.56, 0.22, (0.58, 0.44, 0.74), (0.76, 0.82, 0.94), (0.90, 0.62, 0.78), 10, 0.06, 0.45),
+    # immature granulocyte: large grey-blue cell, big eccentric round nucleus, few pink granules
+    CellType("round", 0.76, 0.52, 0.22, (0.52, 0.40, 0.68), (0.78, 0.81, 0.92), (0.90, 0.62, 0.78), 10, 0.06, 0.45),
     # lymphocyte: small, dark round nucleus filling the cell, thin sky-blue rim
     CellType("round", 0.48, 0.74, 0.12, (0.32, 0.22, 0.52), (0.72, 0.84, 0.97), (1.0, 1.0, 1.0), 0, 0.1, 0.3),
-    # monocyte: large grey-blue cell with a kidney / horseshoe nucleus
-    CellType("kidney", 0.78, 0.26, 0.0, (0.50, 0.38, 0.66), (0.80, 0.80, 0.90), (1.0, 1.0, 1.0), 0, 0.1, 0.35),
+    # monocyte: the same cell as the immature granulocyte but for its kidney / horseshoe nucleus
+    CellType("kidney", 0.76, 0.27, 0.0, (0.52, 0.40, 0.68), (0.78, 0.81, 0.92), (1.0, 1.0, 1.0), 0, 0.1, 0.35),
     # neutrophil: 3-5 nuclear lobes on an arc, pale pink cytoplasm with fine granules
     CellType("multilobed", 0.62, 0.19, 0.0, (0.40, 0.25, 0.55), (0.94, 0.86, 0.90), (0.84, 0.70, 0.82), 14, 0.05, 0.2),
     # platelet: a small cluster of purple fragments between the red cells, no cell body
@@ -143,6 +142,7 @@ class _Draws:
     count: np.ndarray  # (n,) lobe / fragment count, or kidney bend
     granules: np.ndarray  # (n, _MAX_GRANULES, 4) radius, angle, size, density
     rbc: np.ndarray  # (n, 4, 4) red cells: angle, distance, size, presence
+    rbc_turn: np.ndarray  # (n,) rotation of the red cells' ring
     stain: np.ndarray  # (n, 6, 4) per layer, then per slide: strength, then hue of each channel
     light: np.ndarray  # (n, 4) brightness, then tint of each channel
     texture: np.ndarray  # (n, 3, g, g) smooth noise: background, cytoplasm, chromatin
@@ -165,6 +165,7 @@ def _draw(r: np.random.Generator, n: int) -> _Draws:
         count=u(),
         granules=u(_MAX_GRANULES, 4),
         rbc=u(4, 4),
+        rbc_turn=u(),
         stain=u(6, 4),
         light=u(4),
         texture=r.standard_normal((n, 3, _TEXTURE_GRID, _TEXTURE_GRID), dtype=np.float32),
@@ -205,7 +206,8 @@ def _render(cell: CellType, d: _Draws, size: int) -> np.ndarray:
     canvas = _Canvas(len(radius), size, layers=6 if cell.granules else 5)
     slide = _slide(d.stain[:, 5])
     contrast = np.array([0.5, 0.15, cell.chromatin], np.float32)[:, None, None]
-    texture = _upsample(1 + contrast * d.texture, grid)  # (m, 3, S, S), mean 1
+    # (m, 3, S, S) around 1; never negative, so no density brightens past the light
+    texture = _upsample(np.maximum(1 + contrast * d.texture, 0), grid)
 
     np.copyto(canvas.layer(_stain(_BACKGROUND_RGB, d.stain[:, 0], slide)), texture[:, 0])
     body = _mask(_field(*pose.place(*_body_blobs(d)), grid, px), 0.4, radius, size)
@@ -248,14 +250,15 @@ class _Canvas:
         optical = np.matmul(self.absorb.transpose(0, 2, 1), self.density.reshape(m, layers, -1))
         np.negative(optical, out=optical)
         np.exp(optical, out=optical)
-        return optical.astype(np.uint8).reshape(m, 3, size, size).transpose(0, 2, 3, 1)
+        # contiguous before the caller scatters it into the chunk: much faster than a strided scatter
+        return np.ascontiguousarray(optical.astype(np.uint8).reshape(m, 3, size, size).transpose(0, 2, 3, 1))
 
 
 def _slide(jitter: np.ndarray) -> np.ndarray:
-    """Per-image factor (m, 3) on every stain's absorbance: strength +-SLIDE_S and hue per
-    channel +-SLIDE_H, as whole slides differ in staining. It shifts all colours at once,
-    so colour alone does not give the class away."""
-    return np.exp((jitter[:, 1:] - 0.5) * 2 * SLIDE_H) * (1 - SLIDE_S + 2 * SLIDE_S * jitter[:, :1])
+    """Per-image factor (m, 3) on every stain's absorbance, as whole slides differ in
+    staining; it shifts all colours of an image together."""
+    hue = np.exp((jitter[:, 1:] - 0.5) * (2 * _SLIDE_HUE))
+    return hue * (1 - _SLIDE_STRENGTH + 2 * _SLIDE_STRENGTH * jitter[:, :1])
 
 
 def _stain(rgb: tuple[float, float, float], jitter: np.ndarray, slide: np.ndarray) -> np.ndarray:
@@ -406,9 +409,10 @@ def _granule_blobs(cell: CellType, d: _Draws) -> tuple[np.ndarray, ...]:
 def _red_cells(d: _Draws, grid: np.ndarray, px: np.float32, size: int) -> np.ndarray:
     """Up to four red cells spread around the edges, each a disc with a paler centre."""
     rb = d.rbc
-    ang = (rb[:, :1, 0] + np.arange(4, dtype=np.float32) / 4 + (rb[:, :, 1] - 0.5) * 0.2) * np.float32(2 * np.pi)
-    dist = 0.85 + 0.45 * rb[:, :, 2]
-    s = 0.34 + 0.1 * rb[:, :, 1]
+    slot = (np.arange(4, dtype=np.float32) + 0.7 * rb[:, :, 0]) / 4  # one per quarter turn: few overlaps
+    ang = (slot + d.rbc_turn[:, None]) * np.float32(2 * np.pi)
+    dist = 0.85 + 0.45 * rb[:, :, 1]
+    s = 0.34 + 0.1 * rb[:, :, 2]
     w = (rb[:, :, 3] < 0.75).astype(np.float32)
     x, y = dist * np.cos(ang), dist * np.sin(ang)
     disc = _mask(_field(x, y, s, w, grid, px), 0.5, np.full(len(ang), 0.38, np.float32), size)
