@@ -62,10 +62,8 @@ class ClientShard:
         ds = self.dataset
         self.model = build_model(self.sc.model, ds.channels, ds.image_size, ds.num_classes).to(self.device)
         self.flat = FlatWeights(self.model)
-        for client, state in states.items():
-            if int(client) not in self.states:
-                raise KeyError(f"client {client} is not owned by shard {self.shard}")
-            self.states[int(client)] = dict(state)
+        self._weights_cache: tuple[tuple[str, int], torch.Tensor] | None = None
+        self.states.update({int(c): dict(s) for c, s in states.items()})
         return {"shard": self.shard, "node_id": self.node_id, "pid": os.getpid(), "clients": len(self.states)}
 
     def _require_attached(self) -> None:
@@ -77,13 +75,21 @@ class ClientShard:
             self.data[client] = client_data(self.dataset, self.partition, self.shifts, self.sc.seed, client)
         return self.data[client]
 
-    def _weights(self, weights: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(weights, dtype=np.float32)).to(self.device)
+    def _weights(self, key: tuple[str, int], weights: np.ndarray) -> torch.Tensor:
+        """The round's global weights as a tensor, converted once per round, not once per call."""
+        if self._weights_cache is None or self._weights_cache[0] != key:
+            self._weights_cache = (key, torch.from_numpy(np.array(weights, dtype=np.float32)).to(self.device))
+        return self._weights_cache[1]
 
-    def train(self, round_: int, weights: np.ndarray, clients: list[int]) -> list[dict]:
-        """Train each listed client from ``weights``; randomness comes from (seed, client, round)."""
+    def train(self, round_: int, weights: np.ndarray, clients: list[int], states: dict[int, dict]) -> list[dict]:
+        """Train each listed client from ``weights``; randomness comes from (seed, client, round).
+
+        ``states`` carries the state of clients this actor does not hold a current
+        copy of (another actor's clients it was given to balance the round).
+        """
         self._require_attached()
-        global_weights = self._weights(weights)
+        self.states.update({int(c): dict(s) for c, s in states.items()})
+        global_weights = self._weights(("train", round_), weights)
         results = []
         for client in clients:
             data = self._data(client)
@@ -108,10 +114,10 @@ class ClientShard:
             )
         return results
 
-    def evaluate(self, weights: np.ndarray, clients: list[int]) -> list[dict]:
+    def evaluate(self, round_: int, weights: np.ndarray, clients: list[int]) -> list[dict]:
         """Global model on each client's local validation split (clients with none are skipped)."""
         self._require_attached()
-        self.flat.load(self._weights(weights))
+        self.flat.load(self._weights(("eval", round_), weights))
         rows = []
         for client in clients:
             data = self._data(client)

@@ -18,7 +18,7 @@ import torch
 from ray.exceptions import RayActorError
 from torch.utils.tensorboard import SummaryWriter
 
-from actors.client import ClientShard, ShardNotAttached
+from actors.client import ClientShard, ShardNotAttached, new_client_state
 from simfl.aggregation import ServerOptimizer, weighted_mean
 from simfl.checkpoint import load_latest, save_checkpoint
 from simfl.client_data import population_test_set
@@ -27,12 +27,13 @@ from simfl.data import Dataset
 from simfl.models import build_model
 from simfl.partition import Partition
 from simfl.resources import assign_clients, torch_threads
+from simfl.scheduling import RoundSchedule
 from simfl.seeding import derive_seed, rng
 from simfl.tables import RunTables
 from simfl.training import evaluate
 from simfl.weights import FlatWeights
 
-# How often a client actor may die within one round before the run gives up.
+# How many chunks per actor may fail within one round before the run gives up.
 MAX_RERUNS_PER_ROUND = 3
 
 
@@ -95,6 +96,8 @@ class Coordinator:
             for i in range(n_actors)
         ]
         self.refs = refs
+        self.incarnation = [0] * n_actors
+        self.home_fresh = np.ones(self.partition.num_clients, dtype=bool)
         self.actor_info = ray.get([self._attach(i) for i in range(n_actors)])
 
     # ------------------------------------------------------------ setup
@@ -118,7 +121,10 @@ class Coordinator:
 
     def _attach(self, shard: int):
         """Give a (new or restarted) client actor its data and its clients' journaled state."""
-        states = {c: s for c, s in self.journal.items() if self.owner[c] == shard}
+        self.incarnation[shard] += 1
+        home = np.flatnonzero(self.owner == shard)
+        self.home_fresh[home] = True
+        states = {int(c): self.journal[int(c)] for c in home if int(c) in self.journal}
         return self.actors[shard].attach.remote(self.refs, states)
 
     def info(self) -> dict:
@@ -129,34 +135,71 @@ class Coordinator:
 
     # ------------------------------------------------------------ one round
 
-    def _dispatch(self, method: str, weights_ref, clients: np.ndarray, *args) -> tuple[list[dict], int]:
-        """Call ``method`` on each owning actor; re-run an actor's share if it dies. Returns (rows, reruns)."""
-        by_actor = {int(i): clients[self.owner[clients] == i].tolist() for i in np.unique(self.owner[clients])}
-        pending = {getattr(self.actors[i], method).remote(*args, weights_ref, ids): i for i, ids in by_actor.items()}
-        rows: list[dict] = []
+    def _dispatch(self, method: str, key: int, weights_ref, clients: np.ndarray) -> tuple[list[dict], int]:
+        """Run ``method`` for ``clients`` over the actors; re-run the work of any actor that dies.
+
+        Work goes out in chunks (see :class:`RoundSchedule`), two calls deep per actor
+        so that none idles waiting for the next. A chunk of a dead actor goes back to
+        the queue; Ray restarts the actor and it is re-attached before its next call.
+        Returns the result rows sorted by client id, and how many chunks were re-run.
+        """
+        schedule = RoundSchedule(clients, self.owner, self.partition.sizes, len(self.actors))
+        in_flight: dict = {}
+        attempts: dict[int, int] = {}
         reruns = 0
-        attempts = dict.fromkeys(by_actor, 1)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            shard = pending.pop(ref)
+
+        def submit(shard: int) -> None:
+            chunk = schedule.next_for(shard)
+            if chunk is None:
+                return
+            call = getattr(self.actors[shard], method)
+            if method == "train":
+                ref = call.remote(key, weights_ref, chunk, self._states_to_send(shard, chunk))
+            else:
+                ref = call.remote(key, weights_ref, chunk)
+            in_flight[ref] = (shard, chunk, self.incarnation[shard])
+
+        for _ in range(2):
+            for shard in range(len(self.actors)):
+                submit(shard)
+        rows: list[dict] = []
+        while in_flight:
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            shard, chunk, incarnation = in_flight.pop(ref)
             try:
                 out = ray.get(ref)
             except (RayActorError, ShardNotAttached):
-                # The actor died mid-call (RayActorError) or between calls (restarted, empty).
-                attempts[shard] += 1
+                # Died mid-call (RayActorError) or between calls (restarted, empty).
                 reruns += 1
-                if attempts[shard] > MAX_RERUNS_PER_ROUND + 1:
+                if reruns > MAX_RERUNS_PER_ROUND * len(self.actors):
                     raise
-                # Ray restarts the actor; re-attach its data and state, then re-run its share.
-                self._attach(shard)
-                pending[getattr(self.actors[shard], method).remote(*args, weights_ref, by_actor[shard])] = shard
+                for c in chunk:
+                    attempts[c] = attempts.get(c, 1) + 1
+                schedule.give_back(chunk)
+                if incarnation == self.incarnation[shard]:
+                    self._attach(shard)  # queued by Ray ahead of any later call to the restarted actor
+                submit(shard)
                 continue
             for row in out:
-                row["attempt"] = attempts[shard]
+                c = row["client_id"]
+                row["attempt"] = attempts.get(c, 1)
+                if method == "train":
+                    self.journal[c] = row["state"]
+                    # The home actor's copy is current only if it trained the client itself,
+                    # in its present incarnation.
+                    self.home_fresh[c] = self.owner[c] == shard and incarnation == self.incarnation[shard]
             rows.extend(out)
+            submit(shard)
         rows.sort(key=lambda r: r["client_id"])
         return rows, reruns
+
+    def _states_to_send(self, shard: int, chunk: list[int]) -> dict[int, dict[str, int]]:
+        """Client states the actor lacks: clients it does not own, or whose home copy is stale."""
+        return {
+            c: self.journal.get(c, new_client_state())
+            for c in chunk
+            if self.owner[c] != shard or not self.home_fresh[c]
+        }
 
     def run_round(self) -> dict | None:
         """Train one round; returns a summary for the progress bar, or None when the run is complete."""
@@ -166,7 +209,7 @@ class Coordinator:
         r = self.round + 1
         cohort = sample_cohort(self.sc, self.train_clients, r)
         weights_ref = ray.put(self.weights.numpy())
-        results, reruns = self._dispatch("train", weights_ref, cohort, r)
+        results, reruns = self._dispatch("train", r, weights_ref, cohort)
 
         deltas = [torch.tensor(res["delta"]) for res in results]  # copies out of the read-only object store
         samples = [res["samples"] for res in results]
@@ -174,8 +217,6 @@ class Coordinator:
         new_weights = self.server.step(self.weights, mean_delta)
         global_norm = float((new_weights - self.weights).norm())
         self.weights = new_weights
-        for res in results:
-            self.journal[res["client_id"]] = res["state"]
 
         pop = self.partition.client_population
         client_rows = [
@@ -256,7 +297,7 @@ class Coordinator:
         k = n_clients if self.sc.evaluation.local_clients == "all" else min(self.sc.evaluation.local_clients, n_clients)
         chosen = np.sort(rng(self.sc.seed, "local-eval", r).choice(n_clients, size=k, replace=False))
         if self.sc.evaluation.local_val_fraction > 0:
-            local, _ = self._dispatch("evaluate", ray.put(self.weights.numpy()), chosen)
+            local, _ = self._dispatch("evaluate", r, ray.put(self.weights.numpy()), chosen)
             rows.extend(self._local_rows(r, local))
         self.tables.append("evals", rows)
         return out

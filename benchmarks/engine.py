@@ -5,8 +5,8 @@
    single-process PyTorch loop (load_state_dict, SGD over the same clients'
    samples in the same batches, float tensors prepared up front). The plain
    loop runs with torch using every core and with one thread; the ratio is
-   taken against the faster of the two (small batches often run faster on one
-   thread). Target >= 0.85.
+   taken against the faster of the two, best of two repetitions each (small
+   batches often run faster on one thread). Target >= 0.85.
 2. Per-round wall time and peak memory (PSS of the driver and every process of
    its private Ray instance: GCS, raylet, coordinator, client actors, object
    store pages) with 10,000 clients, and the per-round time ratio against 500
@@ -179,7 +179,8 @@ def main() -> None:
         small = prepare(scenario(500, rounds, 50, 50, cores))
         t_engine, n_engine, w_engine = run_engine(small, cores, warmup)
     measured_rounds = list(range(warmup + 1, rounds))
-    plain = {threads: sum(n_engine) / plain_loop(small, measured_rounds, w_engine, threads)
+    # Best of two repetitions per thread count: the baseline gets every benefit of the doubt.
+    plain = {threads: max(sum(n_engine) / plain_loop(small, measured_rounds, w_engine, threads) for _ in range(2))
              for threads in sorted({cores, 1})}
     engine_sps = sum(n_engine) / sum(t_engine)
     plain_sps = max(plain.values())
