@@ -22,7 +22,7 @@ from actors.client import ClientShard, ShardNotAttached, new_client_state
 from simfl.aggregation import ServerOptimizer, weighted_mean
 from simfl.checkpoint import load_latest, save_checkpoint
 from simfl.client_data import population_test_set
-from simfl.config import Scenario
+from simfl.config import Scenario, scenario_to_yaml
 from simfl.data import Dataset
 from simfl.models import build_model
 from simfl.partition import Partition
@@ -81,6 +81,9 @@ class Coordinator:
         if resume:
             purge = self._restore()
         self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
+        if not resume:
+            # Markdown code block, so TensorBoard's text tab shows the scenario verbatim.
+            self.tb.add_text("scenario", "```yaml\n" + scenario_to_yaml(self.sc) + "```", 0)
 
         res = self.sc.resources
         self.actors = [
