@@ -19,7 +19,7 @@ from simfl.config import Scenario
 from simfl.data import Dataset
 from simfl.models import build_model
 from simfl.partition import Partition
-from simfl.resources import gpu_memory_fraction, torch_threads
+from simfl.resources import actor_device, torch_threads
 from simfl.seeding import torch_generator
 from simfl.training import evaluate, train_client
 from simfl.weights import FlatWeights
@@ -30,6 +30,7 @@ class ShardNotAttached(RuntimeError):
 
 
 def new_client_state() -> dict[str, int]:
+    """What the engine remembers about a client between rounds (defences add their own keys)."""
     return {"participation": 0, "last_round": 0}
 
 
@@ -39,23 +40,23 @@ class ClientShard:
         self.sc = Scenario.model_validate(scenario)
         res = self.sc.resources
         torch.set_num_threads(torch_threads(res.cpus_per_actor))
-        self.device = torch.device("cpu")
-        fraction = gpu_memory_fraction(res.gpus_per_actor)
-        if fraction is not None and torch.cuda.is_available():
-            self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
-            torch.cuda.set_per_process_memory_fraction(fraction, self.device)
+        self.device = actor_device(res.gpus_per_actor)
         self.shard = shard
-        self.states: dict[int, dict[str, int]] = {int(c): new_client_state() for c in client_ids}
+        self.home = frozenset(int(c) for c in client_ids)
+        self.states: dict[int, dict[str, int]] = {}
         self.data: dict[int, ClientData] = {}
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def attach(self, refs: dict, states: dict[int, dict[str, int]]) -> dict:
-        """Fetch the dataset and partition, build the model, restore client state.
+        """Fetch the dataset and partition, build the model, and take the state of every home client.
 
-        Called after creation and again after Ray restarts this actor, so the
-        constructor holds no object refs (a restart never depends on them).
+        Called after creation and again after Ray restarts this actor (or after a
+        call to it was lost), so the constructor holds no object refs and the
+        coordinator's journal is the authority on what state the clients are in.
         Data come zero-copy from the node's object store.
         """
+        if set(states) != self.home:
+            raise ValueError(f"shard {self.shard}: attach needs the state of exactly its {len(self.home)} clients")
         self.dataset: Dataset = ray.get(refs["dataset"])
         self.partition: Partition = ray.get(refs["partition"])
         self.shifts = [p.shift for p in self.sc.populations]
@@ -63,7 +64,7 @@ class ClientShard:
         self.model = build_model(self.sc.model, ds.channels, ds.image_size, ds.num_classes).to(self.device)
         self.flat = FlatWeights(self.model)
         self._weights_cache: tuple[tuple[str, int], torch.Tensor] | None = None
-        self.states.update({int(c): dict(s) for c, s in states.items()})
+        self.states = {int(c): dict(s) for c, s in states.items()}
         return {"shard": self.shard, "node_id": self.node_id, "pid": os.getpid(), "clients": len(self.states)}
 
     def _require_attached(self) -> None:
@@ -71,9 +72,13 @@ class ClientShard:
             raise ShardNotAttached(f"client shard {self.shard} was restarted and holds no data yet")
 
     def _data(self, client: int) -> ClientData:
-        if client not in self.data:
-            self.data[client] = client_data(self.dataset, self.partition, self.shifts, self.sc.seed, client)
-        return self.data[client]
+        """Home clients' data are built once and kept; a visiting client's are built per call."""
+        if client in self.data:
+            return self.data[client]
+        data = client_data(self.dataset, self.partition, self.shifts, self.sc.seed, client)
+        if client in self.home:
+            self.data[client] = data
+        return data
 
     def _weights(self, key: tuple[str, int], weights: np.ndarray) -> torch.Tensor:
         """The round's global weights as a tensor, converted once per round, not once per call."""

@@ -9,7 +9,9 @@ object store, never once per client.
 
 from __future__ import annotations
 
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,8 @@ from simfl.weights import FlatWeights
 
 # How many chunks per actor may fail within one round before the run gives up.
 MAX_RERUNS_PER_ROUND = 3
+# How long a round waits on silent actors before saying so (it keeps waiting).
+WAIT_REPORT_S = 60
 
 
 def sample_cohort(sc: Scenario, eligible: np.ndarray, round_: int) -> np.ndarray:
@@ -86,6 +90,7 @@ class Coordinator:
             self.tb.add_text("scenario", "```yaml\n" + scenario_to_yaml(self.sc) + "```", 0)
 
         res = self.sc.resources
+        run_tag = uuid.uuid4().hex[:8]
         self.actors = [
             ClientShard.options(
                 num_cpus=res.cpus_per_actor,
@@ -93,7 +98,8 @@ class Coordinator:
                 max_restarts=-1,
                 max_task_retries=0,
                 scheduling_strategy="SPREAD",
-                name=f"{self.run_dir.name}/client-{i}",
+                # Unique per run: two runs on one cluster may share a run-dir name.
+                name=f"{self.run_dir.name}-{run_tag}/client-{i}",
                 namespace="simfl",
             ).remote(scenario, i, np.flatnonzero(self.owner == i).tolist())
             for i in range(n_actors)
@@ -123,17 +129,29 @@ class Coordinator:
         return self.round + 1
 
     def _attach(self, shard: int):
-        """Give a (new or restarted) client actor its data and its clients' journaled state."""
+        """Give a (new or restarted) client actor its data and the journaled state of all its clients."""
         self.incarnation[shard] += 1
         home = np.flatnonzero(self.owner == shard)
         self.home_fresh[home] = True
-        states = {int(c): self.journal[int(c)] for c in home if int(c) in self.journal}
+        states = {int(c): self.journal.get(int(c), new_client_state()) for c in home}
         return self.actors[shard].attach.remote(self.refs, states)
 
+    def _reattach(self, shard: int) -> None:
+        """Re-attach an actor whose call was lost; waits for Ray to restart it if needed."""
+        for _ in range(MAX_RERUNS_PER_ROUND):
+            try:
+                ray.get(self._attach(shard))
+                return
+            except RayActorError:
+                continue
+        raise RuntimeError(f"client actor {shard} could not be restarted and re-attached")
+
     def info(self) -> dict:
+        """Where the run stands (the round to resume from) and where its actors run."""
         return {"round": self.round, "actors": self.actor_info, "clients": int(self.partition.num_clients)}
 
     def global_weights(self) -> torch.Tensor:
+        """The current global weights (benchmarks replay rounds from them)."""
         return self.weights.clone()
 
     # ------------------------------------------------------------ one round
@@ -166,8 +184,17 @@ class Coordinator:
             for shard in range(len(self.actors)):
                 submit(shard)
         rows: list[dict] = []
+        waited = 0
         while in_flight:
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_REPORT_S)
+            if not ready:
+                waited += WAIT_REPORT_S
+                busy = sorted({shard for shard, _, _ in in_flight.values()})
+                print(f"simfl: {method} round {key}: client actors {busy} have not answered for {waited} s "
+                      "(lost node, or no resources to restart an actor?)", file=sys.stderr)
+                continue
+            waited = 0
+            (ref,) = ready
             shard, chunk, incarnation = in_flight.pop(ref)
             try:
                 out = ray.get(ref)
@@ -179,8 +206,8 @@ class Coordinator:
                 for c in chunk:
                     attempts[c] = attempts.get(c, 1) + 1
                 schedule.give_back(chunk)
-                if incarnation == self.incarnation[shard]:
-                    self._attach(shard)  # queued by Ray ahead of any later call to the restarted actor
+                if incarnation == self.incarnation[shard]:  # not yet re-attached since this call went out
+                    self._reattach(shard)
                 submit(shard)
                 continue
             for row in out:
@@ -298,8 +325,8 @@ class Coordinator:
 
         n_clients = self.partition.num_clients
         k = n_clients if self.sc.evaluation.local_clients == "all" else min(self.sc.evaluation.local_clients, n_clients)
-        chosen = np.sort(rng(self.sc.seed, "local-eval", r).choice(n_clients, size=k, replace=False))
         if self.sc.evaluation.local_val_fraction > 0:
+            chosen = np.sort(rng(self.sc.seed, "local-eval", r).choice(n_clients, size=k, replace=False))
             local, _ = self._dispatch("evaluate", r, ray.put(self.weights.numpy()), chosen)
             rows.extend(self._local_rows(r, local))
         self.tables.append("evals", rows)
@@ -348,7 +375,7 @@ class Coordinator:
         )
 
     def finish(self) -> dict:
-        """Flush everything and save the final model; returns the last evaluation rows."""
+        """Flush everything, save the final model and stop the client actors."""
         self.tables.flush()
         self.tb.close()
         torch.save({"weights": self.weights}, self.run_dir / "final_weights.pt")

@@ -28,15 +28,19 @@ from simfl.errors import UserError
 
 
 class Strict(BaseModel):
-    """Base for every section: unknown keys are errors and models are immutable once validated."""
+    """Base for every section: unknown keys and mistyped values are errors; immutable once validated."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    # strict: a YAML typo such as `held_out: "yes"` or `rounds: true` is an error, not a silent 1.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 def _kind_shorthand(value: Any) -> Any:
     """Allow ``label_skew: iid`` as shorthand for ``label_skew: {kind: iid}``."""
     return {"kind": value} if isinstance(value, str) else value
 
+
+# Safe as a directory name and inside a Ray actor name.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 # ---------------------------------------------------------------- data
 
@@ -68,6 +72,9 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _size_fits(self) -> DataConfig:
+        # Checked by value, not by presence, so the resolved scenario a run saves reloads.
+        if self.synthetic != SyntheticConfig() and self.name != "synthetic":
+            raise ValueError(f"synthetic: only applies to name: synthetic, not {self.name}")
         if self.name == "cifar10" and self.size != 32:
             raise ValueError("size: CIFAR-10 images are 32 px; set data.size: 32")
         if self.name not in ("synthetic", "cifar10") and self.size not in (28, 64, 128, 224):
@@ -124,7 +131,7 @@ class QuantitySkew(Strict):
 class ShiftConfig(Strict):
     """Acquisition shift of a population: its mean device, and how much each client's device varies."""
 
-    color: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (1.0, 1.0, 1.0)
+    color: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 1.0, 1.0], min_length=3, max_length=3)
     color_jitter: NonNegativeFloat = 0.0
     brightness: float = Field(0.0, ge=-1.0, le=1.0)
     contrast: PositiveFloat = 1.0
@@ -139,7 +146,7 @@ class ShiftConfig(Strict):
 
 
 class PopulationConfig(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     clients: PositiveInt
     label_skew: LabelSkew = LabelSkew()
     quantity: QuantitySkew = QuantitySkew()
@@ -158,6 +165,8 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _norm(self) -> ModelConfig:
+        if self.width != ModelConfig.model_fields["width"].default and self.arch != "convnet":
+            raise ValueError(f"width: only applies to arch: convnet, not {self.arch}")
         if self.arch == "resnet18" and self.norm == "none":
             raise ValueError("norm: resnet18 needs a norm layer (batch or group)")
         return self
@@ -170,6 +179,12 @@ class OptimizerConfig(Strict):
     weight_decay: NonNegativeFloat = 0.0
 
     _shorthand = model_validator(mode="before")(_kind_shorthand)
+
+    @model_validator(mode="after")
+    def _momentum(self) -> OptimizerConfig:
+        if self.kind == "adam" and self.momentum != 0:
+            raise ValueError("momentum: only applies to kind: sgd (Adam has its own moments)")
+        return self
 
 
 class AlgorithmConfig(Strict):
@@ -222,6 +237,8 @@ class TrainingConfig(Strict):
     def _one_cohort_size(self) -> TrainingConfig:
         if self.clients_per_round is not None and self.fraction is not None:
             raise ValueError("set clients_per_round or fraction, not both")
+        if self.local_steps is not None and self.local_epochs != 1:
+            raise ValueError("set local_epochs or local_steps, not both")
         return self
 
     def cohort_size(self, eligible: int) -> int:
@@ -239,14 +256,14 @@ class EvaluationConfig(Strict):
 
 class ResourcesConfig(Strict):
     client_actors: PositiveInt | Literal["auto"] = "auto"
-    cpus_per_actor: PositiveFloat = 1.0
+    cpus_per_actor: float = Field(1.0, ge=0.01)
     gpus_per_actor: float = Field(0.0, ge=0.0, le=8.0)
     coordinator_cpus: NonNegativeFloat = 0.0
 
 
 class OutputConfig(Strict):
     dir: str = "runs"
-    name: str | None = None
+    name: str | None = Field(None, pattern=NAME_PATTERN)
     flush_seconds: PositiveFloat = 10.0
 
 
@@ -256,7 +273,7 @@ class CheckpointConfig(Strict):
 
 
 class Scenario(Strict):
-    name: str = "scenario"
+    name: str = Field("scenario", pattern=NAME_PATTERN)
     seed: int = Field(0, ge=0, lt=2**32)
     data: DataConfig = DataConfig()
     populations: list[PopulationConfig] = Field(min_length=1)
@@ -328,11 +345,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _key_path(loc: tuple) -> str:
+    """The YAML key path of an error, without pydantic's union-branch labels such as ``constrained-int``."""
+    keys = [str(p) for p in loc if not (isinstance(p, str) and ("-" in p or "[" in p))]
+    return ".".join(keys) or "(top level)"
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line: the first failing key path, what is wrong, and the offending value."""
     errors = exc.errors(include_url=False)
     first = errors[0]
-    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    path = _key_path(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -340,7 +363,9 @@ def format_validation_error(exc: ValidationError) -> str:
         msg = "required key is missing"
     elif "input" in first and not isinstance(first["input"], (dict, list)):
         msg += f" (got {first['input']!r})"
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    # A union (e.g. `auto` or a number) fails once per branch: count keys, not branches.
+    others = {_key_path(e["loc"]) for e in errors} - {path}
+    more = f" (+{len(others)} more)" if others else ""
     return f"{path}: {msg}{more}"
 
 

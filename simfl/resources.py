@@ -7,8 +7,10 @@ without Ray and the same plan can be shown before anything starts.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
+import torch
 
 from simfl.config import ResourcesConfig
 from simfl.errors import UserError
@@ -88,3 +90,25 @@ def gpu_memory_fraction(gpus_per_actor: float) -> float | None:
     if gpus_per_actor <= 0:
         return None
     return min(1.0, gpus_per_actor)
+
+
+def actor_device(gpus_per_actor: float) -> torch.device:
+    """The device a client actor trains on, with its GPU memory share enforced.
+
+    With a GPU it also switches to deterministic kernels, so that results stay
+    independent of which actor trains which client on GPUs as they are on CPUs.
+    """
+    fraction = gpu_memory_fraction(gpus_per_actor)
+    if fraction is None:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"resources.gpus_per_actor={gpus_per_actor:g}: Ray gave this actor a GPU but "
+            "torch.cuda.is_available() is False here (a CPU-only torch build, or a driver mismatch?)"
+        )
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return device

@@ -96,6 +96,46 @@ def write_run_header(run_dir: Path, prepared: Prepared) -> None:
     pq.write_table(prepared.partition.to_table(), run_dir / "partition.parquet")
 
 
+def create_run_dir(prepared: Prepared) -> Path:
+    """A fresh run directory with its header; another run taking the same name first is not an error."""
+    while True:
+        run_dir = new_run_dir(prepared.scenario)
+        try:
+            write_run_header(run_dir, prepared)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"output.dir: cannot create {run_dir} ({exc.strerror})") from None
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Fail in one line, before anything starts, if the run has no readable checkpoint."""
+    from simfl.checkpoint import list_checkpoints, load_latest
+
+    if not (run_dir / "scenario.yaml").is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no scenario.yaml)")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"--resume {run_dir}: no checkpoint there (checkpoints/round_*.pt)")
+    try:
+        load_latest(run_dir)
+    except Exception as exc:  # weights_only refusal, truncation, foreign file: all mean "cannot resume"
+        raise UserError(f"--resume {run_dir}: {found[-1].name} cannot be read ({type(exc).__name__})") from None
+
+
+def check_same_partition(run_dir: Path, prepared: Prepared) -> None:
+    """A resumed run must see the clients it started with: a replaced dataset file would change them."""
+    import pyarrow.parquet as pq
+
+    saved = pq.read_table(run_dir / "partition.parquet")
+    if not saved.equals(prepared.partition.to_table()):
+        raise UserError(
+            f"--resume {run_dir}: the data no longer give the saved partition.parquet "
+            f"(was {prepared.scenario.data.name} under data.root replaced?)"
+        )
+
+
 def plan(prepared: Prepared, elastic: bool) -> int:
     import ray
 
@@ -151,24 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     created = False
     try:
         if args.resume:
-            from simfl.checkpoint import list_checkpoints
-
             run_dir = Path(args.resume)
             if args.scenario or args.overrides:
                 raise UserError("--resume: a resumed run uses its saved scenario.yaml; drop the scenario and --set")
-            if not list_checkpoints(run_dir):
-                raise UserError(f"--resume {run_dir}: no checkpoint there (checkpoints/round_*.pt)")
+            check_resumable(run_dir)
             scenario = load_scenario(run_dir / "scenario.yaml")
         elif args.scenario:
             scenario = load_scenario(args.scenario, args.overrides)
         else:
             raise UserError("give a scenario file, or --resume RUN_DIR")
         prepared = prepare(scenario)
+        if args.resume:
+            check_same_partition(run_dir, prepared)
         connect_ray(args)
         n_actors = plan(prepared, elastic=bool(args.address))
         if not args.resume:
-            run_dir = new_run_dir(scenario)
-            write_run_header(run_dir, prepared)
+            run_dir = create_run_dir(prepared)
             created = True
         last = execute(run_dir, prepared, n_actors, resume=bool(args.resume), quiet=args.quiet)
     except UserError as exc:
@@ -184,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _discard(run_dir: Path | None, created: bool) -> None:
-    """Leave no half-written run behind: a new run that never reached a checkpoint is removed."""
+    """Leave no half-written run behind: a new run with no checkpoint and no round written is removed."""
     from simfl.checkpoint import list_checkpoints
 
-    if created and run_dir is not None and not list_checkpoints(run_dir):
+    if not created or run_dir is None:
+        return
+    if not list_checkpoints(run_dir) and not any((run_dir / "rounds").glob("part-*.parquet")):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -40,15 +40,10 @@ def test_weighted_mean_accumulates_in_float64():
     assert float(out) == pytest.approx(3.0 / 5.0, rel=1e-6)
 
 
-def test_weighted_mean_bit_identical_on_repeat():
+def test_weighted_mean_leaves_inputs_unchanged():
     ds = deltas(k=8, n=5000, seed=3, scale=10.0)
-    w = list(range(1, 9))
-    first = weighted_mean(ds, w)
-    for _ in range(3):
-        again = weighted_mean([d.clone() for d in ds], list(w))
-        assert torch.equal(first, again)
-    # inputs are not modified
-    assert torch.equal(ds[0], deltas(k=8, n=5000, seed=3, scale=10.0)[0])
+    weighted_mean(ds, list(range(1, 9)))
+    assert all(torch.equal(a, b) for a, b in zip(ds, deltas(k=8, n=5000, seed=3, scale=10.0), strict=True))
 
 
 def test_weighted_mean_errors():

@@ -173,3 +173,17 @@ def test_gpu_memory_fraction():
     assert gpu_memory_fraction(0.25) == 0.25
     assert gpu_memory_fraction(1) == 1.0
     assert gpu_memory_fraction(2) == 1.0
+
+
+def test_actor_device_is_cpu_without_gpus():
+    from simfl.resources import actor_device
+
+    assert actor_device(0.0).type == "cpu"
+
+
+def test_actor_device_refuses_a_gpu_torch_cannot_see(monkeypatch):
+    from simfl.resources import actor_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="resources.gpus_per_actor=0.25"):
+        actor_device(0.25)

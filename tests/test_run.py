@@ -36,8 +36,10 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         (["populations.0.label_skew.alpha=-1"], "populations.0.label_skew.alpha"),
         (["populations.1.clients=-5"], "populations.1.clients"),
         (["populations.1.label_skew.classes=40"], "populations.1.label_skew.classes"),
-        (["data.name=bloodmnist", "data.download=false", "data.root={tmp}"], "data.root"),
         (["resources.gpus_per_actor=0.5"], "resources.gpus_per_actor"),
+        (["resources.client_actors=64"], "resources.client_actors"),
+        (["populations.0.held_out='yes'"], "populations.0.held_out"),
+        (["data.name=bloodmnist"], "data: synthetic: only applies to name: synthetic"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, overrides, key):
@@ -51,11 +53,14 @@ def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, overrides, key):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_missing_dataset_message_says_where_to_put_it(tmp_path):
-    proc = cli("scenarios/smoke.yaml", "--set", "data.name=bloodmnist", "--set", "data.download=false",
-               "--set", f"data.root={tmp_path}")
+def test_missing_dataset_offline_is_one_line_naming_the_file_and_where_to_put_it(tmp_path):
+    out = tmp_path / "runs"
+    proc = cli("scenarios/noniid_500.yaml", "--set", "data.download=false", "--set", f"data.root={tmp_path}",
+               "--set", f"output.dir={out}")
     assert proc.returncode == 2
-    assert "bloodmnist.npz" in proc.stderr and str(tmp_path) in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("simfl: error: data.root") and "bloodmnist.npz" in line and str(tmp_path) in line
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -108,6 +113,46 @@ def test_sigkilled_run_resumes_to_the_same_results(ray_local, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert pd.read_parquet(run_dir / "rounds")["round"].tolist() == [1, 2, 3, 4, 5, 6]
     assert_same_results(reference, run_dir)
+    # TensorBoard: rounds logged before the kill and again after the resume are purged, not doubled.
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    ref_events = EventAccumulator(str(reference / "tensorboard"))
+    ref_events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == [e.value for e in ref_events.Scalars("train/loss")]
+
+
+def make_resumable_looking_dir(tmp_path: Path, seed: int) -> Path:
+    """A run directory as a real run writes it, from the smoke scenario with ``seed``."""
+    from simfl.config import load_scenario
+    from simfl.run import prepare, write_run_header
+
+    run_dir = tmp_path / "run"
+    write_run_header(run_dir, prepare(load_scenario(ROOT / "scenarios/smoke.yaml", [f"seed={seed}"])))
+    (run_dir / "checkpoints").mkdir()
+    return run_dir
+
+
+def test_resume_refuses_an_unreadable_checkpoint(tmp_path):
+    run_dir = make_resumable_looking_dir(tmp_path, seed=0)
+    (run_dir / "checkpoints" / "round_000001.pt").write_bytes(b"not a checkpoint")
+    proc = cli("--resume", str(run_dir))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "round_000001.pt cannot be read" in line
+
+
+def test_resume_refuses_when_the_data_changed(tmp_path):
+    import torch
+
+    run_dir = make_resumable_looking_dir(tmp_path, seed=0)
+    torch.save({"round": 1}, run_dir / "checkpoints" / "round_000001.pt")
+    # The saved scenario now says seed 1: its data and partition differ from partition.parquet.
+    text = (run_dir / "scenario.yaml").read_text().replace("seed: 0", "seed: 1", 1)
+    (run_dir / "scenario.yaml").write_text(text)
+    proc = cli("--resume", str(run_dir))
+    assert proc.returncode == 2
+    assert "no longer give the saved partition.parquet" in proc.stderr
 
 
 def write_fake_bloodmnist(root: Path, train: int) -> None:

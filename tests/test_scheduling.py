@@ -47,9 +47,10 @@ def test_an_idle_actor_steals_from_the_busiest():
 
 
 def test_given_back_chunk_is_scheduled_again_first_at_home():
-    owner = np.array([0, 0, 1, 1])
-    sizes = np.array([4, 3, 2, 1])
-    schedule = RoundSchedule(np.arange(4), owner, sizes, 2, chunks_per_actor=2)
-    lost = schedule.next_for(1)
-    schedule.give_back(lost)
-    assert schedule.next_for(1) == lost
+    owner = np.array([0, 0, 0, 0, 1])
+    sizes = np.array([4, 3, 2, 1, 5])
+    schedule = RoundSchedule(np.array([0, 1, 2, 3]), owner, sizes, 2, chunks_per_actor=2)
+    lost = schedule.next_for(1)  # actor 1 has no client this round: it steals from actor 0
+    assert all(owner[c] == 0 for c in lost) and schedule.stolen == 1
+    schedule.give_back(lost)  # actor 1 died: the chunk goes back to actor 0's queue, in front
+    assert schedule.next_for(0) == lost

@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from engine_helpers import assert_same_results, final_weights, run_smoke, table
+from simfl.resources import assign_clients
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_different_seed_gives_different_results(two_actor_run, tmp_path):
 
 def test_run_outputs_are_complete(two_actor_run):
     rounds = table(two_actor_run, "rounds")
-    clients = table(two_actor_run, "clients")
+    clients = pd.read_parquet(two_actor_run / "clients")
     evals = table(two_actor_run, "evals")
     assert rounds["round"].tolist() == [1, 2, 3]
     assert (rounds["clients"] == 8).all()
@@ -45,6 +46,10 @@ def test_run_outputs_are_complete(two_actor_run):
     assert (by_client.groupby("client_id").cumcount().add(1).values == by_client["participation"].values).all()
     partition = pd.read_parquet(two_actor_run / "partition.parquet")
     assert len(partition) == 24
+    # Rounds are balanced by lending clients to the other actor: some train away from home,
+    # and (participation above) their state still follows them.
+    home = assign_clients((partition["n_train"] + partition["n_val"]).to_numpy(), 2)
+    assert (clients["actor"].to_numpy() != home[clients["client_id"].to_numpy()]).any()
     assert (two_actor_run / "scenario.yaml").is_file()
 
 
@@ -66,7 +71,9 @@ def test_killed_client_actor_is_restarted_and_its_clients_rerun(two_actor_run, t
     while not (run_dir / "checkpoints" / "round_000001.pt").exists():
         assert time.monotonic() < deadline, "round 1 never finished"
         time.sleep(0.05)
-    victim = ray.get_actor(f"{name}/client-0", namespace="simfl")
+    (actor_name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith(f"{name}-") and a["name"].endswith("/client-0")]
+    victim = ray.get_actor(actor_name, namespace="simfl")
     ray.kill(victim, no_restart=False)
     thread.join(timeout=300)
     assert not errors, errors
