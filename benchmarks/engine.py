@@ -30,14 +30,13 @@ import psutil
 import ray
 import torch
 import torch.nn.functional as F
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.coordinator import Coordinator, sample_cohort
+from actors.coordinator import sample_cohort
 from simfl.client_data import client_data
 from simfl.config import parse_scenario
 from simfl.models import build_model
-from simfl.run import Prepared, prepare, write_run_header
-from simfl.seeding import derive_seed, torch_generator
+from simfl.run import Prepared, prepare, start_coordinator, write_run_header
+from simfl.seeding import torch_generator
 from simfl.training import batch_order
 
 
@@ -100,26 +99,29 @@ class PeakMemory:
 def run_engine(prepared: Prepared, actors: int, warmup: int) -> tuple[list[float], list[int], list[torch.Tensor]]:
     """Drive the coordinator round by round; returns wall time, samples and global weights per round."""
     sc = prepared.scenario
-    run_dir = Path(tempfile.mkdtemp(prefix="simfl-bench-")) / sc.name
-    write_run_header(run_dir, prepared)
-    refs = {"dataset": ray.put(prepared.dataset), "partition": ray.put(prepared.partition)}
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    coord = Coordinator.options(num_cpus=0, scheduling_strategy=here).remote(
-        sc.model_dump(mode="json"), str(run_dir), refs, actors, False
-    )
-    ray.get(coord.info.remote())
     times, samples, weights = [], [], []
-    for r in range(sc.training.rounds - 1):  # the last round evaluates and checkpoints: not timed
-        weights.append(ray.get(coord.global_weights.remote()))
-        start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="simfl-bench-") as tmp:
+        run_dir = Path(tmp) / sc.name
+        write_run_header(run_dir, prepared)
+        coord = start_coordinator(run_dir, prepared, actors, resume=False)
+        ray.get(coord.info.remote())
+        for r in range(1, sc.training.rounds):  # the last round evaluates and checkpoints: not timed
+            weights.append(ray.get(coord.global_weights.remote()))
+            start = time.perf_counter()
+            ray.get(coord.run_round.remote())
+            times.append(time.perf_counter() - start)
+            samples.append(int(sum(len(prepared.partition.train_indices(c)) for c in cohort(prepared, r))))
         ray.get(coord.run_round.remote())
-        times.append(time.perf_counter() - start)
-        samples.append(int(sum(len(prepared.partition.train_indices(c)) for c in
-                               sample_cohort(sc, np.arange(prepared.partition.num_clients), r + 1))))
-    ray.get(coord.run_round.remote())
-    ray.get(coord.finish.remote())
-    ray.kill(coord)
+        ray.get(coord.finish.remote())
+        ray.kill(coord)
     return times[warmup:], samples[warmup:], weights[warmup:]
+
+
+def cohort(prepared: Prepared, round_: int) -> np.ndarray:
+    """Round ``round_``'s clients, drawn exactly as the coordinator draws them."""
+    part = prepared.partition
+    eligible = np.flatnonzero(~part.held_out[part.client_population])
+    return sample_cohort(prepared.scenario, eligible, round_)
 
 
 def plain_loop(prepared: Prepared, rounds: list[int], weights: list[torch.Tensor], threads: int) -> float:
@@ -133,10 +135,9 @@ def plain_loop(prepared: Prepared, rounds: list[int], weights: list[torch.Tensor
     shifts = [p.shift for p in sc.populations]
     elapsed = 0.0
     for r, flat in zip(rounds, weights, strict=True):
-        cohort = sample_cohort(sc, np.arange(prepared.partition.num_clients), r)
         # Data prepared outside the timer: the baseline gets float tensors for free.
         data = []
-        for c in cohort:
+        for c in cohort(prepared, r):
             cd = client_data(ds, prepared.partition, shifts, sc.seed, int(c))
             data.append((cd.x.permute(0, 3, 1, 2).float().div(255), cd.y, int(c)))
         state = _unflatten(model, names, flat)

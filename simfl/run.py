@@ -146,20 +146,28 @@ def plan(prepared: Prepared, elastic: bool) -> int:
                        prepared.partition.num_clients, elastic=elastic)
 
 
-def execute(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool, quiet: bool) -> dict:
-    """Start the coordinator on this node and drive it round by round."""
+def start_coordinator(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool):
+    """The coordinator actor, pinned to this node (it writes the run directory), with the data in the object store."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    from tqdm import tqdm
 
     from actors.coordinator import Coordinator
 
     sc = prepared.scenario
     refs = {"dataset": ray.put(prepared.dataset), "partition": ray.put(prepared.partition)}
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    coordinator = Coordinator.options(num_cpus=sc.resources.coordinator_cpus, scheduling_strategy=here).remote(
+    return Coordinator.options(num_cpus=sc.resources.coordinator_cpus, scheduling_strategy=here).remote(
         sc.model_dump(mode="json"), str(run_dir), refs, n_actors, resume
     )
+
+
+def execute(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool, quiet: bool) -> dict:
+    """Start the coordinator and drive it round by round, with a progress bar."""
+    import ray
+    from tqdm import tqdm
+
+    sc = prepared.scenario
+    coordinator = start_coordinator(run_dir, prepared, n_actors, resume)
     info_ref = coordinator.info.remote()
     waited = 0
     while not ray.wait([info_ref], timeout=30)[0]:
