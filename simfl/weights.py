@@ -16,20 +16,26 @@ class FlatWeights:
 
     def __init__(self, model: nn.Module) -> None:
         entries: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
-        for module in model.modules():
+        qualified: list[str] = []
+        for prefix, module in model.named_modules():
             for name, param in module.named_parameters(recurse=False):
                 entries.append((module, name, param, True))
+                qualified.append(f"{prefix}.{name}" if prefix else name)
             for name, buf in module.named_buffers(recurse=False):
                 if buf is not None and buf.is_floating_point():
                     entries.append((module, name, buf, False))
+                    qualified.append(f"{prefix}.{name}" if prefix else name)
         total = sum(t.numel() for _, _, t, _ in entries)
         device = entries[0][2].device if entries else torch.device("cpu")
         self.vector = torch.empty(total, dtype=torch.float32, device=device)
         # True where the entry is a trainable parameter; server optimisers only touch those.
         self.trainable = torch.zeros(total, dtype=torch.bool, device=device)
+        # (qualified name, offset, shape) per entry, for ``as_dict``.
+        self.layout: list[tuple[str, int, torch.Size]] = []
         offset = 0
-        for module, name, tensor, is_param in entries:
+        for (module, name, tensor, is_param), qname in zip(entries, qualified, strict=True):
             n = tensor.numel()
+            self.layout.append((qname, offset, tensor.shape))
             view = self.vector[offset : offset + n].view_as(tensor)
             view.copy_(tensor.detach())
             if is_param:
@@ -44,6 +50,18 @@ class FlatWeights:
 
     def snapshot(self) -> torch.Tensor:
         return self.vector.detach().clone()
+
+    def as_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Name → view of ``vector`` (any leading batch dims), for ``torch.func.functional_call``.
+
+        Attacks evaluate the model at many weight vectors at once (one per victim,
+        under ``vmap``) without touching the model's own storage.
+        """
+        lead = vector.shape[:-1]
+        return {
+            name: vector[..., offset : offset + shape.numel()].reshape(*lead, *shape)
+            for name, offset, shape in self.layout
+        }
 
     def __len__(self) -> int:
         return self.vector.numel()

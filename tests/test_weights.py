@@ -176,3 +176,25 @@ def test_snapshot_detached():
     flat = FlatWeights(model)
     F.cross_entropy(model(torch.rand(2, 3, 16, 16)), torch.tensor([0, 1])).backward()
     assert not flat.snapshot().requires_grad
+
+
+def test_as_dict_names_views_of_any_vector_for_functional_call():
+    from torch.func import functional_call, vmap
+
+    model = make("batch").eval()
+    flat = FlatWeights(model)
+    named = flat.as_dict(flat.vector)
+    expected = dict(model.named_parameters()) | {k: b for k, b in model.named_buffers() if b.is_floating_point()}
+    assert named.keys() == expected.keys()
+    for name, t in named.items():
+        assert torch.equal(t, expected[name]) and within(flat.vector, t), name
+    # a stack of vectors: leading dims are kept, and vmap evaluates each vector's model
+    torch.manual_seed(1)
+    stack = flat.vector + 0.1 * torch.randn(3, len(flat))
+    assert flat.as_dict(stack)["head.weight"].shape == (3, *model.head.weight.shape)
+    x = torch.rand(2, 3, 16, 16)
+    outs = vmap(lambda v: functional_call(model, flat.as_dict(v), (x,)))(stack)
+    for i in range(3):
+        flat.load(stack[i])
+        with torch.no_grad():
+            assert torch.allclose(outs[i], model(x), atol=1e-5)

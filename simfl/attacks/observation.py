@@ -1,0 +1,131 @@
+"""What one victim client shares, and helpers that produce it exactly as the victim would.
+
+Threat model: the attacker sees one client's shared vector plus the global
+weights the client started from and the local hyperparameters. The private
+images never enter an ``Observation``; they are kept elsewhere, only to score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simfl.training import to_input
+from simfl.weights import FlatWeights
+
+View = Literal["gradient", "update"]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One victim's shared vector and what the attacker knows about how it was made.
+
+    ``weights`` and ``shared`` are both laid out over ALL ``FlatWeights`` entries
+    (parameters and float buffers), so ``flat.as_dict`` names either one; attacks
+    match only the trainable entries.
+
+    - view "gradient": ``shared`` is the gradient of one batch of ``batch_size``
+      images at ``weights`` (zero on buffer entries).
+    - view "update": ``shared`` is local − global after ``local_steps`` steps of
+      plain SGD (no momentum, no weight decay) with ``lr`` over ``batch_size``
+      local samples, taking fixed sequential batches of ``local_batch_size``
+      (see ``local_batches``). The attacker assumes exactly this schedule; a
+      victim that shuffles or uses momentum is only approximately modelled.
+    """
+
+    weights: torch.Tensor
+    shared: torch.Tensor
+    view: View
+    batch_size: int
+    image_shape: tuple[int, int, int]
+    labels: torch.Tensor | None = None  # None: the attacker must recover them
+    lr: float | None = None
+    local_steps: int = 1
+    local_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.view not in ("gradient", "update"):
+            raise ValueError(f"unknown view {self.view!r}")
+        if self.weights.shape != self.shared.shape or self.weights.dim() != 1:
+            raise ValueError("weights and shared must be flat vectors of the same length")
+        if self.labels is not None and self.labels.shape != (self.batch_size,):
+            raise ValueError(f"labels must have shape ({self.batch_size},)")
+        if self.view == "update" and (not self.lr or self.lr <= 0 or not self.local_batch_size or self.local_steps < 1):
+            raise ValueError("update view needs lr > 0, local_steps >= 1 and local_batch_size")
+
+
+def local_batches(n: int, batch_size: int, steps: int) -> list[torch.Tensor]:
+    """Sample indices of each local step: fixed-size sequential batches wrapping around ``n``.
+
+    Victim simulation and attacker share this one schedule, so the attacker's
+    differentiable replay uses the same samples at each step.
+    """
+    b = min(batch_size, n)
+    return [(torch.arange(b) + s * b) % n for s in range(steps)]
+
+
+def _float_input(x: torch.Tensor) -> torch.Tensor:
+    """Accept shard format (uint8 NHWC) or model input (float NCHW in [0, 1])."""
+    return to_input(x) if x.dtype == torch.uint8 else x
+
+
+def _trainable_grad(model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)  # the victim's loss: mean CE, as in train_client
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    out = torch.zeros_like(flat.vector)
+    out[flat.trainable] = torch.cat([g.reshape(-1) for g in grads])
+    return out
+
+
+def observe_gradient(
+    model: nn.Module, flat: FlatWeights, global_weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> Observation:
+    """The victim shares the gradient of its batch at the global weights (model left at them)."""
+    x = _float_input(x).to(flat.vector.device)
+    y = y.to(flat.vector.device)
+    flat.load(global_weights)
+    model.train()
+    shared = _trainable_grad(model, flat, x, y)
+    return Observation(
+        weights=global_weights.detach().clone(),
+        shared=shared.detach(),
+        view="gradient",
+        batch_size=len(y),
+        image_shape=tuple(x.shape[1:]),
+        labels=y.detach().clone(),
+    )
+
+
+def observe_update(
+    model: nn.Module,
+    flat: FlatWeights,
+    global_weights: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    local_steps: int,
+    local_batch_size: int,
+) -> Observation:
+    """The victim shares local − global after plain SGD on ``local_batches`` (model left at local weights)."""
+    x = _float_input(x).to(flat.vector.device)
+    y = y.to(flat.vector.device)
+    flat.load(global_weights)
+    model.train()
+    for idx in local_batches(len(y), local_batch_size, local_steps):
+        flat.vector.sub_(lr * _trainable_grad(model, flat, x[idx], y[idx]))
+    shared = flat.vector - global_weights.to(flat.vector.device)
+    return Observation(
+        weights=global_weights.detach().clone(),
+        shared=shared.detach().clone(),
+        view="update",
+        batch_size=len(y),
+        image_shape=tuple(x.shape[1:]),
+        labels=y.detach().clone(),
+        lr=lr,
+        local_steps=local_steps,
+        local_batch_size=local_batch_size,
+    )
