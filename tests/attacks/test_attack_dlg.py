@@ -3,30 +3,22 @@ import dataclasses
 import pytest
 import torch
 
-from simfl.attacks import DLG, IDLG, observe_gradient, observe_update
+from simfl.attacks import DLG, IDLG
 from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.weights import FlatWeights
+
+from attack_helpers import victims as shared_victims
+
+
+def victims(model, flat, view, batch=2, count=3):
+    return shared_victims(model, flat, view, batch, count, seed=100, lr=0.1)
 
 
 def template():
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="convnet", width=4), 3, 8, 4)
     return model, FlatWeights(model)
-
-
-def victims(model, flat, view, batch=2, count=3):
-    """Observations from ``count`` clients with different weights, images and labels."""
-    out = []
-    for v in range(count):
-        torch.manual_seed(100 + v)
-        w = FlatWeights(build_model(ModelConfig(arch="convnet", width=4), 3, 8, 4)).vector
-        x, y = torch.rand(batch, 3, 8, 8), torch.randint(0, 4, (batch,))
-        if view == "gradient":
-            out.append(observe_gradient(model, flat, w, x, y))
-        else:
-            out.append(observe_update(model, flat, w, x, y, lr=0.1 * (v + 1), local_steps=2, local_batch_size=1))
-    return out
 
 
 def assert_batched_equals_single(attack, model, flat, observations, seeds):

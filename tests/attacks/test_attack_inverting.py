@@ -4,30 +4,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simfl.attacks import InvertingGradients, observe_gradient, observe_update
+from simfl.attacks import InvertingGradients, observe_gradient
 from simfl.attacks.functional import total_variation
 from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.weights import FlatWeights
+
+from attack_helpers import victims as shared_victims
+
+
+def victims(model, flat, view, batch=2, count=3):
+    return shared_victims(model, flat, view, batch, count, seed=200, lr=0.05)
 
 
 def template(width=4, size=8):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="convnet", width=width), 3, size, 4)
     return model, FlatWeights(model)
-
-
-def victims(model, flat, view, batch=2, count=3):
-    out = []
-    for v in range(count):
-        torch.manual_seed(200 + v)
-        w = FlatWeights(build_model(ModelConfig(arch="convnet", width=4), 3, 8, 4)).vector
-        x, y = torch.rand(batch, 3, 8, 8), torch.randint(0, 4, (batch,))
-        if view == "gradient":
-            out.append(observe_gradient(model, flat, w, x, y))
-        else:
-            out.append(observe_update(model, flat, w, x, y, lr=0.05 * (v + 1), local_steps=2, local_batch_size=1))
-    return out
 
 
 @pytest.mark.parametrize("view", ["gradient", "update"])
