@@ -131,7 +131,9 @@ class QuantitySkew(Strict):
 class ShiftConfig(Strict):
     """Acquisition shift of a population: its mean device, and how much each client's device varies."""
 
-    color: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 1.0, 1.0], min_length=3, max_length=3)
+    # Lax here only, so that Python callers may pass a tuple as well as a YAML list.
+    color: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 1.0, 1.0], min_length=3, max_length=3,
+                                       strict=False)
     color_jitter: NonNegativeFloat = 0.0
     brightness: float = Field(0.0, ge=-1.0, le=1.0)
     contrast: PositiveFloat = 1.0

@@ -325,3 +325,23 @@ def test_shipped_scenarios_validate():
         sc = load_scenario(f)
         assert sc.name
         assert parse_scenario(yaml.safe_load(scenario_to_yaml(sc))) == sc
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training.local_steps=3", "training.local_epochs=2"], "training: set local_epochs or local_steps, not both"),
+        (["model.arch=lenet", "model.width=8"], "model: width: only applies to arch: convnet"),
+        (["training.optimizer.kind=adam", "training.optimizer.momentum=0.9"], "training.optimizer: momentum"),
+        (["data.name=cifar10", "data.size=32", "data.synthetic.num_classes=4"], "data: synthetic: only applies"),
+        (["populations.0.held_out='yes'"], "populations.0.held_out: Input should be a valid boolean"),
+        (["training.rounds=true"], "training.rounds: Input should be a valid integer"),
+        (["evaluation.local_clients=-3"], "evaluation.local_clients: Input should be greater than 0 (got -3)"),
+        (["output.name=../escape"], "output.name: String should match pattern"),
+    ],
+)
+def test_silently_ignored_or_mistyped_values_are_errors(overrides, message):
+    base = {"populations": [{"name": "a", "clients": 2}]}
+    with pytest.raises(UserError) as info:
+        parse_scenario(base, overrides)
+    assert message in str(info.value) and "(+" not in str(info.value), str(info.value)

@@ -16,7 +16,9 @@ COMBOS = [
 
 def make(arch="convnet", norm="group", channels=3, size=28, classes=5, **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, norm=norm, width=kw.pop("width", 8), **kw)
+    if arch == "convnet":  # width is a convnet knob; the config rejects it elsewhere
+        kw.setdefault("width", 8)
+    cfg = ModelConfig(arch=arch, norm=norm, **kw)
     return build_model(cfg, channels=channels, image_size=size, num_classes=classes)
 
 

@@ -68,7 +68,7 @@ def test_batch_order_epochs():
 
 
 def test_batch_order_local_steps_span_epochs():
-    c = cfg(batch_size=4, local_steps=7, local_epochs=5)
+    c = cfg(batch_size=4, local_steps=7)
     batches = batch_order(10, c, gen())
     assert len(batches) == 7
     assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2, 4]
@@ -150,7 +150,7 @@ def test_starts_from_global_weights_not_current():
 def test_local_steps_exact(steps):
     model, flat = make()
     x, y = toy(n=20)
-    res = train_client(model, flat, flat.snapshot(), x, y, cfg(local_steps=steps, local_epochs=3), gen())
+    res = train_client(model, flat, flat.snapshot(), x, y, cfg(local_steps=steps), gen())
     assert res.steps == steps
 
 
