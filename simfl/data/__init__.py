@@ -27,6 +27,21 @@ class Dataset:
     test_x: np.ndarray
     test_y: np.ndarray
 
+    @classmethod
+    def from_splits(cls, name: str, label_names: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Dataset:
+        """Build from ``{"train": (x, y), "val": (x, y), "test": (x, y)}``, the shape every loader has."""
+        return cls(
+            name=name,
+            num_classes=len(label_names),
+            label_names=label_names,
+            train_x=splits["train"][0],
+            train_y=splits["train"][1],
+            val_x=splits["val"][0],
+            val_y=splits["val"][1],
+            test_x=splits["test"][0],
+            test_y=splits["test"][1],
+        )
+
     @property
     def channels(self) -> int:
         return int(self.train_x.shape[-1])

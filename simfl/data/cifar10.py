@@ -31,17 +31,12 @@ def load_cifar10(root: Path, download: bool) -> Dataset:
 
     x, y = train.data, np.asarray(train.targets, np.int64)
     val_idx, train_idx = split_val(len(y))
-    return Dataset(
-        name="cifar10",
-        num_classes=len(train.classes),
-        label_names=list(train.classes),
-        train_x=x[train_idx],
-        train_y=y[train_idx],
-        val_x=x[val_idx],
-        val_y=y[val_idx],
-        test_x=test.data,
-        test_y=np.asarray(test.targets, np.int64),
-    )
+    splits = {
+        "train": (x[train_idx], y[train_idx]),
+        "val": (x[val_idx], y[val_idx]),
+        "test": (test.data, np.asarray(test.targets, np.int64)),
+    }
+    return Dataset.from_splits("cifar10", list(train.classes), splits)
 
 
 def split_val(n: int) -> tuple[np.ndarray, np.ndarray]:

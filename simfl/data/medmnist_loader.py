@@ -35,17 +35,7 @@ def load_medmnist(flag: str, root: Path, size: int, download: bool) -> Dataset:
     arrays = _read(getattr(medmnist, info["python_class"]), path, size, download, info[f"url{suffix}"])
     splits = {split: _to_nhwc(path, size, *arrays[split]) for split in _SPLITS}
     labels = info["label"]
-    return Dataset(
-        name=flag,
-        num_classes=len(labels),
-        label_names=[labels[k] for k in sorted(labels, key=int)],
-        train_x=splits["train"][0],
-        train_y=splits["train"][1],
-        val_x=splits["val"][0],
-        val_y=splits["val"][1],
-        test_x=splits["test"][0],
-        test_y=splits["test"][1],
-    )
+    return Dataset.from_splits(flag, [labels[k] for k in sorted(labels, key=int)], splits)
 
 
 def _read(dataset_class: type, path: Path, size: int, download: bool, url: str) -> dict[str, tuple]:

@@ -105,17 +105,7 @@ def make_dataset(
         split: _make_split(n, image_size, types, seed, _SPLITS[split])
         for split, n in (("train", train_size), ("val", val_size), ("test", test_size))
     }
-    return Dataset(
-        name="synthetic",
-        num_classes=num_classes,
-        label_names=[f"class-{c}" for c in range(num_classes)],
-        train_x=splits["train"][0],
-        train_y=splits["train"][1],
-        val_x=splits["val"][0],
-        val_y=splits["val"][1],
-        test_x=splits["test"][0],
-        test_y=splits["test"][1],
-    )
+    return Dataset.from_splits("synthetic", [f"class-{c}" for c in range(num_classes)], splits)
 
 
 def _make_split(n: int, size: int, types: list[CellType], seed: int, split_id: int) -> tuple[np.ndarray, np.ndarray]:
