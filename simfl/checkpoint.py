@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-_NAME = re.compile(r"round_(\d{6})\.pt")
+_NAME = re.compile(r"round_(\d{6,})\.pt")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run keeps its checkpoints."""
     return Path(run_dir) / "checkpoints"
 
 
@@ -34,13 +35,16 @@ def save_checkpoint(run_dir: Path, round_: int, state: dict[str, Any], keep: int
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, oldest round first."""
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if _NAME.fullmatch(p.name))
+    found = (p for p in directory.iterdir() if _NAME.fullmatch(p.name))
+    return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))  # round 1000000 sorts last
 
 
 def load_latest(run_dir: Path) -> dict[str, Any] | None:
+    """The newest checkpoint, read with ``weights_only=True`` (never arbitrary pickles); None if there is none."""
     found = list_checkpoints(run_dir)
     if not found:
         return None

@@ -148,3 +148,10 @@ def test_overwrite_same_round(tmp_path):
     save_checkpoint(tmp_path, 4, {"weights": torch.ones(2)}, keep=3)
     assert len(list_checkpoints(tmp_path)) == 1
     assert torch.equal(load_latest(tmp_path)["weights"], torch.ones(2))
+
+
+def test_checkpoints_past_round_999999_sort_by_round(tmp_path):
+    for r in (999_999, 1_000_000):
+        save_checkpoint(tmp_path, r, {"w": torch.zeros(1)}, keep=5)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["round_999999.pt", "round_1000000.pt"]
+    assert load_latest(tmp_path)["round"] == 1_000_000

@@ -7,10 +7,14 @@ attacks never care where images came from. Images are NHWC uint8; labels int64.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from simfl.data.medmnist_flags import MEDMNIST_2D
+
+if TYPE_CHECKING:  # config imports DATASETS from here
+    from simfl.config import DataConfig
 
 DATASETS: frozenset[str] = frozenset({"synthetic", "cifar10", *MEDMNIST_2D})
 
@@ -51,8 +55,8 @@ class Dataset:
         return int(self.train_x.shape[1])
 
 
-def load_dataset(cfg, train_size: int, seed: int) -> Dataset:
-    """Load ``cfg.name`` (a :class:`simfl.config.DataConfig`).
+def load_dataset(cfg: DataConfig, train_size: int, seed: int) -> Dataset:
+    """Load ``cfg.name``.
 
     ``train_size`` is what the partition needs: the synthetic generator makes
     exactly that many training images; real datasets must hold at least that many.
