@@ -1,4 +1,6 @@
-"""Victim observations shared by the attack tests."""
+"""Victim observations and checks shared by the attack tests."""
+
+import dataclasses
 
 import torch
 
@@ -20,3 +22,19 @@ def victims(model, flat, view, batch=2, count=3, seed=100, lr=0.1):
         else:
             out.append(observe_update(model, flat, w, x, y, lr=lr * (v + 1), local_steps=2, local_batch_size=1))
     return out
+
+
+def blind(observations):
+    """The same observations with the labels hidden: the attacker must recover them."""
+    return [dataclasses.replace(o, labels=None) for o in observations]
+
+
+def assert_batched_equals_single(attack, model, flat, observations, seeds, objective_rtol=1e-5):
+    together = attack(model, flat, observations, seeds)
+    assert together.images.shape == (len(observations), observations[0].batch_size, 3, 8, 8)
+    for v, (obs, seed) in enumerate(zip(observations, seeds, strict=True)):
+        alone = attack(model, flat, [obs], [seed])
+        # equal up to float rounding of the vmapped convolutions (not bitwise)
+        assert torch.allclose(together.images[v], alone.images[0], atol=1e-5, rtol=0), v
+        assert torch.allclose(together.objective[v], alone.objective[0], atol=1e-5, rtol=objective_rtol), v
+        assert torch.equal(together.labels[v], alone.labels[0]), v

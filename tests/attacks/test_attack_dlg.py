@@ -1,5 +1,3 @@
-import dataclasses
-
 import pytest
 import torch
 
@@ -8,6 +6,7 @@ from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.weights import FlatWeights
 
+from attack_helpers import assert_batched_equals_single, blind
 from attack_helpers import victims as shared_victims
 
 
@@ -21,17 +20,6 @@ def template():
     return model, FlatWeights(model)
 
 
-def assert_batched_equals_single(attack, model, flat, observations, seeds):
-    together = attack(model, flat, observations, seeds)
-    assert together.images.shape == (len(observations), observations[0].batch_size, 3, 8, 8)
-    for v, (obs, seed) in enumerate(zip(observations, seeds, strict=True)):
-        alone = attack(model, flat, [obs], [seed])
-        # equal up to float rounding of the vmapped convolutions (not bitwise)
-        assert torch.allclose(together.images[v], alone.images[0], atol=1e-5, rtol=0), v
-        assert torch.allclose(together.objective[v], alone.objective[0], atol=1e-5, rtol=1e-5), v
-        assert torch.equal(together.labels[v], alone.labels[0]), v
-
-
 @pytest.mark.parametrize("view", ["gradient", "update"])
 def test_dlg_batched_equals_single_with_known_labels(view):
     model, flat = template()
@@ -40,16 +28,14 @@ def test_dlg_batched_equals_single_with_known_labels(view):
 
 def test_dlg_batched_equals_single_with_learned_labels():
     model, flat = template()
-    blind = [dataclasses.replace(o, labels=None) for o in victims(model, flat, "gradient")]
     # fewer iterations: L-BFGS amplifies the ~1e-7 rounding differences faster with soft labels
-    assert_batched_equals_single(DLG(iterations=3), model, flat, blind, [7, 8, 9])
+    assert_batched_equals_single(DLG(iterations=3), model, flat, blind(victims(model, flat, "gradient")), [7, 8, 9])
 
 
 def test_idlg_fixes_the_recovered_labels():
     model, flat = template()
     observations = victims(model, flat, "gradient", batch=1)
-    blind = [dataclasses.replace(o, labels=None) for o in observations]
-    result = IDLG(iterations=3)(model, flat, blind, [1, 2, 3])
+    result = IDLG(iterations=3)(model, flat, blind(observations), [1, 2, 3])
     assert torch.equal(result.labels, torch.stack([o.labels for o in observations]))
 
 

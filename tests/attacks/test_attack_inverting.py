@@ -1,5 +1,3 @@
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +8,7 @@ from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.weights import FlatWeights
 
+from attack_helpers import assert_batched_equals_single, blind
 from attack_helpers import victims as shared_victims
 
 
@@ -27,19 +26,14 @@ def template(width=4, size=8):
 def test_ig_batched_equals_single(view):
     model, flat = template()
     observations = victims(model, flat, view)
-    attack = InvertingGradients(iterations=12, restarts=2)
-    together = attack(model, flat, observations, [4, 5, 6])
-    for v in range(3):
-        alone = attack(model, flat, [observations[v]], [4 + v])
-        assert torch.allclose(together.images[v], alone.images[0], atol=1e-5, rtol=0), v
-        assert torch.allclose(together.objective[v], alone.objective[0], atol=1e-5), v
+    assert_batched_equals_single(InvertingGradients(iterations=12, restarts=2), model, flat, observations, [4, 5, 6],
+                                 objective_rtol=0)
 
 
 def test_ig_recovers_labels_when_unknown():
     model, flat = template()
     observations = victims(model, flat, "gradient", batch=1)
-    blind = [dataclasses.replace(o, labels=None) for o in observations]
-    result = InvertingGradients(iterations=1)(model, flat, blind, [0, 1, 2])
+    result = InvertingGradients(iterations=1)(model, flat, blind(observations), [0, 1, 2])
     assert torch.equal(result.labels, torch.stack([o.labels for o in observations]))
 
 
