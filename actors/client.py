@@ -14,6 +14,7 @@ import numpy as np
 import ray
 import torch
 
+from simfl.attacks.victim import capture
 from simfl.client_data import ClientData, client_data
 from simfl.config import Scenario
 from simfl.data import Dataset
@@ -86,11 +87,15 @@ class ClientShard:
             self._weights_cache = (key, torch.from_numpy(np.array(weights, dtype=np.float32)).to(self.device))
         return self._weights_cache[1]
 
-    def train(self, round_: int, weights: np.ndarray, clients: list[int], states: dict[int, dict]) -> list[dict]:
+    def train(
+        self, round_: int, weights: np.ndarray, clients: list[int], states: dict[int, dict], victims: list[int]
+    ) -> list[dict]:
         """Train each listed client from ``weights``; randomness comes from (seed, client, round).
 
         ``states`` carries the state of clients this actor does not hold a current
         copy of (another actor's clients it was given to balance the round).
+        ``victims`` (a subset of ``clients``) are attacked this round: their rows
+        also carry what they share and, for scoring only, their private images.
         """
         self._require_attached()
         self.states.update({int(c): dict(s) for c, s in states.items()})
@@ -100,6 +105,10 @@ class ClientShard:
             data = self._data(client)
             gen = torch_generator(self.sc.seed, "client-train", client, round_)
             local = train_client(self.model, self.flat, global_weights, data.x, data.y, self.sc.training, gen)
+            victim = None
+            if client in victims:
+                victim = capture(self.model, self.flat, global_weights, data.x, data.y, self.sc.attacks,
+                                 self.sc.training, local, self.sc.seed, client, round_)
             state = self.states[client]
             state["participation"] += 1
             state["last_round"] = round_
@@ -115,6 +124,7 @@ class ClientShard:
                     "state": dict(state),
                     "actor": self.shard,
                     "node_id": self.node_id,
+                    "victim": victim,
                 }
             )
         return results

@@ -19,9 +19,12 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid, save_image
 
+from actors.attacker import AttackerKnowledge, AttackPool
 from actors.client import ClientShard, ShardNotAttached, new_client_state
 from simfl.aggregation import ServerOptimizer, weighted_mean
+from simfl.attacks.victim import Victim, victim_from_state, victim_state
 from simfl.checkpoint import load_latest, save_checkpoint
 from simfl.client_data import population_test_set
 from simfl.config import Scenario, scenario_to_yaml
@@ -45,6 +48,22 @@ def sample_cohort(sc: Scenario, eligible: np.ndarray, round_: int) -> np.ndarray
     """This round's clients, from (seed, round) alone: independent of actors and of resumes."""
     k = sc.training.cohort_size(len(eligible))
     return np.sort(rng(sc.seed, "sample", round_).choice(eligible, size=k, replace=False))
+
+
+def sample_victims(sc: Scenario, cohort: np.ndarray, round_: int) -> set[int]:
+    """This round's attacked clients among its cohort, from (seed, round) alone."""
+    if sc.attacks is None or not sc.attacks.attacked(round_):
+        return set()
+    k = sc.attacks.victim_count(len(cohort))
+    return {int(c) for c in rng(sc.seed, "victims", round_).choice(cohort, size=k, replace=False)}
+
+
+def attack_jobs(victims: list[Victim], per_job: int) -> list[list[Victim]]:
+    """Victims in client-id order, split into stackable groups of at most ``per_job``."""
+    groups: dict[tuple, list[Victim]] = {}
+    for v in sorted(victims, key=lambda v: v.client_id):
+        groups.setdefault(v.group, []).append(v)
+    return [g[i : i + per_job] for g in groups.values() for i in range(0, len(g), per_job)]
 
 
 @ray.remote
@@ -79,11 +98,13 @@ class Coordinator:
         self.owner = assign_clients(self.partition.sizes, n_actors)
         self.journal: dict[int, dict[str, int]] = {}
         self.round = 0
+        self.round_victims: set[int] = set()
+        restored_jobs: list[dict] = []
 
         self.tables = RunTables(self.run_dir, self.sc.output.flush_seconds)
         purge = None
         if resume:
-            purge = self._restore()
+            purge, restored_jobs = self._restore()
         self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
         if not resume:
             # Markdown code block, so TensorBoard's text tab shows the scenario verbatim.
@@ -109,6 +130,19 @@ class Coordinator:
         self.home_fresh = np.ones(self.partition.num_clients, dtype=bool)
         self.actor_info = ray.get([self._attach(i) for i in range(n_actors)])
 
+        # Attack results stream in between rounds; a round's TensorBoard means go out with its last job.
+        self.attack_jobs_left: dict[int, int] = {}
+        self.attack_means: dict[int, list[dict]] = {}
+        self.attack_pool = None
+        if self.sc.attacks is not None:
+            knowledge = AttackerKnowledge.from_dataset(dataset, ray.get(refs["evaluator"]))
+            self.attack_pool = AttackPool(scenario, knowledge, f"{self.run_dir.name}-{run_tag}", self._attack_done)
+            # In flight at the checkpoint we resume from: run them again (waiting for room, never dropped).
+            for job in self._expect(restored_jobs):
+                job["victims"] = [victim_from_state(v) for v in job["victims"]]
+                while not self._submit_attack(job):
+                    self.attack_pool.collect(timeout=None)
+
     # ------------------------------------------------------------ setup
 
     def _test_sets(self, dataset: Dataset) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -117,7 +151,7 @@ class Coordinator:
             sets[p.name] = population_test_set(dataset, p.shift, self.sc.seed, i)
         return sets
 
-    def _restore(self) -> int:
+    def _restore(self) -> tuple[int, list[dict]]:
         state = load_latest(self.run_dir)
         if state is None:
             raise RuntimeError(f"{self.run_dir} has no checkpoint to resume from")
@@ -126,7 +160,7 @@ class Coordinator:
         self.server.load_state_dict(state["server"])
         self.journal = {int(c): dict(s) for c, s in state["journal"].items()}
         self.tables.truncate_to(state["manifest"])
-        return self.round + 1
+        return self.round + 1, state.get("attack_jobs", [])
 
     def _attach(self, shard: int):
         """Give a (new or restarted) client actor its data and the journaled state of all its clients."""
@@ -175,7 +209,8 @@ class Coordinator:
                 return
             call = getattr(self.actors[shard], method)
             if method == "train":
-                ref = call.remote(key, weights_ref, chunk, self._states_to_send(shard, chunk))
+                victims = [c for c in chunk if c in self.round_victims]
+                ref = call.remote(key, weights_ref, chunk, self._states_to_send(shard, chunk), victims)
             else:
                 ref = call.remote(key, weights_ref, chunk)
             in_flight[ref] = (shard, chunk, self.incarnation[shard])
@@ -238,8 +273,11 @@ class Coordinator:
         started = time.perf_counter()
         r = self.round + 1
         cohort = sample_cohort(self.sc, self.train_clients, r)
+        self.round_victims = sample_victims(self.sc, cohort, r)
         weights_ref = ray.put(self.weights.numpy())
         results, reruns = self._dispatch("train", r, weights_ref, cohort)
+        victims = [res.pop("victim") for res in results if res["victim"] is not None]
+        dropped = self._attack(r, victims)
 
         deltas = [torch.tensor(res["delta"]) for res in results]  # copies out of the read-only object store
         samples = [res["samples"] for res in results]
@@ -291,6 +329,8 @@ class Coordinator:
                     "update_norm_mean": float(np.mean([row["update_norm"] for row in client_rows])),
                     "global_update_norm": global_norm,
                     "reruns": reruns,
+                    "attack_victims": len(victims),
+                    "attack_victims_dropped": dropped,
                     "round_time_s": round_time,
                     "finished_at": time.time(),
                 }
@@ -305,6 +345,72 @@ class Coordinator:
             self.tables.maybe_flush()
         summary["round_time_s"] = round_time
         return summary
+
+    # ------------------------------------------------------------ attacks
+
+    def _attack(self, r: int, victims: list[Victim]) -> int:
+        """Hand this round's victims to the attacker pool; returns how many were dropped."""
+        if self.attack_pool is None:
+            return 0
+        jobs = [{"round": r, "victims": group} for group in attack_jobs(victims, self.sc.attacks.victims_per_job)]
+        dropped = 0
+        for job in self._expect(jobs):
+            if not self._submit_attack(job):
+                dropped += len(job["victims"])
+                self._settle(r)
+        if dropped:
+            print(f"simfl: round {r}: attack pool full, {dropped} victims not attacked "
+                  "(attacks.pool.when_full: drop; counted in rounds.attack_victims_dropped)", file=sys.stderr)
+        self.attack_pool.collect(timeout=0)
+        return dropped
+
+    def _expect(self, jobs: list[dict]) -> list[dict]:
+        """Count jobs per round before any is submitted: waiting for room may finish some meanwhile."""
+        for job in jobs:
+            self.attack_jobs_left[job["round"]] = self.attack_jobs_left.get(job["round"], 0) + 1
+        return jobs
+
+    def _submit_attack(self, job: dict) -> bool:
+        job["submitted_at"] = time.time()
+        return self.attack_pool.submit(job)
+
+    def _settle(self, r: int) -> None:
+        """One job of round ``r`` is done or dropped; with the round's last, log its means."""
+        self.attack_jobs_left[r] -= 1
+        if self.attack_jobs_left[r] == 0:
+            del self.attack_jobs_left[r]
+            rows = self.attack_means.pop(r, [])
+            if rows:
+                self._log_attack_means(r, rows)
+
+    def _attack_done(self, job: dict, out: dict) -> None:
+        """Stream a finished job out: table rows, TensorBoard grids, PNGs; round means when its last job is in."""
+        r = job["round"]
+        pop = self.partition.client_population
+        rows = out["rows"]
+        for row in rows:
+            row["population"] = self.pop_names[pop[row["client_id"]]]
+            row["submitted_at"] = job["submitted_at"]
+        self.tables.append("attacks", rows)
+        first = job["victims"][0].client_id
+        png_dir = self.run_dir / "reconstructions"
+        png_dir.mkdir(exist_ok=True)
+        for kind, (orig, recon) in out["grids"].items():
+            grid = make_grid(torch.cat([orig, recon]), nrow=len(orig), padding=1, pad_value=1.0)
+            self.tb.add_image(f"attack/{kind}/originals_above_reconstructions", grid, r)
+            save_image(grid, png_dir / f"round{r:05d}_{kind}_client{first}.png")
+        self.attack_means.setdefault(r, []).extend(rows)
+        self._settle(r)
+
+    def _log_attack_means(self, r: int, rows: list[dict]) -> None:
+        for kind in sorted({row["attack"] for row in rows}):
+            mine = [row for row in rows if row["attack"] == kind]
+            for prefix, suffix in (("", ""), ("random_", "_random_baseline"), ("mean_", "_mean_baseline")):
+                for metric in ("psnr", "ssim", "mse", "attacker_correct"):
+                    name = "attacker_accuracy" if metric == "attacker_correct" else metric
+                    value = float(np.mean([row[prefix + metric] for row in mine]))
+                    self.tb.add_scalar(f"attack/{kind}/{name}{suffix}", value, r)
+            self.tb.add_scalar(f"attack/{kind}/label_accuracy", float(np.mean([row["label_accuracy"] for row in mine])), r)
 
     # ------------------------------------------------------------ evaluation
 
@@ -370,12 +476,20 @@ class Coordinator:
                 "server": self.server.state_dict(),
                 "journal": self.journal,
                 "manifest": self.tables.manifest(),
+                # Attacks still running: their results are not in the manifest, so a resume re-runs them.
+                "attack_jobs": [
+                    {"round": job["round"], "victims": [victim_state(v) for v in job["victims"]]}
+                    for job in (self.attack_pool.jobs() if self.attack_pool else [])
+                ],
             },
             keep=self.sc.checkpoint.keep,
         )
 
     def finish(self) -> dict:
-        """Flush everything, save the final model and stop the client actors."""
+        """Wait for pending attacks, flush everything, save the final model and stop the actors."""
+        if self.attack_pool is not None:
+            self.attack_pool.drain()
+            self.attack_pool.stop()
         self.tables.flush()
         self.tb.close()
         torch.save({"weights": self.weights}, self.run_dir / "final_weights.pt")

@@ -274,6 +274,88 @@ class CheckpointConfig(Strict):
     keep: PositiveInt = 2
 
 
+# ---------------------------------------------------------------- attacks
+
+
+class AttackMethodConfig(Strict):
+    """One registered attack (``simfl.attacks.ATTACKS``); unset options take the attack's defaults."""
+
+    kind: Literal["dlg", "idlg", "ig"] = "ig"
+    iterations: PositiveInt | None = None
+    lr: PositiveFloat | None = None
+    tv_weight: NonNegativeFloat | None = None  # ig only
+    restarts: PositiveInt | None = None  # ig only
+
+    _shorthand = model_validator(mode="before")(_kind_shorthand)
+
+    @model_validator(mode="after")
+    def _options(self) -> AttackMethodConfig:
+        if self.kind != "ig":
+            extra = [k for k in ("tv_weight", "restarts") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to kind: ig, not {self.kind}")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(exclude={"kind"}).items() if v is not None}
+
+
+class AttackPoolConfig(Strict):
+    """The attacker actors, and what happens when they fall behind training."""
+
+    actors: PositiveInt = 1
+    cpus_per_actor: float = Field(1.0, ge=0.01)
+    gpus_per_actor: float = Field(0.0, ge=0.0, le=8.0)
+    max_pending: PositiveInt = 4  # attack jobs queued or running over the whole pool
+    when_full: Literal["wait", "drop"] = "wait"  # wait: training pauses; drop: the job is counted, not run
+
+
+class AttacksConfig(Strict):
+    """Who is attacked, when, what the attacker sees and knows, and with which attacks.
+
+    The attacker is the server (or an eavesdropper): it sees exactly what a
+    sampled victim shares that round. ``view: gradient`` is the gradient of one
+    batch of ``batch_size`` of the victim's images at the global weights (as in
+    FedSGD); ``view: update`` is the victim's real FedAvg update, with its local
+    hyperparameters known.
+    """
+
+    methods: list[AttackMethodConfig] = Field(default_factory=lambda: [AttackMethodConfig()], min_length=1)
+    view: Literal["gradient", "update"] = "gradient"
+    batch_size: PositiveInt = 1
+    labels: Literal["known", "recovered"] = "recovered"
+    bn_stats: Literal["running", "batch"] = "running"
+    victims: PositiveInt | None = None
+    victim_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    rounds: list[PositiveInt] | None = None
+    every: PositiveInt = 1
+    victims_per_job: PositiveInt = 16
+    pool: AttackPoolConfig = AttackPoolConfig()
+
+    @model_validator(mode="after")
+    def _choices(self) -> AttacksConfig:
+        if self.victims is not None and self.victim_fraction is not None:
+            raise ValueError("set victims or victim_fraction, not both")
+        if self.rounds is not None and self.every != 1:
+            raise ValueError("set rounds or every, not both")
+        kinds = [m.kind for m in self.methods]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("methods: each attack kind may appear once")
+        if self.view == "update" and self.batch_size != 1:
+            raise ValueError("batch_size: only applies to view: gradient (an update covers all the victim's samples)")
+        if self.view == "update" and self.bn_stats == "batch":
+            raise ValueError("bn_stats: batch only applies to view: gradient (an update spans many batches)")
+        return self
+
+    def attacked(self, round_: int) -> bool:
+        return round_ in self.rounds if self.rounds is not None else round_ % self.every == 0
+
+    def victim_count(self, cohort: int) -> int:
+        if self.victim_fraction is not None:
+            return max(1, min(cohort, math.ceil(self.victim_fraction * cohort)))
+        return min(cohort, self.victims or 1)
+
+
 class Scenario(Strict):
     name: str = Field("scenario", pattern=NAME_PATTERN)
     seed: int = Field(0, ge=0, lt=2**32)
@@ -285,6 +367,7 @@ class Scenario(Strict):
     resources: ResourcesConfig = ResourcesConfig()
     output: OutputConfig = OutputConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    attacks: AttacksConfig | None = None
 
     @field_validator("populations")
     @classmethod
@@ -299,6 +382,17 @@ class Scenario(Strict):
         if all(p.held_out for p in populations):
             raise ValueError("every population is held_out; at least one must train")
         return populations
+
+    @model_validator(mode="after")
+    def _attack_replay(self) -> Scenario:
+        # The update view replays the victim's local SGD; other local optimisers it cannot model.
+        if self.attacks is not None and self.attacks.view == "update":
+            if self.training.optimizer.kind != "sgd":
+                raise ValueError("attacks.view: update replays local SGD; training.optimizer.kind is "
+                                 f"{self.training.optimizer.kind}")
+            if self.training.algorithm.kind == "fedprox":
+                raise ValueError("attacks.view: update does not model FedProx's proximal term")
+        return self
 
     @property
     def num_clients(self) -> int:

@@ -267,35 +267,83 @@ def score(
     }
 
 
+def predict(classifier: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """The classifier's labels for ``images`` (N,), on CPU.
+
+    Runs in eval mode (BatchNorm running stats, no dropout) under no_grad, in
+    batches to bound memory; the classifier's previous mode is restored afterwards.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    param = next(iter(classifier.parameters()), None)
+    device = param.device if param is not None else images.device
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat(
+                [classifier(images[s : s + batch_size].to(device)).argmax(dim=1).cpu()
+                 for s in range(0, images.shape[0], batch_size)]
+            )
+    finally:
+        classifier.train(was_training)
+
+
 def attacker_accuracy(
     classifier: nn.Module, recon: Tensor, true_labels: Tensor, batch_size: int = 256
 ) -> float:
     """Share of reconstructions a separately trained classifier labels correctly.
 
     Pixel metrics miss semantic leakage (a blurry but recognisable lesion); an
-    independent evaluation classifier measures it. Runs in eval mode (BatchNorm
-    running stats, no dropout) under no_grad, in batches to bound memory; the
-    classifier's previous train/eval mode is restored afterwards.
-    ``true_labels`` are aligned with ``recon`` (apply ``match``'s perm first).
+    independent evaluation classifier measures it. ``true_labels`` are aligned
+    with ``recon`` (apply ``match``'s perm first).
     """
     true_labels = torch.as_tensor(true_labels).flatten().long()
     if recon.shape[0] == 0:
         raise ValueError("no reconstructions to classify")
     if true_labels.numel() != recon.shape[0]:
         raise ValueError(f"{true_labels.numel()} labels for {recon.shape[0]} reconstructions")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    param = next(iter(classifier.parameters()), None)
-    device = param.device if param is not None else recon.device
-    was_training = classifier.training
-    classifier.eval()
-    correct = 0
-    try:
-        with torch.no_grad():
-            for start in range(0, recon.shape[0], batch_size):
-                logits = classifier(recon[start : start + batch_size].to(device))
-                pred = logits.argmax(dim=1).cpu()
-                correct += int((pred == true_labels[start : start + batch_size].cpu()).sum())
-    finally:
-        classifier.train(was_training)
-    return correct / recon.shape[0]
+    pred = predict(classifier, recon, batch_size)
+    return int((pred == true_labels.cpu()).sum()) / recon.shape[0]
+
+
+def score_batch(
+    recon: Tensor,
+    orig: Tensor,
+    true_labels: Tensor,
+    recovered_labels: Tensor,
+    classifier: nn.Module,
+    mean_image: Tensor,
+    generator: torch.Generator,
+) -> list[dict[str, float | int | bool]]:
+    """One victim's batch scored per reconstructed image, beside both no-leakage baselines.
+
+    Every metric is computed for the reconstruction and, by the same pipeline
+    (Hungarian matching included), for uniform noise (``random_*``) and for the
+    evaluation data's mean image (``mean_*``). ``attacker_correct`` is the
+    classifier's verdict on the reconstruction against its matched original's
+    label; ``evaluator_on_original`` is its verdict on that original, the
+    ceiling attacker accuracy can reach with this classifier.
+    """
+    true_labels = torch.as_tensor(true_labels).flatten().long().cpu()
+    label_acc = label_accuracy(recovered_labels, true_labels)
+    candidates = {
+        "": recon,
+        "random_": baseline_images(orig, "random", generator),
+        "mean_": baseline_images(orig, "mean", None, reference_mean=mean_image),
+    }
+    columns: dict[str, list] = {}
+    for prefix, images in candidates.items():
+        scored = score(images, orig)
+        matched_labels = true_labels[scored["perm"]]
+        for name in ("mse", "psnr", "ssim"):
+            columns[prefix + name] = scored[name].tolist()
+        columns[prefix + "attacker_correct"] = (predict(classifier, images) == matched_labels).tolist()
+        if prefix == "":
+            columns["matched_image"] = scored["perm"].tolist()
+            columns["true_label"] = matched_labels.tolist()
+            columns["evaluator_on_original"] = (predict(classifier, orig) == true_labels)[scored["perm"]].tolist()
+    return [
+        {"image": i, "label_accuracy": label_acc, **{k: v[i] for k, v in columns.items()}}
+        for i in range(len(recon))
+    ]

@@ -42,6 +42,23 @@ class Prepared:
     scenario: Scenario
     dataset: object
     partition: object
+    evaluator: object = None  # the attacker-accuracy classifier, when the scenario attacks
+
+
+def prepare_evaluator(prepared: Prepared, quiet: bool) -> None:
+    """Load (or train once and cache) the evaluation classifier attacker accuracy needs."""
+    from simfl.evaluator import load_or_train
+
+    if prepared.scenario.attacks is None:
+        return
+    cache = prepared.scenario.data.root_path / "evaluators"
+    if not quiet:
+        print(f"simfl: evaluation classifier for attacker accuracy: {cache} (trained once per dataset)",
+              file=sys.stderr)
+    try:
+        prepared.evaluator, _ = load_or_train(prepared.dataset, cache)
+    except OSError as exc:
+        raise UserError(f"data.root: cannot write the evaluation classifier's cache in {cache} ({exc.strerror})") from None
 
 
 def prepare(scenario: Scenario) -> Prepared:
@@ -141,9 +158,18 @@ def plan(prepared: Prepared, elastic: bool) -> int:
 
     from simfl.resources import plan_actors
 
+    sc = prepared.scenario
     totals = ray.cluster_resources()
-    return plan_actors(prepared.scenario.resources, totals.get("CPU", 0.0), totals.get("GPU", 0.0),
-                       prepared.partition.num_clients, elastic=elastic)
+    cpus, gpus = totals.get("CPU", 0.0), totals.get("GPU", 0.0)
+    if sc.attacks is not None:  # the attacker pool comes first: what is left goes to the client actors
+        pool = sc.attacks.pool
+        cpus -= pool.actors * pool.cpus_per_actor
+        gpus -= pool.actors * pool.gpus_per_actor
+        if not elastic and (cpus < 0 or gpus < -1e-9):
+            raise UserError(f"attacks.pool: {pool.actors} attacker actors x {pool.cpus_per_actor:g} CPUs, "
+                            f"{pool.gpus_per_actor:g} GPUs do not fit the cluster's {totals.get('CPU', 0.0):g} CPUs, "
+                            f"{totals.get('GPU', 0.0):g} GPUs")
+    return plan_actors(sc.resources, max(cpus, 0.0), max(gpus, 0.0), prepared.partition.num_clients, elastic=elastic)
 
 
 def start_coordinator(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool):
@@ -155,6 +181,8 @@ def start_coordinator(run_dir: Path, prepared: Prepared, n_actors: int, resume: 
 
     sc = prepared.scenario
     refs = {"dataset": ray.put(prepared.dataset), "partition": ray.put(prepared.partition)}
+    if prepared.evaluator is not None:
+        refs["evaluator"] = ray.put(prepared.evaluator)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return Coordinator.options(num_cpus=sc.resources.coordinator_cpus, scheduling_strategy=here).remote(
         sc.model_dump(mode="json"), str(run_dir), refs, n_actors, resume
@@ -211,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare(scenario)
         if args.resume:
             check_same_partition(run_dir, prepared)
+        prepare_evaluator(prepared, args.quiet)
         connect_ray(args)
         n_actors = plan(prepared, elastic=bool(args.address))
         if not args.resume:

@@ -26,6 +26,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("update_norm_mean", pa.float64()),
             ("global_update_norm", pa.float64()),
             ("reruns", pa.int32()),
+            ("attack_victims", pa.int32()),  # victims sent to the attackers this round
+            ("attack_victims_dropped", pa.int32()),  # victims not attacked: the pool was full (when_full: drop)
             ("round_time_s", pa.float64()),
             ("finished_at", pa.float64()),
         ]
@@ -69,6 +71,43 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("accuracy", pa.float64()),
         ]
     ),
+    # One row per reconstructed image; see README "Attack metrics" for every column.
+    "attacks": pa.schema(
+        [
+            ("round", pa.int32()),
+            ("client_id", pa.int64()),
+            ("population", pa.string()),
+            ("attack", pa.string()),
+            ("view", pa.string()),
+            ("labels", pa.string()),
+            ("batch_size", pa.int32()),
+            ("image", pa.int32()),
+            ("matched_image", pa.int32()),
+            ("true_label", pa.int32()),
+            ("iterations", pa.int32()),
+            ("objective", pa.float64()),
+            ("label_accuracy", pa.float64()),
+            ("mse", pa.float64()),
+            ("psnr", pa.float64()),
+            ("ssim", pa.float64()),
+            ("attacker_correct", pa.bool_()),
+            ("random_mse", pa.float64()),
+            ("random_psnr", pa.float64()),
+            ("random_ssim", pa.float64()),
+            ("random_attacker_correct", pa.bool_()),
+            ("mean_mse", pa.float64()),
+            ("mean_psnr", pa.float64()),
+            ("mean_ssim", pa.float64()),
+            ("mean_attacker_correct", pa.bool_()),
+            ("evaluator_on_original", pa.bool_()),
+            ("evaluator_test_accuracy", pa.float64()),
+            ("victims_in_job", pa.int32()),
+            ("attacker", pa.int32()),
+            ("attack_s", pa.float64()),
+            ("submitted_at", pa.float64()),
+            ("finished_at", pa.float64()),
+        ]
+    ),
 }
 
 
@@ -76,8 +115,7 @@ class PartWriter:
     """Buffers rows of one table and writes them as numbered part files."""
 
     def __init__(self, directory: Path, schema: pa.Schema) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(directory)  # created with the first part: a table with no rows has no directory
         self.schema = schema
         self.rows: list[dict] = []
         self.next_part = len(self.parts())
@@ -92,6 +130,7 @@ class PartWriter:
         if not self.rows:
             return
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        self.directory.mkdir(parents=True, exist_ok=True)
         name = f"part-{self.next_part:06d}.parquet"
         tmp = self.directory / f".{name}.tmp"
         pq.write_table(table, tmp)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -44,3 +48,15 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert torch.equal(final_weights(a), final_weights(b))
     for name in ("rounds", "clients", "evals", "client_evals"):
         pd.testing.assert_frame_equal(table(a, name), table(b, name), check_exact=True)
+
+
+def kill_at_checkpoint(cmd: list[str], cwd: Path, run_dir: Path, round_: int) -> None:
+    """Run ``cmd`` in its own process group and SIGKILL the whole group once round ``round_`` is checkpointed."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / f"round_{round_:06d}.pt").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -20,3 +20,23 @@ def test_engine_benchmark_quick_prints_its_figures():
     per_round = re.search(r"median round: ([0-9.]+) s vs ([0-9.]+) s at 500 clients", proc.stdout)
     assert ratio and memory and per_round, proc.stdout
     assert float(ratio.group(1)) > 0 and float(memory.group(1)) > 0.1 and float(per_round.group(1)) > 0
+
+
+@pytest.mark.timeout(600)
+def test_attack_benchmark_quick_prints_its_figures():
+    proc = subprocess.run([sys.executable, "benchmarks/attacks.py", "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch threads: 2 (set explicitly)" in proc.stdout, proc.stdout
+    for case in ("shared weights", "different weights"):
+        line = re.search(rf"ig batched 16 victims \({case}\): ([0-9.]+) s; single x16: ([0-9.]+) s; "
+                         rf"ratio ([0-9.]+)x \(target >= 4x: (met|not met)\)", proc.stdout)
+        assert line, proc.stdout
+        assert float(line.group(1)) > 0 and float(line.group(2)) > 0 and float(line.group(3)) > 0
+    slowdown = re.search(r"median round: ([0-9.]+) s with attacks vs ([0-9.]+) s without over 4 rounds; "
+                         r"slowdown ratio ([0-9.]+)", proc.stdout)
+    jobs = re.search(r"attack jobs: (\d+) \((\d+) victims sent, (\d+) dropped", proc.stdout)
+    assert slowdown and jobs, proc.stdout
+    assert float(slowdown.group(3)) > 0
+    # Rounds 2 and 4 were attacked, 4 victims each: every one was attacked or counted as dropped.
+    assert int(jobs.group(2)) == 8 and int(jobs.group(1)) * 4 + int(jobs.group(3)) == 8

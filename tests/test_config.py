@@ -96,6 +96,19 @@ def test_cohort_size():
     assert TrainingConfig().cohort_size(50) == 10
 
 
+def test_attacks_are_off_by_default_and_sample_victims_and_rounds():
+    assert parse_scenario(minimal()).attacks is None
+    sc = parse_scenario(minimal(attacks={"methods": ["ig", {"kind": "dlg", "iterations": 7}], "every": 3}))
+    assert [m.kind for m in sc.attacks.methods] == ["ig", "dlg"]
+    assert sc.attacks.methods[0].options() == {} and sc.attacks.methods[1].options() == {"iterations": 7}
+    assert [r for r in range(1, 10) if sc.attacks.attacked(r)] == [3, 6, 9]
+    assert sc.attacks.victim_count(10) == 1
+    listed = parse_scenario(minimal(attacks={"rounds": [1, 4], "victim_fraction": 0.25}))
+    assert [r for r in range(1, 10) if listed.attacks.attacked(r)] == [1, 4]
+    assert listed.attacks.victim_count(10) == 3 and listed.attacks.victim_count(2) == 1
+    assert parse_scenario(minimal(attacks={"victims": 50})).attacks.victim_count(8) == 8
+
+
 def test_server_defaults_filled_in_for_adaptive():
     alg = AlgorithmConfig(kind="fedadam", server_lr=0.1)
     assert alg.server == {"server_lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
@@ -130,6 +143,17 @@ def test_server_defaults_filled_in_for_adaptive():
         (minimal(model={"arch": "resnet18", "norm": "none"}), "model", ["norm", "resnet18"]),
         (minimal(model={"arch": "vgg"}), "model.arch", []),
         (minimal(seed=-1), "seed", []),
+        (minimal(attacks={"methods": [{"kind": "ig", "iterations": 0}]}), "attacks.methods.0.iterations", ["greater"]),
+        (minimal(attacks={"methods": [{"kind": "dlg", "tv_weight": 0.1}]}), "attacks.methods.0", ["tv_weight", "dlg"]),
+        (minimal(attacks={"methods": ["ig", "ig"]}), "attacks", ["once"]),
+        (minimal(attacks={"methods": []}), "attacks.methods", ["at least 1"]),
+        (minimal(attacks={"methods": ["gradattack"]}), "attacks.methods.0.kind", ["'gradattack'"]),
+        (minimal(attacks={"victims": 2, "victim_fraction": 0.5}), "attacks", ["victims", "victim_fraction"]),
+        (minimal(attacks={"rounds": [1], "every": 2}), "attacks", ["rounds", "every"]),
+        (minimal(attacks={"view": "update", "batch_size": 4}), "attacks", ["batch_size", "gradient"]),
+        (minimal(attacks={"view": "update", "bn_stats": "batch"}), "attacks", ["bn_stats"]),
+        (minimal(attacks={"pool": {"when_full": "later"}}), "attacks.pool.when_full", ["'wait' or 'drop'"]),
+        (minimal(attacks={"view": "update"}, training={"optimizer": "adam"}), "(top level)", ["adam"]),
     ],
 )
 def test_malformed_gives_one_line_error_with_key_path(raw, path, words):

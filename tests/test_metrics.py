@@ -317,3 +317,32 @@ def test_attacker_accuracy_known_decisions():
     assert attacker_accuracy(clf, recon, 1 - predicted) == 0.0
     with pytest.raises(ValueError):
         attacker_accuracy(clf, recon, true[:5])
+
+
+class _Oracle(torch.nn.Module):
+    """A 'classifier' that reads the label off pixel (0, 0, 0): class = round(value * 3)."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot((x[:, 0, 0, 0] * 3).round().long().clamp(0, 3), 4).float()
+
+
+def test_score_batch_scores_each_image_and_both_baselines_the_same_way():
+    from simfl.metrics import score_batch
+
+    gen = torch.Generator().manual_seed(0)
+    orig = torch.rand(3, 3, 16, 16, generator=gen)
+    labels = torch.tensor([0, 2, 3])
+    orig[:, 0, 0, 0] = labels / 3
+    recon = orig[[2, 0, 1]].clone()  # a perfect reconstruction, in another order
+    rows = score_batch(recon, orig, labels, torch.tensor([3, 0, 2]), _Oracle(), orig.mean(0),
+                       torch.Generator().manual_seed(1))
+    assert [r["matched_image"] for r in rows] == [2, 0, 1]
+    assert [r["true_label"] for r in rows] == [3, 0, 2]
+    for r in rows:
+        assert r["psnr"] == 100.0 and r["mse"] == 0.0 and r["ssim"] == pytest.approx(1.0)
+        assert r["attacker_correct"] and r["evaluator_on_original"] and r["label_accuracy"] == 1.0
+        assert r["random_psnr"] < 15 and r["mean_psnr"] < r["psnr"] and r["random_ssim"] < 0.2
+    # The baselines are the module's own: same draw, same score.
+    noise = baseline_images(orig, "random", torch.Generator().manual_seed(1))
+    assert [r["random_psnr"] for r in rows] == score(noise, orig)["psnr"].tolist()
+    assert sum(r["mean_attacker_correct"] for r in rows) == 1  # the mean pixel reads as one class only

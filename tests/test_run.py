@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine_helpers import SMOKE_FAST, assert_same_results, run_smoke
+from engine_helpers import SMOKE_FAST, assert_same_results, kill_at_checkpoint, run_smoke
 from simfl.data.synthetic import make_dataset
 from simfl.run import main
 
@@ -93,18 +90,9 @@ def test_sigkilled_run_resumes_to_the_same_results(ray_local, tmp_path):
     reference = run_smoke(tmp_path / "ref", "ref", *SIGKILL_RUN)
     out = tmp_path / "killed"
     run_dir = out / "k"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simfl.run", "scenarios/smoke.yaml", "--set", f"output.dir={out}",
-         "--set", "output.name=k", *SMOKE_FAST, *SIGKILL_RUN, "--no-dashboard", "--num-cpus", "2"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "round_000002.pt").exists():
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    cmd = [sys.executable, "-m", "simfl.run", "scenarios/smoke.yaml", "--set", f"output.dir={out}",
+           "--set", "output.name=k", *SMOKE_FAST, *SIGKILL_RUN, "--no-dashboard", "--num-cpus", "2"]
+    kill_at_checkpoint(cmd, ROOT, run_dir, 2)
     assert not (run_dir / "final_weights.pt").exists(), "the run finished before it was killed"
     done = pd.read_parquet(run_dir / "rounds")["round"].max()
     assert done < 6

@@ -55,7 +55,7 @@ def test_parts_readable_by_pandas_with_schema(tmp_path):
 def test_flush_without_rows_writes_nothing(tmp_path):
     w = PartWriter(tmp_path / "t", SCHEMA)
     w.flush()
-    assert list((tmp_path / "t").iterdir()) == []
+    assert not (tmp_path / "t").exists()  # no rows, no table directory
     w.append([])
     w.flush()
     assert w.parts() == [] and w.next_part == 0
@@ -155,9 +155,13 @@ def test_writer_resumes_numbering(tmp_path):
 # ---------------------------------------------------------------- RunTables
 
 
-def test_run_tables_create_one_dir_per_schema(tmp_path):
-    RunTables(tmp_path, flush_seconds=10)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(SCHEMAS)
+def test_run_tables_create_a_dir_per_table_with_rows(tmp_path):
+    t = RunTables(tmp_path, flush_seconds=10)
+    t.flush()
+    assert list(tmp_path.iterdir()) == []
+    t.append("rounds", [{f.name: sample_value(f) for f in SCHEMAS["rounds"]}])
+    t.flush()
+    assert [p.name for p in tmp_path.iterdir()] == ["rounds"]
 
 
 def test_maybe_flush_respects_flush_seconds(tmp_path):

@@ -68,17 +68,18 @@ class DLG:
                 labels = torch.stack([recover_labels(flat, o) for o in observations]).to(device)
 
             def objective(
-                z: torch.Tensor, w: torch.Tensor, lr: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None
+                z: torch.Tensor, w: torch.Tensor, sgd: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None
             ) -> torch.Tensor:
                 x = z[:n_pixels].reshape(batch, *shape)
                 t = y if y is not None else z[n_pixels:].reshape(batch, num_classes).softmax(-1)
-                return (simulate(w, lr, x, t) - target).pow(2).sum()
+                return (simulate(w, sgd, x, t) - target).pow(2).sum()
 
-            in_dims = (0, 0, 0, 0, 0 if labels is not None else None)
+            weights, weight_dim = stacked.weight_arg
+            in_dims = (0, weight_dim, 0, 0, 0 if labels is not None else None)
             value_and_grad = vmap(grad_and_value(objective), in_dims=in_dims)
 
             def fn(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                g, f = value_and_grad(z, stacked.weights, stacked.lr, stacked.target, labels)
+                g, f = value_and_grad(z, weights, stacked.sgd, stacked.target, labels)
                 return f.detach(), g.detach()
 
             z, _, iterations = batched_lbfgs(fn, torch.cat(parts, 1), self.iterations, self.lr, self.history_size)

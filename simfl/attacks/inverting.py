@@ -59,14 +59,16 @@ class InvertingGradients:
             simulate = victim_simulator(module, flat, stacked, self.loss_fn)
 
             def objective(
-                x: torch.Tensor, w: torch.Tensor, lr: torch.Tensor, target: torch.Tensor, y: torch.Tensor
+                x: torch.Tensor, w: torch.Tensor, sgd: torch.Tensor, target: torch.Tensor, y: torch.Tensor
             ) -> torch.Tensor:
-                g = simulate(w, lr, x, y)
+                g = simulate(w, sgd, x, y)
                 cosine = (g * target).sum() / (g.norm() * target.norm()).clamp_min(1e-12)
                 return 1.0 - cosine + self.tv_weight * total_variation(x)
 
-            args = (stacked.weights, stacked.lr, stacked.target, labels)
-            gradient, value = vmap(grad(objective)), vmap(objective)
+            weights, weight_dim = stacked.weight_arg
+            args = (weights, stacked.sgd, stacked.target, labels)
+            in_dims = (0, weight_dim, 0, 0, 0)
+            gradient, value = vmap(grad(objective), in_dims=in_dims), vmap(objective, in_dims=in_dims)
             best_x = torch.zeros(stacked.victims, *shape, device=device)
             best_f = torch.full((stacked.victims,), torch.inf, device=device)
             for _ in range(self.restarts):

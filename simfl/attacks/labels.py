@@ -16,7 +16,8 @@ gradients are
   classes; it is exact when they are (near-uniform predictions, e.g. early
   training) and degrades as the model grows confident.
 
-Update view: −delta / (lr · local_steps) is the mean step gradient. It equals
+Update view: −delta / (lr · local_steps) is the mean step gradient (with
+momentum, divided by ``momentum_steps`` instead). It equals
 the gradient for one full-batch step and approximates it otherwise (the
 weights move between steps); LLG then counts over all ``batch_size`` local
 samples, assuming the schedule visits each sample equally often.
@@ -35,9 +36,21 @@ def head_gradient(flat: FlatWeights, obs: Observation, head: str = "head") -> tu
     named = flat.as_dict(obs.shared)
     weight, bias = named[f"{head}.weight"], named[f"{head}.bias"]
     if obs.view == "update":
-        scale = -1.0 / (obs.lr * obs.local_steps)
+        scale = -1.0 / (obs.lr * momentum_steps(obs.local_steps, obs.momentum))
         return weight * scale, bias * scale
     return weight, bias
+
+
+def momentum_steps(steps: int, momentum: float) -> float:
+    """How many gradients an SGD update sums: Σ_t (1 − μ^(t+1)) / (1 − μ), i.e. ``steps`` without momentum.
+
+    With momentum μ, step t moves by lr · Σ_{s≤t} μ^(t−s) g_s; for a constant
+    gradient the update is −lr · g times this count, so dividing by it keeps
+    −update / lr on the scale of one gradient (weight decay is neglected).
+    """
+    if momentum == 0:
+        return float(steps)
+    return sum((1.0 - momentum ** (t + 1)) / (1.0 - momentum) for t in range(steps))
 
 
 def idlg_label(weight_grad: torch.Tensor) -> int:

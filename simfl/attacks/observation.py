@@ -31,10 +31,11 @@ class Observation:
     - view "gradient": ``shared`` is the gradient of one batch of ``batch_size``
       images at ``weights`` (zero on buffer entries).
     - view "update": ``shared`` is local − global after ``local_steps`` steps of
-      plain SGD (no momentum, no weight decay) with ``lr`` over ``batch_size``
-      local samples, taking fixed sequential batches of ``local_batch_size``
-      (see ``local_batches``). The attacker assumes exactly this schedule; a
-      victim that shuffles or uses momentum is only approximately modelled.
+      ``torch.optim.SGD`` with ``lr``, ``momentum`` and ``weight_decay`` (no
+      dampening, no Nesterov; fresh momentum buffer) over ``batch_size`` local
+      samples, taking fixed sequential batches of ``local_batch_size`` (see
+      ``local_batches``). The attacker assumes exactly this schedule; a victim
+      that shuffles its batches is only approximately modelled.
     """
 
     weights: torch.Tensor
@@ -46,6 +47,8 @@ class Observation:
     lr: float | None = None
     local_steps: int = 1
     local_batch_size: int | None = None
+    momentum: float = 0.0  # update view: SGD momentum of the local steps
+    weight_decay: float = 0.0  # update view: SGD (L2) weight decay of the local steps
 
     def __post_init__(self) -> None:
         if self.view not in ("gradient", "update"):
@@ -56,6 +59,8 @@ class Observation:
             raise ValueError(f"labels must have shape ({self.batch_size},)")
         if self.view == "update" and (not self.lr or self.lr <= 0 or not self.local_batch_size or self.local_steps < 1):
             raise ValueError("update view needs lr > 0, local_steps >= 1 and local_batch_size")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError("momentum and weight_decay must be >= 0")
 
 
 def local_batches(n: int, batch_size: int, steps: int) -> list[torch.Tensor]:
@@ -109,14 +114,29 @@ def observe_update(
     lr: float,
     local_steps: int,
     local_batch_size: int,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> Observation:
-    """The victim shares local − global after plain SGD on ``local_batches`` (model left at local weights)."""
+    """The victim shares local − global after SGD on ``local_batches`` (model left at local weights).
+
+    Steps follow ``torch.optim.SGD`` (dampening 0, no Nesterov) on the trainable
+    entries: d = g + weight_decay·θ; v = d on the first step, else
+    momentum·v + d; θ −= lr·v.
+    """
     x = _float_input(x).to(flat.vector.device)
     y = y.to(flat.vector.device)
     flat.load(global_weights)
     model.train()
+    mask = flat.trainable
+    velocity = None
     for idx in local_batches(len(y), local_batch_size, local_steps):
-        flat.vector.sub_(lr * _trainable_grad(model, flat, x[idx], y[idx]))
+        step = _trainable_grad(model, flat, x[idx], y[idx])
+        if weight_decay:
+            step[mask] += weight_decay * flat.vector[mask]
+        if momentum and velocity is not None:
+            step = momentum * velocity + step
+        velocity = step
+        flat.vector.sub_(lr * velocity)
     shared = flat.vector - global_weights.to(flat.vector.device)
     return Observation(
         weights=global_weights.detach().clone(),
@@ -128,4 +148,6 @@ def observe_update(
         lr=lr,
         local_steps=local_steps,
         local_batch_size=local_batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
     )

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from simfl.attacks import InvertingGradients, observe_gradient
-from simfl.attacks.functional import total_variation
+from simfl.attacks.functional import stack, total_variation
 from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.weights import FlatWeights
@@ -27,6 +27,25 @@ def test_ig_batched_equals_single(view):
     model, flat = template()
     observations = victims(model, flat, view)
     assert_batched_equals_single(InvertingGradients(iterations=12, restarts=2), model, flat, observations, [4, 5, 6],
+                                 objective_rtol=0)
+
+
+@pytest.mark.parametrize("view", ["gradient", "update"])
+def test_ig_batched_equals_single_with_shared_weights(view):
+    # the engine's case: one global model, so the batched call runs one ordinary batch of convolutions
+    model, flat = template()
+    observations = shared_victims(model, flat, view, batch=2, count=3, seed=200, lr=0.05, same_weights=True)
+    assert stack(observations, flat).shared_weights
+    assert_batched_equals_single(InvertingGradients(iterations=12, restarts=2), model, flat, observations, [4, 5, 6],
+                                 objective_rtol=0)
+
+
+@pytest.mark.parametrize("same_weights", [True, False])
+def test_ig_batched_equals_single_with_momentum_and_weight_decay(same_weights):
+    model, flat = template()
+    observations = shared_victims(model, flat, "update", batch=2, count=3, seed=200, lr=0.05, same_weights=same_weights,
+                                  momentum=0.9, weight_decay=0.01)
+    assert_batched_equals_single(InvertingGradients(iterations=12), model, flat, observations, [4, 5, 6],
                                  objective_rtol=0)
 
 

@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 
 from simfl.attacks import observe_gradient, observe_update, recover_labels
@@ -72,3 +73,19 @@ def test_batch_label_multiset_is_usually_exact_on_fresh_models():
     assert batch_rate(10, 4, "gradient") >= 0.9
     assert batch_rate(10, 4, "update") >= 0.9
     assert batch_rate(4, 8, "gradient") >= 0.6
+
+
+def test_momentum_steps_counts_the_gradients_an_update_sums():
+    from simfl.attacks.labels import momentum_steps
+
+    assert momentum_steps(4, 0.0) == 4.0
+    assert momentum_steps(1, 0.9) == pytest.approx(1.0)
+    assert momentum_steps(2, 0.5) == pytest.approx(1.0 + 1.5)
+    # SGD with momentum on a constant gradient moves by exactly lr * g * momentum_steps.
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    for _ in range(5):
+        opt.zero_grad()
+        (2.0 * p).sum().backward()  # gradient 2, whatever p is
+        opt.step()
+    assert float(p.detach()) == pytest.approx(-0.1 * 2.0 * momentum_steps(5, 0.9))

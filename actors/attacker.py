@@ -1,0 +1,174 @@
+"""Attacker actors, and the pool the coordinator feeds them through without waiting on them.
+
+An attack job is one round's victims of one shape (see ``Victim.group``), up
+to ``attacks.victims_per_job`` of them, reconstructed by every configured
+attack in one batched optimisation each. Jobs run while training goes on;
+the coordinator collects finished ones between rounds. The pool bounds how
+many jobs are pending: when full it either waits (training pauses) or drops
+the job, and every dropped victim is counted in the rounds table.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from simfl.attacks import get_attack
+from simfl.attacks.adaptive import Disclosure, adapt
+from simfl.attacks.victim import Victim
+from simfl.config import Scenario
+from simfl.data import Dataset
+from simfl.evaluator import Evaluator
+from simfl.metrics import score_batch
+from simfl.models import build_model
+from simfl.resources import actor_device, torch_threads
+from simfl.seeding import derive_seed, torch_generator
+from simfl.training import to_input
+from simfl.weights import FlatWeights
+
+# Images per attack shown in a TensorBoard grid / PNG (originals above, reconstructions below).
+GRID_IMAGES = 16
+# Times one job is re-sent after its attacker actor died before the run fails.
+MAX_JOB_RETRIES = 2
+
+
+@dataclass(frozen=True)
+class AttackerKnowledge:
+    """What every attacker holds besides the scenario: all of it from data disjoint from the clients'."""
+
+    shape: tuple[int, int, int]  # channels, image size, classes
+    mean_image: torch.Tensor  # (C, H, W): the mean-image baseline, over the validation split
+    evaluator: Evaluator
+    disclosure: Disclosure | None = None  # what the run's defence tells an adaptive attacker
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: Dataset, evaluator: Evaluator, disclosure: Disclosure | None = None
+    ) -> AttackerKnowledge:
+        mean = to_input(torch.from_numpy(np.array(dataset.val_x))).mean(0)
+        return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, evaluator, disclosure)
+
+
+@ray.remote
+class Attacker:
+    def __init__(self, scenario: dict, index: int, knowledge: AttackerKnowledge) -> None:
+        # Stateless between jobs and built from small by-value arguments, so Ray can restart it alone.
+        self.sc = Scenario.model_validate(scenario)
+        pool = self.sc.attacks.pool
+        torch.set_num_threads(torch_threads(pool.cpus_per_actor))
+        self.device = actor_device(pool.gpus_per_actor)
+        self.index = index
+        self.evaluator = knowledge.evaluator
+        self.mean_image = knowledge.mean_image
+        self.model = build_model(self.sc.model, *knowledge.shape).to(self.device)
+        self.flat = FlatWeights(self.model)
+        self.classifier = self.evaluator.model(*knowledge.shape, self.device)
+        self.attacks = {
+            m.kind: adapt(get_attack(m.kind, **m.options()), knowledge.disclosure) for m in self.sc.attacks.methods
+        }
+
+    def attack(self, victims: list[Victim]) -> dict:
+        """Run every configured attack on the stacked victims; one row per reconstructed image."""
+        seeds = [derive_seed(self.sc.seed, "attack", v.client_id, v.round) for v in victims]
+        observations = [v.observation for v in victims]
+        rows: list[dict] = []
+        grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for kind, attack in self.attacks.items():
+            result = attack(self.model, self.flat, observations, seeds)
+            finished = time.time()
+            shown_orig, shown_recon = [], []
+            for i, v in enumerate(victims):
+                recon = result.images[i].detach().cpu()
+                gen = torch_generator(self.sc.seed, "attack-baseline", v.client_id, v.round)
+                scored = score_batch(recon, v.images, v.labels, result.labels[i].cpu(), self.classifier,
+                                     self.mean_image, gen)
+                for row in scored:
+                    row.update(
+                        round=v.round, client_id=v.client_id, attack=kind, view=v.observation.view,
+                        labels=self.sc.attacks.labels, batch_size=v.observation.batch_size,
+                        iterations=result.iterations, objective=float(result.objective[i]),
+                        evaluator_test_accuracy=self.evaluator.test_accuracy, victims_in_job=len(victims),
+                        attacker=self.index, attack_s=result.seconds, finished_at=finished,
+                    )
+                rows.extend(scored)
+                shown_orig.append(v.images[[row["matched_image"] for row in scored]])
+                shown_recon.append(recon)
+            grids[kind] = (torch.cat(shown_orig)[:GRID_IMAGES], torch.cat(shown_recon)[:GRID_IMAGES])
+        return {"rows": rows, "grids": grids}
+
+
+class AttackPool:
+    """The attacker actors as seen from the coordinator: submit without waiting, collect when done."""
+
+    def __init__(self, scenario: dict, knowledge: AttackerKnowledge, run_tag: str, on_done: Callable[[dict, dict], None]) -> None:
+        self.cfg = Scenario.model_validate(scenario).attacks
+        pool = self.cfg.pool
+        self.actors = [
+            Attacker.options(
+                num_cpus=pool.cpus_per_actor,
+                num_gpus=pool.gpus_per_actor,
+                max_restarts=-1,
+                max_task_retries=0,
+                name=f"{run_tag}/attacker-{i}",
+                namespace="simfl",
+            ).remote(scenario, i, knowledge)
+            for i in range(pool.actors)
+        ]
+        self.on_done = on_done
+        self.pending: dict[ray.ObjectRef, tuple[int, dict]] = {}  # ref -> (actor, job)
+
+    def submit(self, job: dict) -> bool:
+        """Queue one job; False if it was dropped because the pool is full (``when_full: drop``)."""
+        while len(self.pending) >= self.cfg.pool.max_pending:
+            if self.cfg.pool.when_full == "drop":
+                return False
+            self.collect(timeout=None)
+        load = [0] * len(self.actors)
+        for actor, _ in self.pending.values():
+            load[actor] += 1
+        actor = int(np.argmin(load))
+        self.pending[self.actors[actor].attack.remote(job["victims"])] = (actor, job)
+        return True
+
+    def collect(self, timeout: float | None = 0) -> int:
+        """Hand finished jobs to ``on_done``; wait up to ``timeout`` s (None: for one) if none is ready."""
+        if not self.pending:
+            return 0
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        for ref in ready:
+            actor, job = self.pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except RayActorError:
+                job["retries"] = job.get("retries", 0) + 1
+                if job["retries"] > MAX_JOB_RETRIES:
+                    raise
+                print(f"simfl: attacker {actor} died; re-sending its job of round {job['round']}", file=sys.stderr)
+                self.pending[self.actors[actor].attack.remote(job["victims"])] = (actor, job)
+                continue
+            self.on_done(job, out)
+        return len(ready)
+
+    def drain(self) -> None:
+        """Wait for every pending job: none is lost at the end of a run."""
+        if self.pending:
+            print(f"simfl: waiting for {len(self.pending)} pending attack jobs", file=sys.stderr)
+        while self.pending:
+            self.collect(timeout=None)
+
+    def jobs(self) -> list[dict]:
+        """Pending jobs, oldest first (a checkpoint keeps them so a resumed run re-runs them)."""
+        return sorted((job for _, job in self.pending.values()), key=lambda j: j["submitted_at"])
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

@@ -1,0 +1,138 @@
+"""What a sampled victim shares in the engine, and the private images kept aside to score it.
+
+The client actor calls :func:`capture` for the round's victims. The returned
+``Observation`` is exactly what the attacker gets; the private images travel
+separately and are only ever compared with reconstructions after the attack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from simfl.attacks.observation import Observation, observe_gradient
+from simfl.config import AttacksConfig, TrainingConfig
+from simfl.seeding import torch_generator
+from simfl.training import LocalResult, to_input
+from simfl.weights import FlatWeights
+
+
+@dataclass(frozen=True)
+class Victim:
+    """One attacked client in one round: what it shared, and (for scoring only) what it had."""
+
+    round: int
+    client_id: int
+    observation: Observation
+    images: torch.Tensor  # (B, C, H, W) float in [0, 1], the private originals
+    labels: torch.Tensor  # (B,) the true labels
+
+    @property
+    def group(self) -> tuple:
+        """Victims with equal keys can be stacked into one batched attack."""
+        o = self.observation
+        return (o.view, o.batch_size, o.local_steps, o.local_batch_size)
+
+
+def capture(
+    model: nn.Module,
+    flat: FlatWeights,
+    global_weights: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: AttacksConfig,
+    training: TrainingConfig,
+    local: LocalResult,
+    seed: int,
+    client: int,
+    round_: int,
+) -> Victim:
+    """The victim's shared vector under ``cfg.view``; ``local`` is its real training this round.
+
+    - gradient: the gradient of ``cfg.batch_size`` of its images (chosen from
+      (seed, client, round)) at the global weights, in train mode as the client
+      computes it.
+    - update: the update it really shared (``local.delta``), with the local SGD
+      hyperparameters. The victim shuffles its batches with a seed the attacker
+      does not know, so the attacker's replay (fixed sequential batches) is only
+      exact for one local step.
+    """
+    if cfg.view == "gradient":
+        gen = torch_generator(seed, "attack-batch", client, round_)
+        pick = torch.randperm(len(y), generator=gen)[: cfg.batch_size]
+        images, labels = to_input(x[pick]), y[pick]
+        with batch_statistics(model) as stats:
+            obs = observe_gradient(model, flat, global_weights, images.to(flat.vector.device), labels)
+        if cfg.bn_stats == "batch" and stats:
+            obs = _with_batch_statistics(obs, flat, stats)
+    else:
+        images, labels = to_input(x), y
+        opt = training.optimizer
+        obs = Observation(
+            weights=global_weights.detach().cpu().clone(),
+            shared=local.delta.detach().cpu().clone(),
+            view="update",
+            batch_size=len(y),
+            image_shape=tuple(images.shape[1:]),
+            labels=y.clone(),
+            lr=opt.lr,
+            local_steps=local.steps,
+            local_batch_size=min(training.batch_size, len(y)),
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+        )
+    if cfg.labels == "recovered":
+        obs = replace(obs, labels=None)
+    obs = replace(obs, weights=obs.weights.cpu(), shared=obs.shared.cpu())
+    return Victim(round_, client, obs, images.cpu(), labels.cpu())
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Record each BatchNorm layer's batch mean and (biased) variance during a train-mode forward."""
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+
+            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor, name: str = name) -> None:
+                if mod.training:
+                    x = inputs[0].detach()
+                    dims = [d for d in range(x.dim()) if d != 1]
+                    stats[name] = (x.mean(dims), x.var(dims, unbiased=False))
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _with_batch_statistics(
+    obs: Observation, flat: FlatWeights, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Observation:
+    """The attacker told the victim's BatchNorm batch statistics: they replace the running ones.
+
+    The attack runs the model in eval mode, so it then normalises with exactly
+    the statistics the victim's forward pass used (treated as constants).
+    """
+    weights = obs.weights.clone()
+    named = flat.as_dict(weights)
+    for name, (mean, var) in stats.items():
+        named[f"{name}.running_mean"].copy_(mean)
+        named[f"{name}.running_var"].copy_(var)
+    return replace(obs, weights=weights)
+
+
+def victim_state(victim: Victim) -> dict:
+    """Plain tensors and scalars (``torch.load(weights_only=True)`` reads them back)."""
+    return {**asdict(victim), "observation": asdict(victim.observation)}
+
+
+def victim_from_state(state: dict) -> Victim:
+    return Victim(**{**state, "observation": Observation(**state["observation"])})

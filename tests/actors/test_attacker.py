@@ -1,0 +1,120 @@
+"""Attacks inside the engine: concurrent with training, streamed out, never lost (drop, resume)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from engine_helpers import SMOKE_FAST, kill_at_checkpoint, run_smoke
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """One evaluator cache for every attack run of the session (it trains once, then loads)."""
+    return tmp_path_factory.mktemp("data")
+
+
+def attacks(data_root: Path, *extra: str) -> list[str]:
+    """Overrides for an attacked smoke run; a small validation split keeps the evaluator quick."""
+    return [
+        "--set", f"data.root={data_root}",
+        "--set", "data.synthetic.val_size=200",
+        "--set", "resources.client_actors=2",
+        "--set", "attacks={methods: [{kind: ig, iterations: 600}, {kind: idlg, iterations: 5}], victims: 2, "
+                 "rounds: [1, 2]}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def attacked(ray_local, data_root, tmp_path_factory):
+    return run_smoke(tmp_path_factory.mktemp("runs"), "attacked", *attacks(data_root))
+
+
+def test_every_victim_is_attacked_by_every_method_and_scored(attacked):
+    rows = pd.read_parquet(attacked / "attacks")
+    rounds = pd.read_parquet(attacked / "rounds").sort_values("round")
+    assert rounds["attack_victims"].tolist() == [2, 2, 0]
+    assert rounds["attack_victims_dropped"].sum() == 0
+    assert len(rows) == 2 * 2 * 2  # rounds x victims x methods, batch size 1
+    assert rows.groupby(["round", "attack"]).size().eq(2).all()
+    clients = pd.read_parquet(attacked / "clients")
+    trained = set(zip(clients["round"], clients["client_id"], strict=True))
+    assert set(zip(rows["round"], rows["client_id"], strict=True)) <= trained  # victims come from the cohort
+    assert (rows["population"] != "new_scanner").all()
+    assert set(rows["view"]) == {"gradient"} and set(rows["labels"]) == {"recovered"}
+    metrics = ["mse", "psnr", "ssim", "random_mse", "random_psnr", "random_ssim", "mean_mse", "mean_psnr", "mean_ssim"]
+    assert np.isfinite(rows[metrics].to_numpy()).all()
+    assert rows["evaluator_test_accuracy"].between(0.3, 1.0).all()  # 8 classes: chance is 0.125
+    assert (rows.loc[rows.attack == "ig", "iterations"] == 600).all()
+    assert (rows["finished_at"] >= rows["submitted_at"]).all()
+    # B = 1: iDLG's analytic label is exact on an untrained-to-early model.
+    assert rows["label_accuracy"].eq(1.0).all()
+
+
+def test_attacks_run_while_later_rounds_train(attacked):
+    rows = pd.read_parquet(attacked / "attacks")
+    rounds = pd.read_parquet(attacked / "rounds").set_index("round")
+    # Round 1's victims went to the attacker when round 1 ended; their 600-iteration
+    # attack was still running when round 2 finished training.
+    round1 = rows[rows["round"] == 1]
+    assert (round1["submitted_at"] <= rounds.loc[1, "finished_at"]).all()
+    assert round1["finished_at"].max() > rounds.loc[2, "finished_at"]
+
+
+def test_reconstructions_reach_tensorboard_and_png(attacked):
+    pngs = sorted(p.name for p in (attacked / "reconstructions").glob("*.png"))
+    assert len(pngs) == 4 and {p.split("_")[1] for p in pngs} == {"ig", "idlg"}
+    events = EventAccumulator(str(attacked / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("attack/ig/originals_above_reconstructions")] == [1, 2]
+    rows = pd.read_parquet(attacked / "attacks")
+    for name, column in (("psnr", "psnr"), ("psnr_mean_baseline", "mean_psnr"), ("attacker_accuracy", "attacker_correct")):
+        logged = [e.value for e in events.Scalars(f"attack/ig/{name}")]
+        expected = rows[rows.attack == "ig"].groupby("round")[column].mean().tolist()
+        assert np.allclose(logged, expected), name
+
+
+def test_a_full_pool_drops_and_counts_instead_of_blocking(ray_local, data_root, tmp_path):
+    run = run_smoke(tmp_path, "drop", *attacks(
+        data_root,
+        "--set", "attacks.methods=[{kind: ig, iterations: 800}]",
+        "--set", "attacks.victims=3",
+        "--set", "attacks.victims_per_job=1",
+        "--set", "attacks.pool.max_pending=1",
+        "--set", "attacks.pool.when_full=drop",
+    ))
+    rounds = pd.read_parquet(run / "rounds")
+    rows = pd.read_parquet(run / "attacks")
+    dropped = int(rounds["attack_victims_dropped"].sum())
+    assert dropped >= 1
+    # Nothing lost silently: every victim was either attacked (its row is there) or counted.
+    assert rows[["round", "client_id"]].drop_duplicates().shape[0] + dropped == rounds["attack_victims"].sum() == 6
+
+
+@pytest.mark.timeout(600)
+def test_attacks_pending_at_a_kill_are_rerun_after_resume(ray_local, data_root, tmp_path):
+    out = tmp_path / "killed"
+    run_dir = out / "k"
+    cmd = [sys.executable, "-m", "simfl.run", "scenarios/smoke.yaml", "--set", f"output.dir={out}",
+           "--set", "output.name=k", *SMOKE_FAST, *attacks(data_root, "--set", "training.rounds=4"),
+           "--set", "attacks.methods=[{kind: ig, iterations: 800}]", "--no-dashboard", "--num-cpus", "3"]
+    kill_at_checkpoint(cmd, ROOT, run_dir, 2)
+    assert not (run_dir / "attacks").exists(), "the attacks finished before the kill; make them slower"
+
+    resumed = subprocess.run([sys.executable, "-m", "simfl.run", "--resume", str(run_dir), "--quiet",
+                              "--no-dashboard", "--num-cpus", "3"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=500)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = pd.read_parquet(run_dir / "attacks")
+    # Both attacked rounds' victims, each exactly once.
+    assert sorted(rows.groupby("round").size().items()) == [(1, 2), (2, 2)]
+    assert not rows.duplicated(["round", "client_id", "image"]).any()

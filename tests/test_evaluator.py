@@ -1,0 +1,54 @@
+"""The attacker-accuracy classifier: trained on data no client has, cached, reloaded safely."""
+
+import numpy as np
+import pytest
+import torch
+
+from simfl.data.synthetic import make_dataset
+from simfl.evaluator import cache_key, load_or_train, train_evaluator
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return make_dataset(train_size=50, val_size=300, test_size=200, image_size=8, num_classes=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset):
+    return train_evaluator(dataset)
+
+
+def test_it_learns_the_task_well_above_chance(trained):
+    assert trained.test_accuracy > 0.6  # 4 classes: chance is 0.25
+
+
+def test_training_is_deterministic(dataset, trained):
+    assert torch.equal(train_evaluator(dataset).weights, trained.weights)
+
+
+def test_cache_is_written_once_then_loaded(dataset, tmp_path, monkeypatch):
+    first, cached = load_or_train(dataset, tmp_path)
+    assert not cached and len(list(tmp_path.glob("*.pt"))) == 1
+    monkeypatch.setattr("simfl.evaluator.train_evaluator", lambda *a: pytest.fail("retrained a cached evaluator"))
+    again, cached = load_or_train(dataset, tmp_path)
+    assert cached and torch.equal(again.weights, first.weights) and again.test_accuracy == first.test_accuracy
+
+
+def test_an_unreadable_cache_file_is_replaced(dataset, tmp_path):
+    (tmp_path / f"{cache_key(dataset)}.pt").write_bytes(b"not a checkpoint")
+    evaluator, cached = load_or_train(dataset, tmp_path)
+    assert not cached
+    assert torch.load(tmp_path / f"{cache_key(dataset)}.pt", weights_only=True)["test_accuracy"] == evaluator.test_accuracy
+
+
+def test_the_key_follows_the_data_it_was_trained_on(dataset):
+    other = make_dataset(train_size=50, val_size=300, test_size=200, image_size=8, num_classes=4, seed=4)
+    assert cache_key(other) != cache_key(dataset)
+    assert cache_key(dataset).startswith("synthetic_8px_")
+
+
+def test_the_model_it_builds_gives_its_reported_accuracy(dataset, trained):
+    model = trained.model(dataset.channels, dataset.image_size, dataset.num_classes)
+    x = torch.from_numpy(np.array(dataset.test_x)).permute(0, 3, 1, 2).float() / 255
+    acc = (model(x).argmax(1).numpy() == dataset.test_y).mean()
+    assert acc == pytest.approx(trained.test_accuracy)
