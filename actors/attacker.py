@@ -30,11 +30,12 @@ from simfl.metrics import score_batch
 from simfl.models import build_model
 from simfl.resources import actor_device, torch_threads
 from simfl.seeding import derive_seed, torch_generator
-from simfl.training import to_input
 from simfl.weights import FlatWeights
 
 # Images per attack shown in a TensorBoard grid / PNG (originals above, reconstructions below).
 GRID_IMAGES = 16
+# How long a wait for attack results goes on before saying so (it keeps waiting).
+WAIT_REPORT_S = 60
 # Times one job is re-sent after its attacker actor died before the run fails.
 MAX_JOB_RETRIES = 2
 
@@ -52,7 +53,8 @@ class AttackerKnowledge:
     def from_dataset(
         cls, dataset: Dataset, evaluator: Evaluator, disclosure: Disclosure | None = None
     ) -> AttackerKnowledge:
-        mean = to_input(torch.from_numpy(np.array(dataset.val_x))).mean(0)
+        # uint8 summed in float64 by numpy: no float copy of the whole split (GBs at 224 px).
+        mean = torch.from_numpy(dataset.val_x.mean(axis=0, dtype=np.float64) / 255.0).permute(2, 0, 1).float()
         return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, evaluator, disclosure)
 
 
@@ -126,10 +128,11 @@ class AttackPool:
 
     def submit(self, job: dict) -> bool:
         """Queue one job; False if it was dropped because the pool is full (``when_full: drop``)."""
+        self.collect(timeout=0)  # finished jobs free their places before fullness is judged
         while len(self.pending) >= self.cfg.pool.max_pending:
             if self.cfg.pool.when_full == "drop":
                 return False
-            self.collect(timeout=None)
+            self.wait_for_one()
         load = [0] * len(self.actors)
         for actor, _ in self.pending.values():
             load[actor] += 1
@@ -137,13 +140,17 @@ class AttackPool:
         self.pending[self.actors[actor].attack.remote(job["victims"])] = (actor, job)
         return True
 
-    def collect(self, timeout: float | None = 0) -> int:
-        """Hand finished jobs to ``on_done``; wait up to ``timeout`` s (None: for one) if none is ready."""
+    def collect(self, timeout: float = 0) -> int:
+        """Hand finished jobs to ``on_done``, waiting up to ``timeout`` s for one; returns how many were handed on.
+
+        A job whose attacker died is re-sent and does not count.
+        """
         if not self.pending:
             return 0
         ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
         if ready:
             ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        handed = 0
         for ref in ready:
             actor, job = self.pending.pop(ref)
             try:
@@ -156,14 +163,23 @@ class AttackPool:
                 self.pending[self.actors[actor].attack.remote(job["victims"])] = (actor, job)
                 continue
             self.on_done(job, out)
-        return len(ready)
+            handed += 1
+        return handed
+
+    def wait_for_one(self) -> None:
+        """Block until at least one pending job is collected, saying so while it takes long."""
+        waited = 0
+        while self.pending and not self.collect(timeout=WAIT_REPORT_S):
+            waited += WAIT_REPORT_S
+            print(f"simfl: {len(self.pending)} attack jobs pending, none finished in {waited} s "
+                  "(no resources to place an attacker actor?)", file=sys.stderr)
 
     def drain(self) -> None:
         """Wait for every pending job: none is lost at the end of a run."""
         if self.pending:
             print(f"simfl: waiting for {len(self.pending)} pending attack jobs", file=sys.stderr)
         while self.pending:
-            self.collect(timeout=None)
+            self.wait_for_one()
 
     def jobs(self) -> list[dict]:
         """Pending jobs, oldest first (a checkpoint keeps them so a resumed run re-runs them)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,11 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid, save_image
 
 from actors.attacker import AttackerKnowledge, AttackPool
 from actors.client import ClientShard, ShardNotAttached, new_client_state
 from simfl.aggregation import ServerOptimizer, weighted_mean
+from simfl.attack_log import AttackLog
 from simfl.attacks.victim import Victim, victim_from_state, victim_state
 from simfl.checkpoint import load_latest, save_checkpoint
 from simfl.client_data import population_test_set
@@ -130,18 +131,20 @@ class Coordinator:
         self.home_fresh = np.ones(self.partition.num_clients, dtype=bool)
         self.actor_info = ray.get([self._attach(i) for i in range(n_actors)])
 
-        # Attack results stream in between rounds; a round's TensorBoard means go out with its last job.
-        self.attack_jobs_left: dict[int, int] = {}
-        self.attack_means: dict[int, list[dict]] = {}
+        # Attack results stream in between rounds (see AttackLog).
         self.attack_pool = None
         if self.sc.attacks is not None:
+            self.attack_log = AttackLog(
+                self.run_dir, self.tables, lambda c: self.pop_names[pop[c]],
+                resumed_round=self.round if resume else None, rerun_rounds={job["round"] for job in restored_jobs},
+            )
             knowledge = AttackerKnowledge.from_dataset(dataset, ray.get(refs["evaluator"]))
-            self.attack_pool = AttackPool(scenario, knowledge, f"{self.run_dir.name}-{run_tag}", self._attack_done)
+            self.attack_pool = AttackPool(scenario, knowledge, f"{self.run_dir.name}-{run_tag}", self.attack_log.done)
             # In flight at the checkpoint we resume from: run them again (waiting for room, never dropped).
-            for job in self._expect(restored_jobs):
+            for job in self.attack_log.expect(restored_jobs):
                 job["victims"] = [victim_from_state(v) for v in job["victims"]]
                 while not self._submit_attack(job):
-                    self.attack_pool.collect(timeout=None)
+                    self.attack_pool.wait_for_one()
 
     # ------------------------------------------------------------ setup
 
@@ -352,65 +355,27 @@ class Coordinator:
         """Hand this round's victims to the attacker pool; returns how many were dropped."""
         if self.attack_pool is None:
             return 0
+        # One tensor for the round's global weights: Ray and checkpoints then carry it once per job, not per victim.
+        victims = [
+            replace(v, observation=replace(v.observation, weights=self.weights))
+            if torch.equal(v.observation.weights, self.weights) else v
+            for v in victims
+        ]
         jobs = [{"round": r, "victims": group} for group in attack_jobs(victims, self.sc.attacks.victims_per_job)]
         dropped = 0
-        for job in self._expect(jobs):
+        for job in self.attack_log.expect(jobs):
             if not self._submit_attack(job):
                 dropped += len(job["victims"])
-                self._settle(r)
+                self.attack_log.settle(r)
         if dropped:
             print(f"simfl: round {r}: attack pool full, {dropped} victims not attacked "
                   "(attacks.pool.when_full: drop; counted in rounds.attack_victims_dropped)", file=sys.stderr)
         self.attack_pool.collect(timeout=0)
         return dropped
 
-    def _expect(self, jobs: list[dict]) -> list[dict]:
-        """Count jobs per round before any is submitted: waiting for room may finish some meanwhile."""
-        for job in jobs:
-            self.attack_jobs_left[job["round"]] = self.attack_jobs_left.get(job["round"], 0) + 1
-        return jobs
-
     def _submit_attack(self, job: dict) -> bool:
         job["submitted_at"] = time.time()
         return self.attack_pool.submit(job)
-
-    def _settle(self, r: int) -> None:
-        """One job of round ``r`` is done or dropped; with the round's last, log its means."""
-        self.attack_jobs_left[r] -= 1
-        if self.attack_jobs_left[r] == 0:
-            del self.attack_jobs_left[r]
-            rows = self.attack_means.pop(r, [])
-            if rows:
-                self._log_attack_means(r, rows)
-
-    def _attack_done(self, job: dict, out: dict) -> None:
-        """Stream a finished job out: table rows, TensorBoard grids, PNGs; round means when its last job is in."""
-        r = job["round"]
-        pop = self.partition.client_population
-        rows = out["rows"]
-        for row in rows:
-            row["population"] = self.pop_names[pop[row["client_id"]]]
-            row["submitted_at"] = job["submitted_at"]
-        self.tables.append("attacks", rows)
-        first = job["victims"][0].client_id
-        png_dir = self.run_dir / "reconstructions"
-        png_dir.mkdir(exist_ok=True)
-        for kind, (orig, recon) in out["grids"].items():
-            grid = make_grid(torch.cat([orig, recon]), nrow=len(orig), padding=1, pad_value=1.0)
-            self.tb.add_image(f"attack/{kind}/originals_above_reconstructions", grid, r)
-            save_image(grid, png_dir / f"round{r:05d}_{kind}_client{first}.png")
-        self.attack_means.setdefault(r, []).extend(rows)
-        self._settle(r)
-
-    def _log_attack_means(self, r: int, rows: list[dict]) -> None:
-        for kind in sorted({row["attack"] for row in rows}):
-            mine = [row for row in rows if row["attack"] == kind]
-            for prefix, suffix in (("", ""), ("random_", "_random_baseline"), ("mean_", "_mean_baseline")):
-                for metric in ("psnr", "ssim", "mse", "attacker_correct"):
-                    name = "attacker_accuracy" if metric == "attacker_correct" else metric
-                    value = float(np.mean([row[prefix + metric] for row in mine]))
-                    self.tb.add_scalar(f"attack/{kind}/{name}{suffix}", value, r)
-            self.tb.add_scalar(f"attack/{kind}/label_accuracy", float(np.mean([row["label_accuracy"] for row in mine])), r)
 
     # ------------------------------------------------------------ evaluation
 
@@ -468,6 +433,8 @@ class Coordinator:
     def _checkpoint(self) -> None:
         self.tables.flush()
         self.tb.flush()
+        if self.attack_pool is not None:
+            self.attack_log.flush()
         save_checkpoint(
             self.run_dir,
             self.round,
@@ -490,6 +457,7 @@ class Coordinator:
         if self.attack_pool is not None:
             self.attack_pool.drain()
             self.attack_pool.stop()
+            self.attack_log.close()
         self.tables.flush()
         self.tb.close()
         torch.save({"weights": self.weights}, self.run_dir / "final_weights.pt")

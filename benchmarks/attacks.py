@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     slow = training_slowdown(args)
     print(f"median round: {slow['round_s_on']:.2f} s with attacks vs {slow['round_s_off']:.2f} s without over "
           f"{slow['rounds']} rounds; slowdown ratio {slow['ratio']:.2f}")
-    print(f"attack jobs: {slow['jobs']} ({slow['victims']} victims sent, {slow['dropped']} dropped because the "
+    print(f"attack jobs: {slow['jobs']} ({slow['victims']} victims sampled, {slow['dropped']} dropped because the "
           f"pool was busy), {slow['jobs_during_training']} finished while training was still running")
 
 

@@ -384,6 +384,17 @@ class Scenario(Strict):
         return populations
 
     @model_validator(mode="after")
+    def _attack_fits(self) -> Scenario:
+        a = self.attacks
+        if a is None:
+            return self
+        if a.rounds is not None and max(a.rounds) > self.training.rounds:
+            raise ValueError(f"attacks.rounds: round {max(a.rounds)} is past training.rounds ({self.training.rounds})")
+        if a.bn_stats == "batch" and self.model.norm != "batch":
+            raise ValueError(f"attacks.bn_stats: batch needs model.norm: batch (not {self.model.norm})")
+        return self
+
+    @model_validator(mode="after")
     def _attack_replay(self) -> Scenario:
         # The update view replays the victim's local SGD; other local optimisers it cannot model.
         if self.attacks is not None and self.attacks.view == "update":

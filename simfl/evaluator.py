@@ -49,7 +49,7 @@ def cache_key(dataset: Dataset) -> str:
     """Content hash of what the classifier is trained and tested on, and of how."""
     h = hashlib.sha256()
     for part in (dataset.val_x, dataset.val_y, dataset.test_x, dataset.test_y):
-        h.update(np.ascontiguousarray(part).tobytes())
+        h.update(memoryview(np.ascontiguousarray(part)))
     h.update(f"{RECIPE_VERSION}|{ARCH.model_dump_json()}|{RECIPE.model_dump_json()}".encode())
     return f"{dataset.name}_{dataset.image_size}px_{h.hexdigest()[:16]}"
 

@@ -58,7 +58,8 @@ def prepare_evaluator(prepared: Prepared, quiet: bool) -> None:
     try:
         prepared.evaluator, _ = load_or_train(prepared.dataset, cache)
     except OSError as exc:
-        raise UserError(f"data.root: cannot write the evaluation classifier's cache in {cache} ({exc.strerror})") from None
+        raise UserError(f"data.root: cannot write the evaluation classifier's cache in {cache} "
+                        f"({exc.strerror or exc})") from None
 
 
 def prepare(scenario: Scenario) -> Prepared:
@@ -169,7 +170,13 @@ def plan(prepared: Prepared, elastic: bool) -> int:
             raise UserError(f"attacks.pool: {pool.actors} attacker actors x {pool.cpus_per_actor:g} CPUs, "
                             f"{pool.gpus_per_actor:g} GPUs do not fit the cluster's {totals.get('CPU', 0.0):g} CPUs, "
                             f"{totals.get('GPU', 0.0):g} GPUs")
-    return plan_actors(sc.resources, max(cpus, 0.0), max(gpus, 0.0), prepared.partition.num_clients, elastic=elastic)
+    try:
+        return plan_actors(sc.resources, max(cpus, 0.0), max(gpus, 0.0), prepared.partition.num_clients,
+                           elastic=elastic)
+    except UserError as exc:
+        if sc.attacks is None:
+            raise
+        raise UserError(f"{exc} (what is left after attacks.pool)") from None
 
 
 def start_coordinator(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool):
@@ -239,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare(scenario)
         if args.resume:
             check_same_partition(run_dir, prepared)
-        prepare_evaluator(prepared, args.quiet)
         connect_ray(args)
         n_actors = plan(prepared, elastic=bool(args.address))
+        prepare_evaluator(prepared, args.quiet)
         if not args.resume:
             run_dir = create_run_dir(prepared)
             created = True

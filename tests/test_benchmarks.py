@@ -35,7 +35,7 @@ def test_attack_benchmark_quick_prints_its_figures():
         assert float(line.group(1)) > 0 and float(line.group(2)) > 0 and float(line.group(3)) > 0
     slowdown = re.search(r"median round: ([0-9.]+) s with attacks vs ([0-9.]+) s without over 4 rounds; "
                          r"slowdown ratio ([0-9.]+)", proc.stdout)
-    jobs = re.search(r"attack jobs: (\d+) \((\d+) victims sent, (\d+) dropped", proc.stdout)
+    jobs = re.search(r"attack jobs: (\d+) \((\d+) victims sampled, (\d+) dropped", proc.stdout)
     assert slowdown and jobs, proc.stdout
     assert float(slowdown.group(3)) > 0
     # Rounds 2 and 4 were attacked, 4 victims each: every one was attacked or counted as dropped.

@@ -154,6 +154,8 @@ def test_server_defaults_filled_in_for_adaptive():
         (minimal(attacks={"view": "update", "bn_stats": "batch"}), "attacks", ["bn_stats"]),
         (minimal(attacks={"pool": {"when_full": "later"}}), "attacks.pool.when_full", ["'wait' or 'drop'"]),
         (minimal(attacks={"view": "update"}, training={"optimizer": "adam"}), "(top level)", ["adam"]),
+        (minimal(attacks={"rounds": [2, 9]}, training={"rounds": 5}), "(top level)", ["attacks.rounds", "9"]),
+        (minimal(attacks={"bn_stats": "batch"}), "(top level)", ["model.norm: batch"]),
     ],
 )
 def test_malformed_gives_one_line_error_with_key_path(raw, path, words):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -130,8 +130,13 @@ def _with_batch_statistics(
 
 
 def victim_state(victim: Victim) -> dict:
-    """Plain tensors and scalars (``torch.load(weights_only=True)`` reads them back)."""
-    return {**asdict(victim), "observation": asdict(victim.observation)}
+    """Plain tensors and scalars (``torch.load(weights_only=True)`` reads them back).
+
+    Tensors are not copied, so victims sharing one weights tensor are saved once.
+    """
+    state = {f.name: getattr(victim, f.name) for f in fields(victim)}
+    state["observation"] = {f.name: getattr(victim.observation, f.name) for f in fields(victim.observation)}
+    return state
 
 
 def victim_from_state(state: dict) -> Victim:

@@ -73,14 +73,22 @@ def test_attacks_run_while_later_rounds_train(attacked):
 def test_reconstructions_reach_tensorboard_and_png(attacked):
     pngs = sorted(p.name for p in (attacked / "reconstructions").glob("*.png"))
     assert len(pngs) == 4 and {p.split("_")[1] for p in pngs} == {"ig", "idlg"}
-    events = EventAccumulator(str(attacked / "tensorboard"), size_guidance={"images": 0})
+    events = EventAccumulator(str(attacked / "tensorboard" / "attacks"), size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("attack/ig/originals_above_reconstructions")] == [1, 2]
-    rows = pd.read_parquet(attacked / "attacks")
+    assert_means_match_table(attacked)
+
+
+def assert_means_match_table(run_dir: Path) -> None:
+    """TensorBoard's per-round attack means: one point per attacked round, equal to the table's means."""
+    events = EventAccumulator(str(run_dir / "tensorboard" / "attacks"))
+    events.Reload()
+    rows = pd.read_parquet(run_dir / "attacks")
     for name, column in (("psnr", "psnr"), ("psnr_mean_baseline", "mean_psnr"), ("attacker_accuracy", "attacker_correct")):
-        logged = [e.value for e in events.Scalars(f"attack/ig/{name}")]
-        expected = rows[rows.attack == "ig"].groupby("round")[column].mean().tolist()
-        assert np.allclose(logged, expected), name
+        logged = events.Scalars(f"attack/ig/{name}")
+        expected = rows[rows.attack == "ig"].groupby("round")[column].mean()
+        assert [e.step for e in logged] == expected.index.tolist(), name
+        assert np.allclose([e.value for e in logged], expected.tolist()), name
 
 
 def test_a_full_pool_drops_and_counts_instead_of_blocking(ray_local, data_root, tmp_path):
@@ -118,3 +126,4 @@ def test_attacks_pending_at_a_kill_are_rerun_after_resume(ray_local, data_root, 
     # Both attacked rounds' victims, each exactly once.
     assert sorted(rows.groupby("round").size().items()) == [(1, 2), (2, 2)]
     assert not rows.duplicated(["round", "client_id", "image"]).any()
+    assert_means_match_table(run_dir)
