@@ -88,8 +88,9 @@ class Attacker:
             shown_orig, shown_recon = [], []
             for i, v in enumerate(victims):
                 recon = result.images[i].detach().cpu()
+                orig = v.images
                 gen = torch_generator(self.sc.seed, "attack-baseline", v.client_id, v.round)
-                scored = score_batch(recon, v.images, v.labels, result.labels[i].cpu(), self.classifier,
+                scored = score_batch(recon, orig, v.labels, result.labels[i].cpu(), self.classifier,
                                      self.mean_image, gen)
                 for row in scored:
                     row.update(
@@ -100,7 +101,7 @@ class Attacker:
                         attacker=self.index, attack_s=result.seconds, finished_at=finished,
                     )
                 rows.extend(scored)
-                shown_orig.append(v.images[[row["matched_image"] for row in scored]])
+                shown_orig.append(orig[[row["matched_image"] for row in scored]])
                 shown_recon.append(recon)
             grids[kind] = (torch.cat(shown_orig)[:GRID_IMAGES], torch.cat(shown_recon)[:GRID_IMAGES])
         return {"rows": rows, "grids": grids}

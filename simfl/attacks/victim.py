@@ -28,8 +28,13 @@ class Victim:
     round: int
     client_id: int
     observation: Observation
-    images: torch.Tensor  # (B, C, H, W) float in [0, 1], the private originals
+    private: torch.Tensor  # (B, H, W, C) uint8, the private originals as stored (a quarter of float32)
     labels: torch.Tensor  # (B,) the true labels
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The private originals as the model sees them: (B, C, H, W) float in [0, 1]."""
+        return to_input(self.private)
 
     @property
     def group(self) -> tuple:
@@ -64,13 +69,15 @@ def capture(
     if cfg.view == "gradient":
         gen = torch_generator(seed, "attack-batch", client, round_)
         pick = torch.randperm(len(y), generator=gen)[: cfg.batch_size]
-        images, labels = to_input(x[pick]), y[pick]
+        private, labels = x[pick], y[pick]
+        images = to_input(private)
         with batch_statistics(model) as stats:
             obs = observe_gradient(model, flat, global_weights, images.to(flat.vector.device), labels)
         if cfg.bn_stats == "batch" and stats:
             obs = _with_batch_statistics(obs, flat, stats)
     else:
-        images, labels = to_input(x), y
+        private, labels = x, y
+        images = to_input(private)
         opt = training.optimizer
         obs = Observation(
             weights=global_weights.detach().cpu().clone(),
@@ -88,7 +95,7 @@ def capture(
     if cfg.labels == "recovered":
         obs = replace(obs, labels=None)
     obs = replace(obs, weights=obs.weights.cpu(), shared=obs.shared.cpu())
-    return Victim(round_, client, obs, images.cpu(), labels.cpu())
+    return Victim(round_, client, obs, private.cpu().clone(), labels.cpu())
 
 
 @contextmanager

@@ -33,6 +33,7 @@ def test_gradient_view_shares_the_gradient_of_its_chosen_batch_only():
     cfg = AttacksConfig(batch_size=3, labels="known")
     v = capture(model, flat, weights, x, y, cfg, TRAINING, local, seed=0, client=7, round_=2)
     assert v.images.shape == (3, 3, 8, 8) and v.images.dtype == torch.float32
+    assert v.private.dtype == torch.uint8 and torch.equal(to_input(v.private), v.images)
     expected = observe_gradient(model, flat, weights, v.images, v.labels)
     assert torch.equal(v.observation.shared, expected.shared)
     assert torch.equal(v.observation.weights, weights)
@@ -102,5 +103,5 @@ def test_a_victim_survives_a_weights_only_checkpoint(view):
     buf.seek(0)
     back = victim_from_state(torch.load(buf, weights_only=True)["jobs"][0])
     assert (back.round, back.client_id, back.group) == (v.round, v.client_id, v.group)
-    assert torch.equal(back.images, v.images) and torch.equal(back.observation.shared, v.observation.shared)
+    assert torch.equal(back.private, v.private) and torch.equal(back.observation.shared, v.observation.shared)
     assert back.observation.labels is None
