@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError
 from simfl.attacks import get_attack
 from simfl.attacks.adaptive import Disclosure, adapt
 from simfl.attacks.victim import Victim
-from simfl.config import Scenario
+from simfl.config import AttackPoolConfig, Scenario
 from simfl.data import Dataset
 from simfl.evaluator import Evaluator
 from simfl.metrics import score_batch
@@ -96,7 +96,7 @@ class Attacker:
                     row.update(
                         round=v.round, client_id=v.client_id, attack=kind, view=v.observation.view,
                         labels=self.sc.attacks.labels, batch_size=v.observation.batch_size,
-                        iterations=result.iterations, objective=float(result.objective[i]),
+                        iterations=int(result.iterations[i]), objective=float(result.objective[i]),
                         evaluator_test_accuracy=self.evaluator.test_accuracy, victims_in_job=len(victims),
                         attacker=self.index, attack_s=result.seconds, finished_at=finished,
                     )
@@ -110,10 +110,19 @@ class Attacker:
 class AttackPool:
     """The attacker actors as seen from the coordinator: submit without waiting, collect when done."""
 
-    def __init__(self, scenario: dict, knowledge: AttackerKnowledge, run_tag: str, on_done: Callable[[dict, dict], None]) -> None:
-        self.cfg = Scenario.model_validate(scenario).attacks
-        pool = self.cfg.pool
-        self.actors = [
+    def __init__(self, pool: AttackPoolConfig, actors: list, on_done: Callable[[dict, dict], None]) -> None:
+        self.cfg = pool
+        self.actors = actors
+        self.on_done = on_done
+        self.pending: dict[ray.ObjectRef, tuple[int, dict]] = {}  # ref -> (actor, job)
+
+    @classmethod
+    def start(
+        cls, scenario: dict, knowledge: AttackerKnowledge, run_tag: str, on_done: Callable[[dict, dict], None]
+    ) -> AttackPool:
+        """Start the scenario's attacker actors (named ``<run_tag>/attacker-<i>``)."""
+        pool = Scenario.model_validate(scenario).attacks.pool
+        actors = [
             Attacker.options(
                 num_cpus=pool.cpus_per_actor,
                 num_gpus=pool.gpus_per_actor,
@@ -124,14 +133,13 @@ class AttackPool:
             ).remote(scenario, i, knowledge)
             for i in range(pool.actors)
         ]
-        self.on_done = on_done
-        self.pending: dict[ray.ObjectRef, tuple[int, dict]] = {}  # ref -> (actor, job)
+        return cls(pool, actors, on_done)
 
     def submit(self, job: dict) -> bool:
         """Queue one job; False if it was dropped because the pool is full (``when_full: drop``)."""
         self.collect(timeout=0)  # finished jobs free their places before fullness is judged
-        while len(self.pending) >= self.cfg.pool.max_pending:
-            if self.cfg.pool.when_full == "drop":
+        while len(self.pending) >= self.cfg.max_pending:
+            if self.cfg.when_full == "drop":
                 return False
             self.wait_for_one()
         load = [0] * len(self.actors)

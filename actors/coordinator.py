@@ -139,7 +139,7 @@ class Coordinator:
                 resumed_round=self.round if resume else None, rerun_rounds={job["round"] for job in restored_jobs},
             )
             knowledge = AttackerKnowledge.from_dataset(dataset, ray.get(refs["evaluator"]))
-            self.attack_pool = AttackPool(scenario, knowledge, f"{self.run_dir.name}-{run_tag}", self.attack_log.done)
+            self.attack_pool = AttackPool.start(scenario, knowledge, f"{self.run_dir.name}-{run_tag}", self.attack_log.done)
             # In flight at the checkpoint we resume from: run them again (waiting for room, never dropped).
             for job in self.attack_log.expect(restored_jobs):
                 job["victims"] = [victim_from_state(v) for v in job["victims"]]

@@ -89,7 +89,7 @@ class DLG:
         images = z[:, :n_pixels].reshape(stacked.victims, batch, *shape)
         if learn:
             labels = z[:, n_pixels:].reshape(stacked.victims, batch, num_classes).argmax(-1)
-        return AttackResult(images, labels, final, iterations, time.perf_counter() - start)
+        return AttackResult(images, labels, final, iterations.cpu(), time.perf_counter() - start)
 
 
 @dataclass

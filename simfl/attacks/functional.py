@@ -39,7 +39,7 @@ class AttackResult:
     images: torch.Tensor  # (V, B, C, H, W) in [0, 1]
     labels: torch.Tensor  # (V, B) the attacker's labels (given, recovered or learned)
     objective: torch.Tensor  # (V,) the attack's objective at the returned images
-    iterations: int
+    iterations: torch.Tensor  # (V,) iterations each victim's optimisation ran
     seconds: float
 
 

@@ -77,7 +77,8 @@ class InvertingGradients:
                 better = f < best_f
                 best_x = torch.where(better.view(-1, *[1] * len(shape)), x, best_x)
                 best_f = torch.where(better, f, best_f)
-        return AttackResult(best_x, labels, best_f, self.iterations, time.perf_counter() - start)
+        iterations = torch.full((stacked.victims,), self.iterations * self.restarts, dtype=torch.long)
+        return AttackResult(best_x, labels, best_f, iterations, time.perf_counter() - start)
 
     def _optimise(
         self, x: torch.Tensor, gradient: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]

@@ -35,8 +35,11 @@ def batched_lbfgs(
     history_size: int = 100,
     tolerance_grad: float = 1e-7,
     tolerance_change: float = 1e-9,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Minimise each row of ``fn`` from ``z0``; return each row's best point, its value, iterations run.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Minimise each row of ``fn`` from ``z0``; return each row's best point, its value, and its iterations.
+
+    A row's iterations count the steps it took before it converged or stopped,
+    so they do not depend on the other rows.
 
     Keeping the best point seen (not the last) guards against a fixed step
     diverging, which DLG's L-BFGS without line search sometimes does.
@@ -53,7 +56,7 @@ def batched_lbfgs(
     d = -g
     t = torch.zeros(victims, dtype=z.dtype, device=z.device)
     prev_g = g
-    done = 0
+    steps = torch.zeros(victims, dtype=torch.long, device=z.device)
     for it in range(iterations):
         if not bool(active.any()):
             break
@@ -73,8 +76,8 @@ def batched_lbfgs(
         active = active & (_dot(g, d) < -tolerance_change)
         prev_g, prev_f = g, f
         z = torch.where(active[:, None], z + t[:, None] * d, z)
+        steps += active.long()
         f, g = fn(z)
-        done = it + 1
         finite = torch.isfinite(f)
         better = finite & (f < best_f)
         best_z = torch.where(better[:, None], z, best_z)
@@ -82,7 +85,7 @@ def batched_lbfgs(
         moved = (d * t[:, None]).abs().amax(-1) > tolerance_change
         changed = (f - prev_f).abs() >= tolerance_change
         active = active & finite & (g.abs().amax(-1) > tolerance_grad) & changed & moved
-    return best_z, best_f, done
+    return best_z, best_f, steps
 
 
 def _two_loop(

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine_helpers import SMOKE_FAST, kill_at_checkpoint, run_smoke
+from actors.attacker import AttackPool
+from simfl.config import AttackPoolConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,6 +94,44 @@ def assert_means_match_table(run_dir: Path) -> None:
         expected = rows[rows.attack == "ig"].groupby("round")[column].mean()
         assert [e.step for e in logged] == expected.index.tolist(), name
         assert np.allclose([e.value for e in logged], expected.tolist()), name
+
+
+class FakeAttacker:
+    """Answers a job at once with an object already in the store, or after ``delay`` s."""
+
+    def __init__(self, delay=0.0):
+        self.attack = SimpleNamespace(remote=self.remote)
+        self.delay = delay
+
+    def remote(self, victims):
+        if not self.delay:
+            return ray.put({"rows": [], "grids": {}})
+        return ray.remote(lambda d: time.sleep(d) or {"rows": [], "grids": {}}).options(num_cpus=0).remote(self.delay)
+
+
+def test_finished_jobs_free_the_pool_before_it_is_judged_full(ray_local):
+    done = []
+    pool = AttackPool(AttackPoolConfig(max_pending=1, when_full="drop"), [FakeAttacker()],
+                      lambda job, out: done.append(job["round"]))
+    assert pool.submit({"round": 1, "victims": []})
+    # Round 1's job has finished but nobody collected it yet: it must not make round 2's drop.
+    assert pool.submit({"round": 2, "victims": []})
+    assert done == [1]
+    pool.drain()
+    assert done == [1, 2] and not pool.pending
+
+
+def test_a_full_pool_waits_or_drops_as_configured(ray_local):
+    for policy, accepted in (("drop", False), ("wait", True)):
+        done = []
+        pool = AttackPool(AttackPoolConfig(max_pending=1, when_full=policy), [FakeAttacker(delay=1.0)],
+                          lambda job, out: done.append(job["round"]))
+        assert pool.submit({"round": 1, "victims": []})
+        assert pool.submit({"round": 2, "victims": []}) is accepted
+        # wait: round 2 went in only once round 1 was collected
+        assert done == ([1] if policy == "wait" else [])
+        pool.drain()
+        assert done == ([1, 2] if policy == "wait" else [1])
 
 
 def test_a_full_pool_drops_and_counts_instead_of_blocking(ray_local, data_root, tmp_path):

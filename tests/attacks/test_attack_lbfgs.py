@@ -21,7 +21,7 @@ def start():
 def test_each_row_follows_torch_lbfgs_without_line_search():
     z0 = start()
     z, f, done = batched_lbfgs(objective, z0, iterations=10, lr=1.0, history_size=5)
-    assert done == 10
+    assert done.tolist() == [10] * 4
     for row in range(4):
         p = z0[row].clone().requires_grad_(True)
         opt = torch.optim.LBFGS([p], lr=1.0, max_iter=10, max_eval=10**6, history_size=5)
@@ -45,9 +45,10 @@ def test_each_row_follows_torch_lbfgs_without_line_search():
 
 def test_rows_do_not_influence_each_other():
     z0 = start()
-    together, f_together, _ = batched_lbfgs(objective, z0, iterations=40, history_size=5)
+    together, f_together, steps = batched_lbfgs(objective, z0, iterations=40, history_size=5)
     for row in range(4):
-        alone, f_alone, _ = batched_lbfgs(objective, z0[row : row + 1], iterations=40, history_size=5)
+        alone, f_alone, alone_steps = batched_lbfgs(objective, z0[row : row + 1], iterations=40, history_size=5)
+        assert steps[row] == alone_steps[0]
         assert torch.allclose(together[row], alone[0], atol=1e-12)
         assert torch.allclose(f_together[row], f_alone[0], atol=1e-12)
 
@@ -61,5 +62,14 @@ def test_keeps_the_best_point_when_fixed_steps_diverge():
     z0 = torch.ones(2, 3)
     # lr 3 overshoots every quasi-Newton step: the objective grows until it overflows
     z, f, done = batched_lbfgs(quadratic, z0, iterations=300, lr=3.0)
-    assert done < 300  # stopped once the rows blew up
+    assert (done < 300).all()  # stopped once the rows blew up
     assert torch.equal(z, z0) and torch.equal(f, quadratic(z0)[0])
+
+
+def test_each_row_counts_its_own_iterations():
+    def quadratic(z):
+        return (z**2).sum(-1), 2 * z
+
+    z0 = torch.tensor([[0.0, 0.0], [1.0, -2.0]])  # row 0 starts at the minimum
+    _, _, steps = batched_lbfgs(quadratic, z0, iterations=50)
+    assert steps[0] == 0 and 0 < steps[1] < 50
