@@ -21,13 +21,14 @@ import torch
 from ray.exceptions import RayActorError
 
 from simfl.attacks import get_attack
-from simfl.attacks.adaptive import Disclosure, adapt
+from simfl.attack_log import attack_label
+from simfl.attacks.adaptive import adapt
 from simfl.attacks.victim import Victim
 from simfl.config import AttackPoolConfig, Scenario
 from simfl.data import Dataset
 from simfl.evaluator import Evaluator
 from simfl.metrics import score_batch
-from simfl.models import build_model
+from simfl.defences import defended_model
 from simfl.resources import actor_device, torch_threads
 from simfl.seeding import derive_seed, torch_generator
 from simfl.weights import FlatWeights
@@ -47,15 +48,12 @@ class AttackerKnowledge:
     shape: tuple[int, int, int]  # channels, image size, classes
     mean_image: torch.Tensor  # (C, H, W): the mean-image baseline, over the validation split
     evaluator: Evaluator
-    disclosure: Disclosure | None = None  # what the run's defence tells an adaptive attacker
 
     @classmethod
-    def from_dataset(
-        cls, dataset: Dataset, evaluator: Evaluator, disclosure: Disclosure | None = None
-    ) -> AttackerKnowledge:
+    def from_dataset(cls, dataset: Dataset, evaluator: Evaluator) -> AttackerKnowledge:
         # uint8 summed in float64 by numpy: no float copy of the whole split (GBs at 224 px).
         mean = torch.from_numpy(dataset.val_x.mean(axis=0, dtype=np.float64) / 255.0).permute(2, 0, 1).float()
-        return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, evaluator, disclosure)
+        return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, evaluator)
 
 
 @ray.remote
@@ -69,20 +67,33 @@ class Attacker:
         self.index = index
         self.evaluator = knowledge.evaluator
         self.mean_image = knowledge.mean_image
-        self.model = build_model(self.sc.model, *knowledge.shape).to(self.device)
+        # The defended model (the shared weights' layout) and the defence, to learn what it discloses.
+        model, self.defence = defended_model(self.sc, knowledge.shape)
+        self.model = model.to(self.device)
         self.flat = FlatWeights(self.model)
         self.classifier = self.evaluator.model(*knowledge.shape, self.device)
-        self.attacks = {
-            m.kind: adapt(get_attack(m.kind, **m.options()), knowledge.disclosure) for m in self.sc.attacks.methods
-        }
+        self.methods = {m.kind: get_attack(m.kind, **m.options()) for m in self.sc.attacks.methods}
 
-    def attack(self, victims: list[Victim]) -> dict:
-        """Run every configured attack on the stacked victims; one row per reconstructed image."""
+    def _attacks(self, context: dict | None) -> dict[tuple[str, str], object]:
+        """Every attack naive; and adaptive too when the defence discloses anything (given the round's broadcast)."""
+        naive, adaptive = self.defence.naive_view(), self.defence.disclosure(context)
+        attacks = {}
+        for kind, attack in self.methods.items():
+            attacks[(kind, "naive")] = adapt(attack, naive)
+            if adaptive is not None:
+                attacks[(kind, "adaptive")] = adapt(attack, adaptive)
+        return attacks
+
+    def attack(self, victims: list[Victim], context: dict | None = None) -> dict:
+        """Run every configured attack on the stacked victims (all of one round); one row per reconstructed image.
+
+        ``context``: the defence's broadcast of the victims' round, which an adaptive attacker uses.
+        """
         seeds = [derive_seed(self.sc.seed, "attack", v.client_id, v.round) for v in victims]
         observations = [v.observation for v in victims]
         rows: list[dict] = []
         grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for kind, attack in self.attacks.items():
+        for (kind, knowledge), attack in self._attacks(context).items():
             result = attack(self.model, self.flat, observations, seeds)
             finished = time.time()
             shown_orig, shown_recon = [], []
@@ -94,7 +105,8 @@ class Attacker:
                                      self.mean_image, gen)
                 for row in scored:
                     row.update(
-                        round=v.round, client_id=v.client_id, attack=kind, view=v.observation.view,
+                        round=v.round, client_id=v.client_id, attack=kind, knowledge=knowledge,
+                        defence=self.sc.defence.kind, view=v.observation.view,
                         labels=self.sc.attacks.labels, batch_size=v.observation.batch_size,
                         iterations=int(result.iterations[i]), objective=float(result.objective[i]),
                         evaluator_test_accuracy=self.evaluator.test_accuracy, victims_in_job=len(victims),
@@ -103,7 +115,8 @@ class Attacker:
                 rows.extend(scored)
                 shown_orig.append(orig[[row["matched_image"] for row in scored]])
                 shown_recon.append(recon)
-            grids[kind] = (torch.cat(shown_orig)[:GRID_IMAGES], torch.cat(shown_recon)[:GRID_IMAGES])
+            grids[attack_label(kind, knowledge)] = (torch.cat(shown_orig)[:GRID_IMAGES],
+                                                    torch.cat(shown_recon)[:GRID_IMAGES])
         return {"rows": rows, "grids": grids}
 
 
@@ -146,7 +159,7 @@ class AttackPool:
         for actor, _ in self.pending.values():
             load[actor] += 1
         actor = int(np.argmin(load))
-        self.pending[self.actors[actor].attack.remote(job["victims"])] = (actor, job)
+        self.pending[self.actors[actor].attack.remote(job["victims"], job.get("context"))] = (actor, job)
         return True
 
     def collect(self, timeout: float = 0) -> int:
@@ -169,7 +182,7 @@ class AttackPool:
                 if job["retries"] > MAX_JOB_RETRIES:
                     raise
                 print(f"simfl: attacker {actor} died; re-sending its job of round {job['round']}", file=sys.stderr)
-                self.pending[self.actors[actor].attack.remote(job["victims"])] = (actor, job)
+                self.pending[self.actors[actor].attack.remote(job["victims"], job.get("context"))] = (actor, job)
                 continue
             self.on_done(job, out)
             handed += 1

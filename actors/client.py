@@ -18,7 +18,7 @@ from simfl.attacks.victim import capture
 from simfl.client_data import ClientData, client_data
 from simfl.config import Scenario
 from simfl.data import Dataset
-from simfl.models import build_model
+from simfl.defences import defended_model
 from simfl.partition import Partition
 from simfl.resources import actor_device, torch_threads
 from simfl.seeding import torch_generator
@@ -62,9 +62,11 @@ class ClientShard:
         self.partition: Partition = ray.get(refs["partition"])
         self.shifts = [p.shift for p in self.sc.populations]
         ds = self.dataset
-        self.model = build_model(self.sc.model, ds.channels, ds.image_size, ds.num_classes).to(self.device)
+        model, self.defence = defended_model(self.sc, (ds.channels, ds.image_size, ds.num_classes))
+        self.model = model.to(self.device)
         self.flat = FlatWeights(self.model)
         self._weights_cache: tuple[tuple[str, int], torch.Tensor] | None = None
+        self._received: int | None = None  # the round whose defence broadcast the defence holds
         self.states = {int(c): dict(s) for c, s in states.items()}
         return {"shard": self.shard, "node_id": self.node_id, "pid": os.getpid(), "clients": len(self.states)}
 
@@ -88,7 +90,13 @@ class ClientShard:
         return self._weights_cache[1]
 
     def train(
-        self, round_: int, weights: np.ndarray, clients: list[int], states: dict[int, dict], victims: list[int]
+        self,
+        round_: int,
+        weights: np.ndarray,
+        clients: list[int],
+        states: dict[int, dict],
+        victims: list[int],
+        broadcast: dict | None = None,
     ) -> list[dict]:
         """Train each listed client from ``weights``; randomness comes from (seed, client, round).
 
@@ -96,20 +104,25 @@ class ClientShard:
         copy of (another actor's clients it was given to balance the round).
         ``victims`` (a subset of ``clients``) are attacked this round: their rows
         also carry what they share and, for scoring only, their private images.
+        ``broadcast`` is the defence's server-side output for this round (e.g. its decoder).
         """
         self._require_attached()
         self.states.update({int(c): dict(s) for c, s in states.items()})
         global_weights = self._weights(("train", round_), weights)
+        if self._received != round_:
+            self.defence.receive(broadcast or {}, self.device)
+            self._received = round_
         results = []
         for client in clients:
             data = self._data(client)
+            state = self.states[client]
             gen = torch_generator(self.sc.seed, "client-train", client, round_)
-            local = train_client(self.model, self.flat, global_weights, data.x, data.y, self.sc.training, gen)
+            local = train_client(self.model, self.flat, global_weights, data.x, data.y, self.sc.training, gen,
+                                 self.defence, state)
             victim = None
             if client in victims:
                 victim = capture(self.model, self.flat, global_weights, data.x, data.y, self.sc.attacks,
-                                 self.sc.training, local, self.sc.seed, client, round_)
-            state = self.states[client]
+                                 self.sc.training, local, self.sc.seed, client, round_, self.defence)
             state["participation"] += 1
             state["last_round"] = round_
             results.append(
@@ -125,6 +138,7 @@ class ClientShard:
                     "actor": self.shard,
                     "node_id": self.node_id,
                     "victim": victim,
+                    "defence": local.defence,
                 }
             )
         return results

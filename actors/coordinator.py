@@ -9,6 +9,7 @@ object store, never once per client.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import uuid
@@ -30,12 +31,12 @@ from simfl.checkpoint import load_latest, save_checkpoint
 from simfl.client_data import population_test_set
 from simfl.config import Scenario, scenario_to_yaml
 from simfl.data import Dataset
-from simfl.models import build_model
+from simfl.defences import defended_model
 from simfl.partition import Partition
 from simfl.resources import assign_clients, torch_threads
 from simfl.scheduling import RoundSchedule
 from simfl.seeding import derive_seed, rng
-from simfl.tables import RunTables
+from simfl.tables import CLIENT_DEFENCE_COLUMNS, RunTables
 from simfl.training import evaluate
 from simfl.weights import FlatWeights
 
@@ -88,9 +89,11 @@ class Coordinator:
         self.held_out = self.partition.held_out
 
         torch.manual_seed(derive_seed(self.sc.seed, "model-init"))
-        self.model = build_model(self.sc.model, dataset.channels, dataset.image_size, dataset.num_classes)
+        shape = (dataset.channels, dataset.image_size, dataset.num_classes)
+        self.model, self.defence = defended_model(self.sc, shape)
         self.flat = FlatWeights(self.model)
         self.weights = self.flat.snapshot()
+        self.defence.server_setup(dataset, self.model)
         self.server = ServerOptimizer(self.sc.training.algorithm, self.flat.trainable)
         self.test_sets = self._test_sets(dataset)
 
@@ -162,6 +165,7 @@ class Coordinator:
         self.weights = state["weights"]
         self.server.load_state_dict(state["server"])
         self.journal = {int(c): dict(s) for c, s in state["journal"].items()}
+        self.defence.load_server_state(state.get("defence", {}))
         self.tables.truncate_to(state["manifest"])
         return self.round + 1, state.get("attack_jobs", [])
 
@@ -213,7 +217,8 @@ class Coordinator:
             call = getattr(self.actors[shard], method)
             if method == "train":
                 victims = [c for c in chunk if c in self.round_victims]
-                ref = call.remote(key, weights_ref, chunk, self._states_to_send(shard, chunk), victims)
+                ref = call.remote(key, weights_ref, chunk, self._states_to_send(shard, chunk), victims,
+                                  self.broadcast_ref)
             else:
                 ref = call.remote(key, weights_ref, chunk)
             in_flight[ref] = (shard, chunk, self.incarnation[shard])
@@ -278,9 +283,11 @@ class Coordinator:
         cohort = sample_cohort(self.sc, self.train_clients, r)
         self.round_victims = sample_victims(self.sc, cohort, r)
         weights_ref = ray.put(self.weights.numpy())
+        broadcast = self.defence.broadcast()
+        self.broadcast_ref = ray.put(broadcast)
         results, reruns = self._dispatch("train", r, weights_ref, cohort)
         victims = [res.pop("victim") for res in results if res["victim"] is not None]
-        dropped = self._attack(r, victims)
+        dropped = self._attack(r, victims, broadcast)
 
         deltas = [torch.tensor(res["delta"]) for res in results]  # copies out of the read-only object store
         samples = [res["samples"] for res in results]
@@ -305,6 +312,7 @@ class Coordinator:
                 "node_id": res["node_id"],
                 "attempt": res["attempt"],
                 "participation": res["state"]["participation"],
+                **res["defence"],
             }
             for res in results
         ]
@@ -315,6 +323,8 @@ class Coordinator:
         self.tables.append("clients", client_rows)
         self.tb.add_scalar("train/loss", train_loss, r)
         self.tb.add_scalar("train/accuracy", train_acc, r)
+        self.flat.load(self.weights)
+        defence_figures = self._defence_figures(r, client_rows)
 
         if r % self.sc.evaluation.every == 0 or r == self.sc.training.rounds:
             summary.update(self._evaluate(r))
@@ -336,6 +346,7 @@ class Coordinator:
                     "attack_victims_dropped": dropped,
                     "round_time_s": round_time,
                     "finished_at": time.time(),
+                    **defence_figures,
                 }
             ],
         )
@@ -349,10 +360,36 @@ class Coordinator:
         summary["round_time_s"] = round_time
         return summary
 
+    # ------------------------------------------------------------ defence
+
+    def _defence_figures(self, r: int, client_rows: list[dict]) -> dict[str, float]:
+        """The defence's server step, and its state and knobs for this round (rounds table, TensorBoard).
+
+        Per-client figures are averaged over the cohort; ε also gets its maximum,
+        the privacy of the least protected client so far this round.
+        """
+        figures = self.defence.server_round(r, self.model, client_rows)
+        for name in CLIENT_DEFENCE_COLUMNS:
+            values = [row[name] for row in client_rows if row.get(name) is not None]
+            if values:
+                figures[name] = float(np.mean(values))
+                if name == "dp_epsilon":
+                    figures["dp_epsilon_max"] = float(np.max(values))
+        knobs = self.sc.defence.knobs()
+        for name, value in figures.items():
+            self.tb.add_scalar(f"defence/{name}", value, r)
+        for name, value in knobs.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tb.add_scalar(f"defence/knob/{name}", value, r)
+        return {**figures, "defence": self.sc.defence.kind, "defence_knobs": json.dumps(knobs, sort_keys=True)}
+
     # ------------------------------------------------------------ attacks
 
-    def _attack(self, r: int, victims: list[Victim]) -> int:
-        """Hand this round's victims to the attacker pool; returns how many were dropped."""
+    def _attack(self, r: int, victims: list[Victim], context: dict) -> int:
+        """Hand this round's victims, with the defence broadcast they trained under, to the attacker pool.
+
+        Returns how many were dropped.
+        """
         if self.attack_pool is None:
             return 0
         # One tensor for the round's global weights: Ray and checkpoints then carry it once per job, not per victim.
@@ -361,7 +398,8 @@ class Coordinator:
             if torch.equal(v.observation.weights, self.weights) else v
             for v in victims
         ]
-        jobs = [{"round": r, "victims": group} for group in attack_jobs(victims, self.sc.attacks.victims_per_job)]
+        jobs = [{"round": r, "victims": group, "context": context}
+                for group in attack_jobs(victims, self.sc.attacks.victims_per_job)]
         dropped = 0
         for job in self.attack_log.expect(jobs):
             if not self._submit_attack(job):
@@ -444,8 +482,10 @@ class Coordinator:
                 "journal": self.journal,
                 "manifest": self.tables.manifest(),
                 # Attacks still running: their results are not in the manifest, so a resume re-runs them.
+                "defence": self.defence.server_state(),
                 "attack_jobs": [
-                    {"round": job["round"], "victims": [victim_state(v) for v in job["victims"]]}
+                    {"round": job["round"], "victims": [victim_state(v) for v in job["victims"]],
+                     "context": job.get("context")}
                     for job in (self.attack_pool.jobs() if self.attack_pool else [])
                 ],
             },

@@ -24,6 +24,11 @@ METRICS = ("psnr", "ssim", "mse", "attacker_correct")
 BASELINES = (("", ""), ("random_", "_random_baseline"), ("mean_", "_mean_baseline"))
 
 
+def attack_label(kind: str, knowledge: str) -> str:
+    """How an attack is named in TensorBoard tags and PNG names: ``ig`` (naive) or ``ig_adaptive``."""
+    return kind if knowledge == "naive" else f"{kind}_{knowledge}"
+
+
 class AttackLog:
     def __init__(
         self,
@@ -102,8 +107,8 @@ class AttackLog:
             self.tb.add_image(f"attack/{kind}/originals_above_reconstructions", grid, r)
 
     def _log_means(self, r: int, rows: list[dict]) -> None:
-        for kind in sorted({row["attack"] for row in rows}):
-            mine = [row for row in rows if row["attack"] == kind]
+        for kind in sorted({attack_label(row["attack"], row["knowledge"]) for row in rows}):
+            mine = [row for row in rows if attack_label(row["attack"], row["knowledge"]) == kind]
             for prefix, suffix in BASELINES:
                 for metric in METRICS:
                     name = "attacker_accuracy" if metric == "attacker_correct" else metric

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -356,6 +357,81 @@ class AttacksConfig(Strict):
         return min(cohort, self.victims or 1)
 
 
+# ---------------------------------------------------------------- defences
+
+
+class DefenceConfig(Strict):
+    """The run's defence (``simfl.defences``) and its knobs; a knob of another kind is an error.
+
+    - ``none``: plain training, the reference arm.
+    - ``latent``: learnable Gaussian noise on the latent (σ = softplus(ρ), soft-capped
+      at ``sigma_max``), trained by minimax against a decoder the coordinator trains
+      on server-held data; λ fixed, or adapted so client accuracy holds ``utility_target``.
+    - ``dpsgd``: Opacus DP-SGD in each client's local training (Poisson sampling,
+      per-sample clipping to ``max_grad_norm``, Gaussian noise), ε accounted per client.
+    - ``bido``: BiDO-HSIC: ``a1``·HSIC(X, Z) − ``a2``·HSIC(Y, Z) over hidden layers added to the loss.
+    """
+
+    kind: Literal["none", "latent", "dpsgd", "bido"] = "none"
+    # latent
+    sigma_init: PositiveFloat | None = None
+    sigma_max: PositiveFloat | None = None
+    sigma_lr: PositiveFloat | None = None
+    mean_shift: bool | None = None
+    lam: NonNegativeFloat | None = None
+    utility_target: float | None = Field(None, gt=0.0, lt=1.0)
+    dual_lr: PositiveFloat | None = None
+    decoder_steps: PositiveInt | None = None
+    decoder_lr: PositiveFloat | None = None
+    decoder_batch: PositiveInt | None = None
+    adaptive_samples: PositiveInt | None = None
+    # dpsgd
+    noise_multiplier: NonNegativeFloat | None = None
+    max_grad_norm: PositiveFloat | None = None
+    delta: float | None = Field(None, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "prv"] | None = None
+    # bido
+    a1: NonNegativeFloat | None = None
+    a2: NonNegativeFloat | None = None
+    kernel_sigma: PositiveFloat | None = None
+    layers: Literal["latent", "all"] | None = None
+
+    _shorthand = model_validator(mode="before")(_kind_shorthand)
+
+    KNOBS: ClassVar[dict[str, dict[str, Any]]] = {
+        "none": {},
+        "latent": {"sigma_init": 0.1, "sigma_max": 2.0, "sigma_lr": 1.0, "mean_shift": False, "lam": 0.5, "utility_target": None,
+                   "dual_lr": 1.0, "decoder_steps": 20, "decoder_lr": 1e-3, "decoder_batch": 64,
+                   "adaptive_samples": 8},
+        "dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp"},
+        "bido": {"a1": 0.05, "a2": 0.5, "kernel_sigma": 5.0, "layers": "all"},
+    }
+
+    @model_validator(mode="after")
+    def _knobs(self) -> DefenceConfig:
+        mine = self.KNOBS[self.kind]
+        extra = [k for k in type(self).model_fields if k != "kind" and k not in mine and getattr(self, k) is not None]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} do not apply to kind: {self.kind}")
+        if self.kind == "latent" and self.get("adaptive_samples") % 2 and self.get("adaptive_samples") > 1:
+            raise ValueError("adaptive_samples: 1 (the expected latent) or an even number (±ε pairs)")
+        if self.kind == "latent" and self.get("sigma_init") >= self.get("sigma_max"):
+            raise ValueError(f"sigma_init ({self.get('sigma_init')}) must be below sigma_max ({self.get('sigma_max')})")
+        if self.kind != "latent" or self.utility_target is None:
+            if self.dual_lr is not None:
+                raise ValueError("dual_lr only applies with utility_target (λ adapted as a dual variable)")
+        return self
+
+    def get(self, knob: str) -> Any:
+        """The knob's value, with the kind's default when unset."""
+        value = getattr(self, knob)
+        return self.KNOBS[self.kind][knob] if value is None else value
+
+    def knobs(self) -> dict[str, Any]:
+        """Every knob of this kind, defaults filled in (what the run logs)."""
+        return {k: self.get(k) for k in self.KNOBS[self.kind]}
+
+
 class Scenario(Strict):
     name: str = Field("scenario", pattern=NAME_PATTERN)
     seed: int = Field(0, ge=0, lt=2**32)
@@ -368,6 +444,21 @@ class Scenario(Strict):
     output: OutputConfig = OutputConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     attacks: AttacksConfig | None = None
+    defence: DefenceConfig = DefenceConfig()
+    # Arm name -> a patch of this scenario (nested mapping, deep-merged): one run per arm,
+    # same data, clients and attacks. Validated arm by arm in ``parse_scenario``.
+    arms: dict[str, dict[str, Any]] | None = None
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, arms: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+        if arms is not None:
+            if not arms:
+                raise ValueError("arms: give at least one arm, or leave arms out")
+            bad = [n for n in arms if not re.fullmatch(NAME_PATTERN, n)]
+            if bad:
+                raise ValueError(f"arm name {bad[0]!r} must match {NAME_PATTERN}")
+        return arms
 
     @field_validator("populations")
     @classmethod
@@ -405,9 +496,30 @@ class Scenario(Strict):
                 raise ValueError("attacks.view: update does not model FedProx's proximal term")
         return self
 
+    @model_validator(mode="after")
+    def _defence_fits(self) -> Scenario:
+        d = self.defence
+        if d.kind == "dpsgd":
+            # Opacus computes per-sample gradients; BatchNorm mixes samples (use norm: group).
+            if self.model.norm == "batch":
+                raise ValueError("defence: dpsgd needs per-sample gradients; set model.norm: group (not batch)")
+            if self.training.algorithm.kind == "fedprox":
+                raise ValueError("defence: dpsgd clips the loss gradient only; FedProx's term is not supported")
+        return self
+
     @property
     def num_clients(self) -> int:
         return sum(p.clients for p in self.populations)
+
+    def arm_scenarios(self) -> dict[str, Scenario]:
+        """One scenario per arm (``arms`` resolved and removed); ``{name: self}`` without arms."""
+        if self.arms is None:
+            return {self.name: self}
+        base = self.model_dump(mode="json", exclude={"arms"})
+        return {
+            name: Scenario.model_validate(deep_merge(deep_merge(base, {"name": f"{self.name}.{name}"}), patch))
+            for name, patch in self.arms.items()
+        }
 
 
 # ---------------------------------------------------------------- loading
@@ -452,6 +564,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` laid over it: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def _key_path(loc: tuple) -> str:
     """The YAML key path of an error, without pydantic's union-branch labels such as ``constrained-int``."""
     keys = [str(p) for p in loc if not (isinstance(p, str) and ("-" in p or "[" in p))]
@@ -483,9 +606,17 @@ def parse_scenario(raw: Any, overrides: list[str] | None = None, name: str | Non
     if name is not None:
         raw.setdefault("name", name)
     try:
-        return Scenario.model_validate(raw)
+        scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
         raise UserError(f"scenario: {format_validation_error(exc)}") from None
+    for arm, patch in (scenario.arms or {}).items():
+        if "arms" in patch:
+            raise UserError(f"scenario: arms.{arm}.arms: arms do not nest")
+        try:
+            Scenario.model_validate(deep_merge(scenario.model_dump(mode="json", exclude={"arms"}), patch))
+        except ValidationError as exc:
+            raise UserError(f"scenario: arms.{arm}.{format_validation_error(exc)}") from None
+    return scenario
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from simfl.config import Scenario, load_scenario, scenario_to_yaml
+from simfl.config import Scenario, deep_merge, load_scenario, scenario_to_yaml
 from simfl.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -230,39 +230,123 @@ def execute(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool, quie
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run_dir: Path | None = None
-    created = False
     try:
         if args.resume:
-            run_dir = Path(args.resume)
             if args.scenario or args.overrides:
                 raise UserError("--resume: a resumed run uses its saved scenario.yaml; drop the scenario and --set")
-            check_resumable(run_dir)
-            scenario = load_scenario(run_dir / "scenario.yaml")
+            top = Path(args.resume)
+            if not (top / "scenario.yaml").is_file():
+                raise UserError(f"--resume {top}: not a run directory (no scenario.yaml)")
+            scenario = load_scenario(top / "scenario.yaml")
         elif args.scenario:
             scenario = load_scenario(args.scenario, args.overrides)
+            top = None
         else:
             raise UserError("give a scenario file, or --resume RUN_DIR")
-        prepared = prepare(scenario)
-        if args.resume:
-            check_same_partition(run_dir, prepared)
-        connect_ray(args)
-        n_actors = plan(prepared, elastic=bool(args.address))
-        prepare_evaluator(prepared, args.quiet)
-        if not args.resume:
-            run_dir = create_run_dir(prepared)
-            created = True
-        last = execute(run_dir, prepared, n_actors, resume=bool(args.resume), quiet=args.quiet)
+        if scenario.arms is None:
+            run_dir, last = run_scenario(args, scenario, top)
+        else:
+            run_dir, last = run_arms(args, scenario, top)
     except UserError as exc:
-        _discard(run_dir, created)
         print(f"simfl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except BaseException:
-        _discard(run_dir, created)
-        raise
     acc = f", test accuracy {last['test_accuracy']:.4f}" if "test_accuracy" in last else ""
     print(f"simfl: finished {scenario.training.rounds} rounds{acc}; results in {run_dir}")
     return 0
+
+
+def run_scenario(args: argparse.Namespace, scenario: Scenario, resume: Path | None,
+                 planned: tuple[Prepared, int] | None = None) -> tuple[Path, dict]:
+    """One run: fresh into a new run directory, or resumed from ``resume``; a failed fresh run leaves nothing.
+
+    ``planned``: the data and actor count already prepared (arms do it all up front).
+    """
+    run_dir = resume
+    created = False
+    try:
+        if resume is not None:
+            check_resumable(resume)
+        prepared, n_actors = planned or (prepare(scenario), None)
+        if resume is not None:
+            check_same_partition(resume, prepared)
+        if n_actors is None:
+            n_actors = plan_run(args, prepared)
+        if resume is None:
+            run_dir = create_run_dir(prepared)
+            created = True
+        last = execute(run_dir, prepared, n_actors, resume=resume is not None, quiet=args.quiet)
+    except BaseException:
+        _discard(run_dir, created)
+        raise
+    return run_dir, last
+
+
+def plan_run(args: argparse.Namespace, prepared: Prepared) -> int:
+    """Join Ray, fit the actors to it and have the evaluation classifier ready: the last checks before writing."""
+    connect_ray(args)
+    n_actors = plan(prepared, elastic=bool(args.address))
+    prepare_evaluator(prepared, args.quiet)
+    return n_actors
+
+
+def run_arms(args: argparse.Namespace, scenario: Scenario, resume: Path | None) -> tuple[Path, dict]:
+    """Every arm of the scenario in turn, each a complete run directory under one parent.
+
+    All arms are validated, their data loaded and their actors planned before
+    anything is written (arms with the same data and partition share one copy). On ``--resume``,
+    finished arms are skipped, killed ones resumed and missing ones started.
+    """
+    arms = scenario.arm_scenarios()
+    parent = resume or new_run_dir(scenario)
+    prepared: dict[str, tuple[Prepared, int]] = {}
+    for name, arm in arms.items():
+        arm = Scenario.model_validate(deep_merge(arm.model_dump(mode="json"),
+                                                 {"output": {"dir": str(parent), "name": name}}))
+        same = next((p for p, _ in prepared.values() if same_data(p.scenario, arm)), None)
+        prep = Prepared(arm, same.dataset, same.partition, same.evaluator) if same else prepare(arm)
+        prepared[name] = (prep, plan_run(args, prep))
+    if resume is None:
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise UserError(f"output.dir: cannot create {parent} ({exc.strerror})") from None
+        (parent / "scenario.yaml").write_text(scenario_to_yaml(scenario))
+    try:
+        last = _run_each_arm(args, parent, prepared)
+    except BaseException:
+        if resume is None and not any(p.is_dir() for p in parent.iterdir()):
+            shutil.rmtree(parent, ignore_errors=True)  # no arm got as far as a run directory
+        raise
+    from simfl.summary import arms_table
+
+    table = arms_table(parent)
+    (parent / "summary.md").write_text(table + "\n")
+    print(table)
+    return parent, last
+
+
+def _run_each_arm(args: argparse.Namespace, parent: Path, prepared: dict[str, tuple[Prepared, int]]) -> dict:
+    from simfl.checkpoint import list_checkpoints
+
+    last: dict = {}
+    for name, (prep, n_actors) in prepared.items():
+        arm_dir = parent / name
+        if (arm_dir / "final_weights.pt").is_file():
+            print(f"simfl: arm {name}: finished already, skipped", file=sys.stderr)
+            continue
+        if arm_dir.is_dir() and not list_checkpoints(arm_dir):
+            shutil.rmtree(arm_dir)  # started but never checkpointed: start it again
+        print(f"simfl: arm {name} (defence: {prep.scenario.defence.kind})", file=sys.stderr)
+        _, last = run_scenario(args, prep.scenario, arm_dir if arm_dir.is_dir() else None, (prep, n_actors))
+    return last
+
+
+def same_data(a: Scenario, b: Scenario) -> bool:
+    """Arms that load the same data and partition them the same way."""
+    keys = ("seed", "data", "populations")
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and (
+        a.evaluation.local_val_fraction == b.evaluation.local_val_fraction
+    )
 
 
 def _discard(run_dir: Path | None, created: bool) -> None:

@@ -15,6 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# What defences log (null where the run's defence does not): per client, and per round.
+CLIENT_DEFENCE_COLUMNS = ("dp_epsilon", "dp_steps", "decoder_mse", "hsic_xz", "hsic_yz")
+ROUND_DEFENCE_COLUMNS = (*CLIENT_DEFENCE_COLUMNS, "dp_epsilon_max", "lam", "sigma_mean", "sigma_min", "sigma_max",
+                         "decoder_mse_server")
+
 SCHEMAS: dict[str, pa.Schema] = {
     "rounds": pa.schema(
         [
@@ -30,6 +35,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("attack_victims_dropped", pa.int32()),  # victims not attacked: the pool was full (when_full: drop)
             ("round_time_s", pa.float64()),
             ("finished_at", pa.float64()),
+            ("defence", pa.string()),
+            ("defence_knobs", pa.string()),  # JSON: every knob of the defence, defaults filled in
+            *((name, pa.float64()) for name in ROUND_DEFENCE_COLUMNS),
         ]
     ),
     "clients": pa.schema(
@@ -47,6 +55,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("node_id", pa.string()),
             ("attempt", pa.int32()),
             ("participation", pa.int32()),
+            *((name, pa.float64()) for name in CLIENT_DEFENCE_COLUMNS),
         ]
     ),
     "evals": pa.schema(
@@ -78,6 +87,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("client_id", pa.int64()),
             ("population", pa.string()),
             ("attack", pa.string()),
+            ("knowledge", pa.string()),  # naive | adaptive (the attacker knows the defence)
+            ("defence", pa.string()),
             ("view", pa.string()),
             ("labels", pa.string()),
             ("batch_size", pa.int32()),

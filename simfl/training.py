@@ -7,14 +7,18 @@ at a time, so a shard costs a quarter of its float32 size in memory.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simfl.config import TrainingConfig
+from simfl.config import DefenceConfig, TrainingConfig
 from simfl.weights import FlatWeights
+
+if TYPE_CHECKING:
+    from simfl.defences.base import Defence
 
 
 def to_input(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -26,19 +30,22 @@ def to_input(x: torch.Tensor, device: torch.device | None = None) -> torch.Tenso
 
 @dataclass
 class LocalResult:
-    delta: torch.Tensor  # local minus global weights, flat float32
+    delta: torch.Tensor  # what the client shares: local minus global weights (as the defence transforms it)
     samples: int
     steps: int
     loss: float
     accuracy: float
     time_s: float
+    defence: dict[str, float] = field(default_factory=dict)  # the defence's per-client figures (means over steps)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainingConfig, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """The local optimiser over ``model``'s parameters, or over ``groups`` (per-group options override)."""
     opt = cfg.optimizer
+    params = groups if groups is not None else model.parameters()
     if opt.kind == "adam":
-        return torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        return torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
 def batch_order(n: int, cfg: TrainingConfig, generator: torch.Generator) -> list[torch.Tensor]:
@@ -62,36 +69,54 @@ def train_client(
     y: torch.Tensor,
     cfg: TrainingConfig,
     generator: torch.Generator,
+    defence: Defence | None = None,
+    state: dict | None = None,
 ) -> LocalResult:
-    """Train from the global weights on one client's data; return the update it shares."""
+    """Train from the global weights on one client's data; return the update it shares.
+
+    ``defence`` decides the module, batches, optimiser and objective, and
+    transforms the shared update; all its randomness comes from ``generator``.
+    ``state`` is the client's persistent state, which the defence may update.
+    """
+    from simfl.defences.base import Defence
+
+    defence = defence or Defence(DefenceConfig(), (0, 0, 0), 0)
     start = time.perf_counter()
     device = flat.vector.device
     flat.load(global_weights)
     model.train()
-    optimizer = make_optimizer(model, cfg)
+    module = defence.training_module(model)
+    batches = defence.batches(len(y), cfg, generator)
+    optimizer = defence.optimizer(model, cfg, generator, len(y))
+    defence.begin(model, generator)
     mu = cfg.algorithm.mu if cfg.algorithm.kind == "fedprox" else 0.0
     anchor = global_weights.to(device)[flat.trainable] if mu else None
     loss_sum = torch.zeros((), dtype=torch.float64)
+    terms: dict[str, float] = {}
     correct = 0
     seen = 0
-    batches = batch_order(len(y), cfg, generator)
     for idx in batches:
+        if len(idx) == 0:  # a Poisson-sampled (DP) batch can be empty
+            defence.empty_step(model, optimizer)
+            continue
         xb = to_input(x[idx], device)
         yb = y[idx].to(device)
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
-        objective = loss
+        objective, loss, logits, logged = defence.objective(model, module, xb, yb)
         if anchor is not None:
             # FedProx: mu/2 * ||w - w_global||^2 over trainable parameters only.
             current = torch.cat([p.reshape(-1) for p in model.parameters()])
-            objective = loss + 0.5 * mu * (current - anchor).pow(2).sum()
+            objective = objective + 0.5 * mu * (current - anchor).pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
         loss_sum += loss.detach().double().cpu() * len(idx)
+        for name, value in logged.items():
+            terms[name] = terms.get(name, 0.0) + float(value) * len(idx)
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(idx)
-    delta = (flat.vector - global_weights.to(device)).detach().cpu()
+    delta = defence.share((flat.vector - global_weights.to(device)).detach()).cpu()
+    figures = {name: total / max(seen, 1) for name, total in terms.items()}
+    figures.update(defence.account(state if state is not None else {}, len(y), len(batches)))
     return LocalResult(
         delta=delta,
         samples=len(y),
@@ -99,6 +124,7 @@ def train_client(
         loss=float(loss_sum) / max(seen, 1),
         accuracy=correct / max(seen, 1),
         time_s=time.perf_counter() - start,
+        defence=figures,
     )
 
 

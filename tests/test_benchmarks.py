@@ -40,3 +40,15 @@ def test_attack_benchmark_quick_prints_its_figures():
     assert float(slowdown.group(3)) > 0
     # Rounds 2 and 4 were attacked, 4 victims each: every one was attacked or counted as dropped.
     assert int(jobs.group(2)) == 8 and int(jobs.group(1)) * 4 + int(jobs.group(3)) == 8
+
+
+@pytest.mark.timeout(600)
+def test_defence_benchmark_quick_prints_its_figures():
+    proc = subprocess.run([sys.executable, "benchmarks/defences.py", "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"none +[0-9.]+ ms", proc.stdout), proc.stdout
+    for kind in ("dpsgd", "bido", "latent"):
+        line = re.search(rf"{kind} +([0-9.]+) ms +ratio +([0-9.]+)x", proc.stdout)
+        assert line and float(line.group(1)) > 0 and float(line.group(2)) > 0, proc.stdout
+    assert re.search(r"server step per round [0-9.]+ s", proc.stdout), proc.stdout

@@ -371,3 +371,64 @@ def test_silently_ignored_or_mistyped_values_are_errors(overrides, message):
     with pytest.raises(UserError) as info:
         parse_scenario(base, overrides)
     assert message in str(info.value) and "(+" not in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------- defences and arms
+
+
+def test_defence_shorthand_defaults_and_knobs():
+    sc = parse_scenario(minimal(defence="dpsgd"))
+    assert sc.defence.kind == "dpsgd"
+    assert sc.defence.knobs() == {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp"}
+    latent = parse_scenario(minimal(defence={"kind": "latent", "lam": 2.0})).defence
+    assert latent.get("lam") == 2.0 and latent.get("sigma_init") == 0.1
+    assert parse_scenario(minimal()).defence.kind == "none"
+
+
+@pytest.mark.parametrize(
+    ("defence", "key"),
+    [
+        ({"kind": "bido", "lam": 1.0}, "defence: lam do not apply to kind: bido"),
+        ({"kind": "dpsgd", "noise_multiplier": -1}, "defence.noise_multiplier"),
+        ({"kind": "dpsgd", "delta": 1.5}, "defence.delta"),
+        ({"kind": "latent", "sigma_init": 2.0, "sigma_max": 1.0}, "sigma_init (2.0) must be below sigma_max"),
+        ({"kind": "latent", "dual_lr": 0.1}, "dual_lr only applies with utility_target"),
+        ({"kind": "laten"}, "defence.kind"),
+    ],
+)
+def test_bad_defence_names_its_key(defence, key):
+    assert key in error_of(minimal(defence=defence))
+
+
+def test_dpsgd_needs_group_norm():
+    msg = error_of(minimal(defence="dpsgd", model={"norm": "batch"}))
+    assert "model.norm: group" in msg
+
+
+def test_arms_resolve_to_one_scenario_each_with_the_patch_deep_merged():
+    sc = parse_scenario(minimal(
+        training={"rounds": 3, "batch_size": 8},
+        arms={"plain": {}, "dp": {"defence": {"kind": "dpsgd", "noise_multiplier": 0.5}, "training": {"rounds": 4}}},
+    ), name="cmp")
+    arms = sc.arm_scenarios()
+    assert list(arms) == ["plain", "dp"]
+    assert arms["plain"].defence.kind == "none" and arms["plain"].name == "cmp.plain"
+    assert arms["dp"].defence.get("noise_multiplier") == 0.5
+    assert arms["dp"].training.rounds == 4 and arms["dp"].training.batch_size == 8  # merged, not replaced
+    assert all(a.arms is None for a in arms.values())
+    assert parse_scenario(minimal()).arm_scenarios().keys() == {"scenario"}
+
+
+@pytest.mark.parametrize(
+    ("arms", "key"),
+    [
+        ({"dp": {"defence": {"kind": "dpsgd", "noise_multiplier": -1}}}, "arms.dp.defence.noise_multiplier"),
+        ({"dp": {"trainin": {"rounds": 2}}}, "arms.dp.trainin: unknown key"),
+        ({"dp": 3}, "arms.dp: Input should be a valid dictionary"),
+        ({"dp": {"arms": {}}}, "arms.dp.arms: arms do not nest"),
+        ({"bad name": {}}, "arm name 'bad name'"),
+        ({}, "give at least one arm"),
+    ],
+)
+def test_a_bad_arm_is_one_line_naming_its_key(arms, key):
+    assert key in error_of(minimal(arms=arms))

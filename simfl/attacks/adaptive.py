@@ -23,6 +23,7 @@ class Disclosure:
 
     model_wrapper: ModelWrapper | None = None  # must keep the model's parameter names
     loss_fn: LossFn | None = None
+    clip_norm: float | None = None  # DP-SGD: the victim clipped each sample's gradient to this norm
 
 
 def adapt(attack: DLG | InvertingGradients, disclosure: Disclosure | None) -> DLG | InvertingGradients:

@@ -41,6 +41,7 @@ class DLG:
     history_size: int = 100
     loss_fn: LossFn = F.cross_entropy
     model_wrapper: ModelWrapper | None = None
+    clip_norm: float | None = None  # adaptive to DP-SGD: simulate per-sample clipping
     analytic_labels: bool = False  # iDLG: labels recovered from the head's gradient, not learned
 
     def __call__(
@@ -60,7 +61,7 @@ class DLG:
         parts = [draw(generators, (n_pixels,), device)]
         with attacker_module(model, self.model_wrapper) as module:
             num_classes = module.head.out_features
-            simulate = victim_simulator(module, flat, stacked, self.loss_fn)
+            simulate = victim_simulator(module, flat, stacked, self.loss_fn, self.clip_norm)
             if learn:
                 parts.append(draw(generators, (batch * num_classes,), device, normal=True))
                 labels = None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, vmap
 
 from simfl.attacks.observation import Observation, View, local_batches
 from simfl.weights import FlatWeights
@@ -120,7 +120,9 @@ Simulator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], t
 Params = dict[str, torch.Tensor]
 
 
-def victim_simulator(module: nn.Module, flat: FlatWeights, stacked: Stacked, loss_fn: LossFn) -> Simulator:
+def victim_simulator(
+    module: nn.Module, flat: FlatWeights, stacked: Stacked, loss_fn: LossFn, clip_norm: float | None = None
+) -> Simulator:
     """``simulate(weights, sgd, images, targets)``: one victim's pseudo-gradient on dummy data.
 
     Gradient view: the loss gradient over trainable entries. Update view: the
@@ -154,6 +156,18 @@ def victim_simulator(module: nn.Module, flat: FlatWeights, stacked: Stacked, los
         return loss_fn(functional_call(module, (theta, buffers), (x,)), t)
 
     grad_theta = grad(loss_at)
+    if clip_norm is not None:
+        # DP-SGD's victim: each sample's gradient clipped to clip_norm, then averaged over the batch
+        # (the noise is zero-mean and unknown, so the attacker models its mean: none).
+        per_sample = vmap(grad_theta, in_dims=(None, None, 0, 0))
+
+        def clipped(theta: Params, buffers: Params, x: torch.Tensor, t: torch.Tensor) -> Params:
+            per = per_sample(theta, buffers, x.unsqueeze(1), t.unsqueeze(1))
+            norms = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(1) for g in per.values()]).sum(0).sqrt()
+            factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+            return {k: torch.einsum("b,b...->...", factor, g) / g.shape[0] for k, g in per.items()}
+
+        grad_theta = clipped
 
     def simulate(w: torch.Tensor, sgd: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         theta, buffers = unflatten(w, trainable), unflatten(w, constant)

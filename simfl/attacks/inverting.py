@@ -44,6 +44,7 @@ class InvertingGradients:
     signed: bool = True
     loss_fn: LossFn = F.cross_entropy
     model_wrapper: ModelWrapper | None = None
+    clip_norm: float | None = None  # adaptive to DP-SGD: simulate per-sample clipping
 
     def __call__(
         self, model: nn.Module, flat: FlatWeights, observations: Sequence[Observation], seeds: Sequence[int]
@@ -56,7 +57,7 @@ class InvertingGradients:
         labels = torch.stack([recover_labels(flat, o) for o in observations]).to(device)
         shape = (stacked.batch_size, *stacked.image_shape)
         with attacker_module(model, self.model_wrapper) as module:
-            simulate = victim_simulator(module, flat, stacked, self.loss_fn)
+            simulate = victim_simulator(module, flat, stacked, self.loss_fn, self.clip_norm)
 
             def objective(
                 x: torch.Tensor, w: torch.Tensor, sgd: torch.Tensor, target: torch.Tensor, y: torch.Tensor

@@ -8,7 +8,7 @@ images never enter an ``Observation``; they are kept elsewhere, only to score.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from torch import nn
 
 from simfl.training import to_input
 from simfl.weights import FlatWeights
+
+if TYPE_CHECKING:
+    from simfl.defences.base import Defence
 
 View = Literal["gradient", "update"]
 
@@ -87,14 +90,27 @@ def _trainable_grad(model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: tor
 
 
 def observe_gradient(
-    model: nn.Module, flat: FlatWeights, global_weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    flat: FlatWeights,
+    global_weights: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    defence: Defence | None = None,
+    generator: torch.Generator | None = None,
 ) -> Observation:
-    """The victim shares the gradient of its batch at the global weights (model left at them)."""
+    """The victim shares the gradient of its batch at the global weights (model left at them).
+
+    With a ``defence``, the gradient of the defended client's own objective (its
+    randomness from ``generator``); without, of plain mean cross-entropy.
+    """
     x = _float_input(x).to(flat.vector.device)
     y = y.to(flat.vector.device)
     flat.load(global_weights)
     model.train()
-    shared = _trainable_grad(model, flat, x, y)
+    if defence is None:
+        shared = _trainable_grad(model, flat, x, y)
+    else:
+        shared = defence.shared_gradient(model, flat, x, y, generator or torch.Generator())
     return Observation(
         weights=global_weights.detach().clone(),
         shared=shared.detach(),

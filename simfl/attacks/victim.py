@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from simfl.config import AttacksConfig, TrainingConfig
 from simfl.seeding import torch_generator
 from simfl.training import LocalResult, to_input
 from simfl.weights import FlatWeights
+
+if TYPE_CHECKING:
+    from simfl.defences.base import Defence
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,14 @@ def capture(
     seed: int,
     client: int,
     round_: int,
+    defence: Defence | None = None,
 ) -> Victim:
     """The victim's shared vector under ``cfg.view``; ``local`` is its real training this round.
 
     - gradient: the gradient of ``cfg.batch_size`` of its images (chosen from
       (seed, client, round)) at the global weights, in train mode as the client
-      computes it.
+      computes it, through the defence (its loss terms, noise or DP processing:
+      what is attacked is what a defended client would share).
     - update: the update it really shared (``local.delta``), with the local SGD
       hyperparameters. The victim shuffles its batches with a seed the attacker
       does not know, so the attacker's replay (fixed sequential batches) is only
@@ -72,7 +78,7 @@ def capture(
         private, labels = x[pick], y[pick]
         images = to_input(private)
         with batch_statistics(model) as stats:
-            obs = observe_gradient(model, flat, global_weights, images.to(flat.vector.device), labels)
+            obs = observe_gradient(model, flat, global_weights, images.to(flat.vector.device), labels, defence, gen)
         if cfg.bn_stats == "batch" and stats:
             obs = _with_batch_statistics(obs, flat, stats)
     else:

@@ -1,0 +1,319 @@
+"""Learnable latent perturbation trained by minimax against a decoder (arXiv 2503.16542).
+
+Our reading of the method (the full text is not available to us):
+
+- **Model path.** The encoder gives z; the classifier head sees
+  z' = z + μ + σ ⊙ ε, ε ~ N(0, I) drawn by reparameterisation, with σ learnable
+  per latent unit. σ = σ_max · tanh(softplus(ρ) / σ_max): softplus(ρ) well below
+  the cap, never above it, and still differentiable there (a hard clamp would
+  freeze ρ at the cap). μ is an optional learnable shift. The layer lives in
+  the model, so ρ and μ are trained and aggregated like any weight.
+- **Adversary.** A decoder D reconstructs x from z'. Clients minimise
+  CE − λ · MSE(D(z'), x) with D frozen; D minimises MSE(D(z'), x).
+- **Who trains D.** D's gradient contains the images, so clients never
+  compute it: the coordinator trains D each round on server-held data (the
+  validation split, disjoint from every client) against the new global
+  encoder and noise, then broadcasts D's weights, which clients use only
+  inside their privacy term. D is not part of the model: it is never in a
+  client's update.
+- **λ.** Fixed, or (``utility_target``) a dual variable the coordinator moves
+  by ``dual_lr`` · (cohort training accuracy − target) each round, kept ≥ 0:
+  more privacy while accuracy is above the target, less below. Beyond the paper.
+
+In eval mode the layer is deterministic (z + μ), so evaluation and attacks
+see a fixed model; noise is drawn only in training, from the client's
+(seed, client, round) generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simfl.attacks.adaptive import Disclosure
+from simfl.config import TrainingConfig
+from simfl.data import Dataset
+from simfl.defences.base import Defence
+from simfl.models import SplitNet
+from simfl.seeding import torch_generator
+from simfl.training import to_input
+from simfl.weights import FlatWeights
+
+# Validation images the coordinator keeps aside to measure D (never trained on).
+DECODER_HELD_OUT = 256
+
+
+class LatentNoise(nn.Module):
+    """z → z + μ + σ ⊙ ε. Modes: ``sample`` (noise in train mode only), ``off`` (identity: a naive attacker's view).
+
+    ``draws`` (K, D), when set, makes the layer output all K perturbed copies of
+    the batch, (K·B, D) in draw-major order: an adaptive attacker's expectation
+    over the noise. Plain attributes, not buffers: the shared weight layout is ρ (and μ) only.
+    """
+
+    def __init__(self, dim: int, sigma_init: float, sigma_max: float, mean_shift: bool) -> None:
+        super().__init__()
+        self.sigma_max = sigma_max
+        # Invert σ = σ_max·tanh(softplus(ρ)/σ_max) at σ_init.
+        soft = sigma_max * math.atanh(sigma_init / sigma_max)
+        self.rho = nn.Parameter(torch.full((dim,), math.log(math.expm1(soft))))
+        self.shift = nn.Parameter(torch.zeros(dim)) if mean_shift else None
+        self.mode = "sample"
+        self.generator: torch.Generator | None = None
+        self.draws: torch.Tensor | None = None
+
+    def sigma(self) -> torch.Tensor:
+        return self.sigma_max * torch.tanh(F.softplus(self.rho) / self.sigma_max)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return z
+        mean = z + self.shift if self.shift is not None else z
+        if self.draws is not None:
+            noisy = mean.unsqueeze(0) + self.sigma() * self.draws.to(z.device).unsqueeze(1)
+            return noisy.reshape(-1, z.shape[-1])
+        if not self.training:
+            return mean
+        eps = torch.randn(z.shape, generator=self.generator).to(z.device)
+        return mean + self.sigma() * eps
+
+
+class Decoder(nn.Module):
+    """The adversary's proxy: latent → image in [0, 1] (two transposed convolutions from size/4)."""
+
+    def __init__(self, latent_dim: int, channels: int, size: int, width: int = 32) -> None:
+        super().__init__()
+        self.size = size
+        self.base = -(-size // 4)
+        self.width = width
+        self.fc = nn.Linear(latent_dim, 2 * width * self.base * self.base)
+        self.up = nn.Sequential(
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(width, channels, 4, 2, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.up(self.fc(z).view(-1, 2 * self.width, self.base, self.base))
+        return out[..., : self.size, : self.size]
+
+
+def latent_off(model: nn.Module) -> nn.Module:
+    """Naive attacker: the architecture without the defence (the latent layer an identity)."""
+    module = copy.deepcopy(model)
+    module.latent.mode = "off"
+    return module
+
+
+class KnownVictim(nn.Module):
+    """The victim's whole computation as an adaptive attacker models it, for ``functional_call``.
+
+    Every forward runs the latent layer over fixed noise ``draws`` (an average
+    over the noise) and, when the round's decoder is known, appends each copy's
+    reconstruction error MSE(D(z'), x) as a last column, so the loss can
+    subtract λ times it exactly as the victim did. Parameter names are the
+    model's (``model.``-free): the decoder is a constant, not a shared weight.
+    """
+
+    def __init__(self, model: SplitNet, draws: torch.Tensor, decoder: Decoder | None) -> None:
+        super().__init__()
+        self.encoder, self.latent, self.head = model.encoder, model.latent, model.head
+        self.latent.draws = draws
+        self.copies = len(draws)
+        self.decoder = [decoder]  # in a list: not a submodule, so never among the differentiated weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        perturbed = self.latent(self.encoder(x))
+        logits = self.head(perturbed)
+        decoder = self.decoder[0]
+        if decoder is None:
+            return logits
+        target = x.repeat(self.copies, *([1] * (x.dim() - 1)))
+        error = (decoder(perturbed) - target).pow(2).flatten(1).mean(1, keepdim=True)
+        return torch.cat([logits, error], dim=1)
+
+
+def known_victim(model: nn.Module, draws: torch.Tensor, decoder: Decoder | None) -> nn.Module:
+    """Adaptive attacker's module (a ``Disclosure.model_wrapper``): a copy of ``model`` as the victim ran it."""
+    device = next(model.parameters()).device
+    return KnownVictim(copy.deepcopy(model), draws, decoder.to(device) if decoder is not None else None)
+
+
+def known_objective(out: torch.Tensor, targets: torch.Tensor, copies: int, lam: float | None) -> torch.Tensor:
+    """The victim's objective averaged over the noise copies: CE − λ·MSE(D(z'), x) (CE alone without D)."""
+    targets = targets.repeat(copies, *([1] * (targets.dim() - 1)))
+    if lam is None:
+        return F.cross_entropy(out, targets)
+    return F.cross_entropy(out[:, :-1], targets) - lam * out[:, -1].mean()
+
+
+def antithetic_draws(samples: int, dim: int, seed: int) -> torch.Tensor:
+    """K noise draws for the adaptive attacker: ε = 0 alone for K = 1, else ±ε pairs (mean exactly 0)."""
+    if samples == 1:
+        return torch.zeros(1, dim)
+    half = torch.randn(-(-samples // 2), dim, generator=torch_generator(seed, "adaptive-latent-draws"))
+    return torch.cat([half, -half])[:samples]
+
+
+class LatentDefence(Defence):
+    kind = "latent"
+
+    def __init__(self, cfg, shape: tuple[int, int, int], seed: int) -> None:
+        super().__init__(cfg, shape, seed)
+        self.lam = float(cfg.get("lam"))
+        self.decoder: Decoder | None = None
+        self.decoder_flat: FlatWeights | None = None
+
+    def build(self, model: SplitNet) -> SplitNet:
+        k = self.cfg.knobs()
+        model.latent = LatentNoise(model.latent_dim, k["sigma_init"], k["sigma_max"], k["mean_shift"])
+        self.latent_dim = model.latent_dim
+        return model
+
+    def _decoder(self, device: torch.device) -> Decoder:
+        """D, initialised from (seed): the same start in the coordinator and every client actor."""
+        if self.decoder is None:
+            with torch.random.fork_rng(devices=[]):  # leaves the caller's CPU RNG as it was
+                torch.default_generator.manual_seed(torch_generator(self.seed, "decoder-init").initial_seed())
+                self.decoder = Decoder(self.latent_dim, self.shape[0], self.shape[1]).to(device)
+            self.decoder_flat = FlatWeights(self.decoder)
+        return self.decoder
+
+    # ------------------------------------------------------------ client side
+
+    def receive(self, broadcast: dict[str, Any], device: torch.device) -> None:
+        decoder = self._decoder(device)
+        decoder.requires_grad_(False)  # clients never compute D's gradient
+        decoder.eval()
+        self.decoder_flat.load(broadcast["decoder"].to(device))
+        self.lam = float(broadcast["lam"])
+
+    def begin(self, model: SplitNet, generator: torch.Generator) -> None:
+        model.latent.generator = generator
+
+    def optimizer(
+        self, model: SplitNet, cfg: TrainingConfig, generator: torch.Generator, n: int
+    ) -> torch.optim.Optimizer:
+        """The client's optimiser, with the noise parameters at their own learning rate ``sigma_lr``.
+
+        ρ's gradient is an average over the noise draws and is orders of magnitude
+        smaller than the weights'; at the weights' learning rate σ would not move
+        within a run, and the knob would be a constant.
+        """
+        from simfl.training import make_optimizer
+
+        noise = list(model.latent.parameters())
+        rest = [p for p in model.parameters() if all(p is not q for q in noise)]
+        return make_optimizer(model, cfg, [{"params": rest},
+                                           {"params": noise, "lr": self.cfg.get("sigma_lr"), "weight_decay": 0.0}])
+
+    def objective(
+        self, model: SplitNet, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        if self.decoder is None:
+            raise RuntimeError("latent defence: no decoder received from the coordinator yet")
+        perturbed = model.features(x)
+        logits = model.head(perturbed)
+        ce = F.cross_entropy(logits, y)
+        reconstruction = F.mse_loss(self.decoder(perturbed), x)
+        objective = ce - self.lam * reconstruction
+        return objective, ce, logits, {"decoder_mse": reconstruction.detach()}
+
+    # ------------------------------------------------------------ server side
+
+    def server_setup(self, dataset: Dataset, model: SplitNet) -> None:
+        """D and its optimiser in the coordinator; D's training data are the validation split (server-held)."""
+        device = next(model.parameters()).device
+        decoder = self._decoder(device)
+        decoder.requires_grad_(True)
+        self.decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=self.cfg.get("decoder_lr"))
+        images = torch.from_numpy(np.array(dataset.val_x))
+        held = min(DECODER_HELD_OUT, len(images) // 4)
+        self.aux_train, self.aux_held = images[held:], images[:held]
+        self.round = 0
+        self._train_decoder(model, 0)  # round 1's clients already face a decoder fitted to the initial model
+
+    def _perturbed(self, model: SplitNet, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """z' from the global model: encoder in eval mode (no BatchNorm update), noise drawn as in training."""
+        was = model.training
+        model.eval()
+        model.latent.train()
+        model.latent.generator = generator
+        try:
+            with torch.no_grad():
+                return model.features(x)
+        finally:
+            model.train(was)
+
+    def _train_decoder(self, model: SplitNet, round_: int) -> dict[str, float]:
+        device = next(model.parameters()).device
+        gen = torch_generator(self.seed, "decoder-train", round_)
+        batch = min(self.cfg.get("decoder_batch"), len(self.aux_train))
+        self.decoder.train()
+        for _ in range(self.cfg.get("decoder_steps")):
+            idx = torch.randperm(len(self.aux_train), generator=gen)[:batch]
+            x = to_input(self.aux_train[idx], device)
+            loss = F.mse_loss(self.decoder(self._perturbed(model, x, gen)), x)
+            self.decoder_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.decoder_optimizer.step()
+        self.decoder.eval()
+        x = to_input(self.aux_held, device)
+        held_gen = torch_generator(self.seed, "decoder-held")  # the same noise every round: comparable figures
+        with torch.no_grad():
+            mse = float(F.mse_loss(self.decoder(self._perturbed(model, x, held_gen)), x))
+            sigma = model.latent.sigma()
+        return {"decoder_mse_server": mse, "sigma_mean": float(sigma.mean()), "sigma_min": float(sigma.min()),
+                "sigma_max": float(sigma.max())}
+
+    def server_round(self, round_: int, model: SplitNet, client_rows: list[dict]) -> dict[str, float]:
+        target = self.cfg.get("utility_target")
+        if target is not None and client_rows:
+            n = sum(row["samples"] for row in client_rows)
+            accuracy = sum(row["accuracy"] * row["samples"] for row in client_rows) / n
+            self.lam = max(0.0, self.lam + self.cfg.get("dual_lr") * (accuracy - target))
+        figures = self._train_decoder(model, round_)
+        figures["lam"] = self.lam
+        return figures
+
+    def broadcast(self) -> dict[str, Any]:
+        return {"decoder": self.decoder_flat.snapshot().cpu(), "lam": self.lam}
+
+    def server_state(self) -> dict[str, Any]:
+        return {"decoder": self.decoder_flat.snapshot().cpu(), "optimizer": self.decoder_optimizer.state_dict(),
+                "lam": self.lam}
+
+    def load_server_state(self, state: dict[str, Any]) -> None:
+        self.decoder_flat.load(state["decoder"])
+        self.decoder_optimizer.load_state_dict(state["optimizer"])
+        self.lam = float(state["lam"])
+
+    # ------------------------------------------------------------ attackers
+
+    def disclosure(self, context: dict[str, Any] | None = None) -> Disclosure:
+        """The noise layer averaged over fixed draws and, given the round's broadcast, the privacy term.
+
+        The server trained and broadcast D and λ itself, so an adaptive attacker
+        simulates the victim's full objective CE − λ·MSE(D(z'), x) on its dummy images.
+        """
+        samples = self.cfg.get("adaptive_samples")
+        draws = antithetic_draws(samples, self.latent_dim, self.seed)
+        decoder, lam = None, None
+        if context:
+            decoder = copy.deepcopy(self._decoder(torch.device("cpu"))).requires_grad_(False).eval()
+            FlatWeights(decoder).load(context["decoder"])
+            lam = float(context["lam"])
+        return Disclosure(model_wrapper=partial(known_victim, draws=draws, decoder=decoder),
+                          loss_fn=partial(known_objective, copies=samples, lam=lam))
+
+    def naive_view(self) -> Disclosure:
+        return Disclosure(model_wrapper=latent_off)
