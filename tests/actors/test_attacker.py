@@ -103,7 +103,7 @@ class FakeAttacker:
         self.attack = SimpleNamespace(remote=self.remote)
         self.delay = delay
 
-    def remote(self, victims):
+    def remote(self, victims, context=None):
         if not self.delay:
             return ray.put({"rows": [], "grids": {}})
         return ray.remote(lambda d: time.sleep(d) or {"rows": [], "grids": {}}).options(num_cpus=0).remote(self.delay)
