@@ -81,12 +81,19 @@ def _float_input(x: torch.Tensor) -> torch.Tensor:
     return to_input(x) if x.dtype == torch.uint8 else x
 
 
-def _trainable_grad(model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    loss = F.cross_entropy(model(x), y)  # the victim's loss: mean CE, as in train_client
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+def flat_gradient(loss: torch.Tensor, model: nn.Module, flat: FlatWeights) -> torch.Tensor:
+    """``loss``'s gradient over ALL ``flat`` entries (zero on buffers and on parameters it does not use)."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
     out = torch.zeros_like(flat.vector)
-    out[flat.trainable] = torch.cat([g.reshape(-1) for g in grads])
+    out[flat.trainable] = torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
+    )
     return out
+
+
+def _trainable_grad(model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return flat_gradient(F.cross_entropy(model(x), y), model, flat)  # the victim's loss: mean CE, as in train_client
 
 
 def observe_gradient(

@@ -106,14 +106,9 @@ class Defence:
         model.train()
         self.begin(model, generator)
         module = self.training_module(model)
-        objective = self.objective(model, module, x, y)[0]
-        grads = torch.autograd.grad(objective, list(model.parameters()), allow_unused=True)
-        out = torch.zeros_like(flat.vector)
-        out[flat.trainable] = torch.cat(
-            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, model.parameters(),
-                                                                                     strict=True)]
-        )
-        return out
+        from simfl.attacks.observation import flat_gradient
+
+        return flat_gradient(self.objective(model, module, x, y)[0], model, flat)
 
     # ------------------------------------------------------------ server side
 
