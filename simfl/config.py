@@ -500,9 +500,9 @@ class Scenario(Strict):
     def _defence_fits(self) -> Scenario:
         d = self.defence
         if d.kind == "dpsgd":
-            # Opacus computes per-sample gradients; BatchNorm mixes samples (use norm: group).
-            if self.model.norm == "batch":
-                raise ValueError("defence: dpsgd needs per-sample gradients; set model.norm: group (not batch)")
+            # The model factory swaps BatchNorm for GroupNorm under DP-SGD (see DPSGD.build).
+            if self.attacks is not None and self.attacks.bn_stats == "batch":
+                raise ValueError("attacks.bn_stats: batch needs BatchNorm, which defence: dpsgd replaces by GroupNorm")
             if self.training.algorithm.kind == "fedprox":
                 raise ValueError("defence: dpsgd clips the loss gradient only; FedProx's term is not supported")
         return self

@@ -400,9 +400,10 @@ def test_bad_defence_names_its_key(defence, key):
     assert key in error_of(minimal(defence=defence))
 
 
-def test_dpsgd_needs_group_norm():
-    msg = error_of(minimal(defence="dpsgd", model={"norm": "batch"}))
-    assert "model.norm: group" in msg
+def test_dpsgd_with_batch_norm_statistics_for_the_attacker_is_an_error():
+    assert parse_scenario(minimal(defence="dpsgd", model={"norm": "batch"})).model.norm == "batch"  # converted
+    msg = error_of(minimal(defence="dpsgd", model={"norm": "batch"}, attacks={"bn_stats": "batch"}))
+    assert "attacks.bn_stats: batch needs BatchNorm" in msg
 
 
 def test_arms_resolve_to_one_scenario_each_with_the_patch_deep_merged():

@@ -132,6 +132,15 @@ class DPSGD(Defence):
         self.accountant = str(cfg.get("accountant"))
         self._batch_size: int | None = None  # the local batch size, from the training config (see `batches`)
 
+    # ------------------------------------------------------------ model
+
+    def build(self, model: SplitNet) -> SplitNet:
+        """BatchNorm mixes samples, so per-sample clipping is meaningless with it: Opacus's own
+        ``ModuleValidator.fix`` swaps each BatchNorm for a GroupNorm (the layout every process then shares)."""
+        if ModuleValidator.validate(model, strict=False):
+            model = ModuleValidator.fix(model)
+        return model
+
     # ------------------------------------------------------------ client side
 
     def training_module(self, model: SplitNet) -> GradSampleModuleExpandedWeights:

@@ -344,11 +344,20 @@ def test_resnet18_with_group_norm():
     assert torch.allclose(loose, plain, rtol=1e-3, atol=1e-6)
 
 
-def test_batch_norm_refused():
+def test_batch_norm_refused_by_the_wrapper_and_swapped_for_group_norm_by_the_factory():
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="convnet", width=8, norm="batch"), *SHAPE)
     with pytest.raises(Exception, match="BatchNorm"):
         dpsgd().training_module(model)
+    built = dpsgd().build(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in built.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in built.modules()) == 3
+    flat = FlatWeights(built)
+    assert not any("running" in name for name, _, _ in flat.layout)
+    x, y = data(n=16)
+    local = train_client(built, flat, flat.snapshot(), x, y, TrainingConfig(batch_size=4),
+                         torch.Generator().manual_seed(0), dpsgd(), {})
+    assert torch.isfinite(local.delta).all() and local.defence["dp_epsilon"] > 0
 
 
 def test_an_empty_poisson_batch_still_takes_opacus_noise_only_step():
