@@ -8,6 +8,7 @@ created per call: that churn is what makes stateless per-client engines slow.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -97,6 +98,7 @@ class ClientShard:
         states: dict[int, dict],
         victims: list[int],
         broadcast: dict | None = None,
+        probe: bool = False,
     ) -> list[dict]:
         """Train each listed client from ``weights``; randomness comes from (seed, client, round).
 
@@ -105,9 +107,16 @@ class ClientShard:
         ``victims`` (a subset of ``clients``) are attacked this round: their rows
         also carry what they share and, for scoring only, their private images.
         ``broadcast`` is the defence's server-side output for this round (e.g. its decoder).
+
+        ``probe``: the clients (held-out ones) are attacked as if they had joined the
+        round, and nothing else: every one is a victim, each trains on a deep copy of
+        its state (``self.states`` and the given ``states`` are left as they were),
+        and its row carries no update (it is never aggregated).
         """
         self._require_attached()
-        self.states.update({int(c): dict(s) for c, s in states.items()})
+        given = {int(c): s for c, s in states.items()}
+        if not probe:
+            self.states.update({c: dict(s) for c, s in given.items()})
         global_weights = self._weights(("train", round_), weights)
         if self._received != round_:
             self.defence.receive(broadcast or {}, self.device)
@@ -115,12 +124,15 @@ class ClientShard:
         results = []
         for client in clients:
             data = self._data(client)
-            state = self.states[client]
+            if probe:
+                state = copy.deepcopy(given[client] if client in given else self.states[client])
+            else:
+                state = self.states[client]
             gen = torch_generator(self.sc.seed, "client-train", client, round_)
             local = train_client(self.model, self.flat, global_weights, data.x, data.y, self.sc.training, gen,
                                  self.defence, state)
             victim = None
-            if client in victims:
+            if probe or client in victims:
                 victim = capture(self.model, self.flat, global_weights, data.x, data.y, self.sc.attacks,
                                  self.sc.training, local, self.sc.seed, client, round_, self.defence)
             state["participation"] += 1
@@ -128,7 +140,7 @@ class ClientShard:
             results.append(
                 {
                     "client_id": client,
-                    "delta": local.delta.numpy(),
+                    "delta": None if probe else local.delta.numpy(),
                     "samples": local.samples,
                     "steps": local.steps,
                     "loss": local.loss,

@@ -60,6 +60,14 @@ def sample_victims(sc: Scenario, cohort: np.ndarray, round_: int) -> set[int]:
     return {int(c) for c in rng(sc.seed, "victims", round_).choice(cohort, size=k, replace=False)}
 
 
+def sample_held_out_victims(sc: Scenario, held_out_clients: np.ndarray, round_: int) -> np.ndarray:
+    """This round's probed held-out clients (``attacks.held_out_victims``), sorted, from (seed, round) alone."""
+    if sc.attacks is None or not sc.attacks.attacked(round_) or not sc.attacks.held_out_victims:
+        return np.zeros(0, dtype=np.int64)
+    k = min(sc.attacks.held_out_victims, len(held_out_clients))
+    return np.sort(rng(sc.seed, "held-out-victims", round_).choice(held_out_clients, size=k, replace=False))
+
+
 def attack_jobs(victims: list[Victim], per_job: int) -> list[list[Victim]]:
     """Victims in client-id order, split into stackable groups of at most ``per_job``."""
     groups: dict[tuple, list[Victim]] = {}
@@ -99,6 +107,7 @@ class Coordinator:
 
         pop = self.partition.client_population
         self.train_clients = np.flatnonzero(~self.held_out[pop])
+        self.held_out_clients = np.flatnonzero(self.held_out[pop])
         self.owner = assign_clients(self.partition.sizes, n_actors)
         self.journal: dict[int, dict[str, int]] = {}
         self.round = 0
@@ -197,13 +206,17 @@ class Coordinator:
 
     # ------------------------------------------------------------ one round
 
-    def _dispatch(self, method: str, key: int, weights_ref, clients: np.ndarray) -> tuple[list[dict], int]:
+    def _dispatch(
+        self, method: str, key: int, weights_ref, clients: np.ndarray, probe: bool = False
+    ) -> tuple[list[dict], int]:
         """Run ``method`` for ``clients`` over the actors; re-run the work of any actor that dies.
 
         Work goes out in chunks (see :class:`RoundSchedule`), two calls deep per actor
         so that none idles waiting for the next. A chunk of a dead actor goes back to
         the queue; Ray restarts the actor and it is re-attached before its next call.
         Returns the result rows sorted by client id, and how many chunks were re-run.
+        ``probe`` (``train`` only): the clients are probed attack victims, not trained
+        for the round; their states are neither changed nor journaled.
         """
         schedule = RoundSchedule(clients, self.owner, self.partition.sizes, len(self.actors))
         in_flight: dict = {}
@@ -216,9 +229,9 @@ class Coordinator:
                 return
             call = getattr(self.actors[shard], method)
             if method == "train":
-                victims = [c for c in chunk if c in self.round_victims]
+                victims = list(chunk) if probe else [c for c in chunk if c in self.round_victims]
                 ref = call.remote(key, weights_ref, chunk, self._states_to_send(shard, chunk), victims,
-                                  self.broadcast_ref)
+                                  self.broadcast_ref, probe=probe)
             else:
                 ref = call.remote(key, weights_ref, chunk)
             in_flight[ref] = (shard, chunk, self.incarnation[shard])
@@ -256,7 +269,7 @@ class Coordinator:
             for row in out:
                 c = row["client_id"]
                 row["attempt"] = attempts.get(c, 1)
-                if method == "train":
+                if method == "train" and not probe:
                     self.journal[c] = row["state"]
                     # The home actor's copy is current only if it trained the client itself,
                     # in its present incarnation.
@@ -287,6 +300,12 @@ class Coordinator:
         self.broadcast_ref = ray.put(broadcast)
         results, reruns = self._dispatch("train", r, weights_ref, cohort)
         victims = [res.pop("victim") for res in results if res["victim"] is not None]
+        # Held-out clients probed as if they had joined: attacked only (not aggregated, not logged as clients).
+        probes = sample_held_out_victims(self.sc, self.held_out_clients, r)
+        if len(probes):
+            probed, probe_reruns = self._dispatch("train", r, weights_ref, probes, probe=True)
+            victims += [res["victim"] for res in probed]
+            reruns += probe_reruns
         dropped = self._attack(r, victims, broadcast)
 
         deltas = [torch.tensor(res["delta"]) for res in results]  # copies out of the read-only object store

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -319,6 +320,12 @@ class AttacksConfig(Strict):
     batch of ``batch_size`` of the victim's images at the global weights (as in
     FedSGD); ``view: update`` is the victim's real FedAvg update, with its local
     hyperparameters known.
+
+    ``held_out_victims``: held-out clients probed per attacked round. Each is
+    attacked as if it had joined the round (it computes what it would share,
+    from the round's global weights and defence broadcast), but its update is
+    not aggregated and its state is left as it was: the attack metrics on
+    populations the defence was never trained on.
     """
 
     methods: list[AttackMethodConfig] = Field(default_factory=lambda: [AttackMethodConfig()], min_length=1)
@@ -330,6 +337,7 @@ class AttacksConfig(Strict):
     victim_fraction: float | None = Field(None, gt=0.0, le=1.0)
     rounds: list[PositiveInt] | None = None
     every: PositiveInt = 1
+    held_out_victims: NonNegativeInt = 0  # held-out clients probed per attacked round
     victims_per_job: PositiveInt = 16
     pool: AttackPoolConfig = AttackPoolConfig()
 
@@ -483,6 +491,9 @@ class Scenario(Strict):
             raise ValueError(f"attacks.rounds: round {max(a.rounds)} is past training.rounds ({self.training.rounds})")
         if a.bn_stats == "batch" and self.model.norm != "batch":
             raise ValueError(f"attacks.bn_stats: batch needs model.norm: batch (not {self.model.norm})")
+        if a.held_out_victims and not any(p.held_out for p in self.populations):
+            raise ValueError(f"attacks.held_out_victims: {a.held_out_victims} held-out clients to probe, but no "
+                             "population is held_out: true")
         return self
 
     @model_validator(mode="after")
@@ -525,17 +536,22 @@ class Scenario(Strict):
 # ---------------------------------------------------------------- loading
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b.c=value`` as (key path, value parsed as YAML: ``3``, ``true``, ``[1, 2]``)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE")
+    try:
+        return key, yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}: value is not valid YAML ({exc.problem})") from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+    """Apply ``a.b.c=value`` overrides (see :func:`parse_override`)."""
     raw = copy.deepcopy(raw)
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise UserError(f"--set {key}: value is not valid YAML ({exc.problem})") from None
+        key, value = parse_override(item)
         parts = key.split(".")
         node: Any = raw
         for depth, part in enumerate(parts):

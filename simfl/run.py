@@ -27,14 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a scenario key, e.g. --set training.rounds=3 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    add_ray_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    """Where to run: the same flags for a run and for a study."""
     p.add_argument("--address", help="Ray cluster to join ('auto' for the local cluster started by `ray start`/`ray up`); "
                    "default: start a private local Ray instance")
     p.add_argument("--num-cpus", type=int, help="CPUs for the private local Ray instance (default: all)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start Ray's dashboard (local instance only)")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="interface the local dashboard binds to (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 @dataclass
@@ -96,8 +101,13 @@ def connect_ray(args: argparse.Namespace) -> None:
 
 
 def new_run_dir(scenario: Scenario) -> Path:
-    base = Path(scenario.output.dir).expanduser()
-    name = scenario.output.name or f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return fresh_dir(scenario.output.dir, scenario.output.name, scenario.name)
+
+
+def fresh_dir(parent: str, name: str | None, default: str) -> Path:
+    """``parent/name`` (default ``<default>-<time>``), suffixed ``-1``, ``-2``… past existing ones."""
+    base = Path(parent).expanduser()
+    name = name or f"{default}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = base / name
     n = 1
     while run_dir.exists():
@@ -296,15 +306,8 @@ def run_arms(args: argparse.Namespace, scenario: Scenario, resume: Path | None) 
     anything is written (arms with the same data and partition share one copy). On ``--resume``,
     finished arms are skipped, killed ones resumed and missing ones started.
     """
-    arms = scenario.arm_scenarios()
     parent = resume or new_run_dir(scenario)
-    prepared: dict[str, tuple[Prepared, int]] = {}
-    for name, arm in arms.items():
-        arm = Scenario.model_validate(deep_merge(arm.model_dump(mode="json"),
-                                                 {"output": {"dir": str(parent), "name": name}}))
-        same = next((p for p, _ in prepared.values() if same_data(p.scenario, arm)), None)
-        prep = Prepared(arm, same.dataset, same.partition, same.evaluator) if same else prepare(arm)
-        prepared[name] = (prep, plan_run(args, prep))
+    prepared = prepare_under(args, parent, scenario.arm_scenarios())
     if resume is None:
         try:
             parent.mkdir(parents=True)
@@ -325,20 +328,47 @@ def run_arms(args: argparse.Namespace, scenario: Scenario, resume: Path | None) 
     return parent, last
 
 
-def _run_each_arm(args: argparse.Namespace, parent: Path, prepared: dict[str, tuple[Prepared, int]]) -> dict:
-    from simfl.checkpoint import list_checkpoints
+def prepare_under(args: argparse.Namespace, parent: Path, scenarios: dict[str, Scenario]
+                  ) -> dict[str, tuple[Prepared, int]]:
+    """Each scenario set to write ``parent/<name>``, its data loaded and its actors planned.
 
+    Scenarios with the same data and partition share one copy (and one evaluation classifier).
+    """
+    prepared: dict[str, tuple[Prepared, int]] = {}
+    for name, sc in scenarios.items():
+        sc = Scenario.model_validate(deep_merge(sc.model_dump(mode="json"),
+                                                {"output": {"dir": str(parent), "name": name}}))
+        same = next((p for p, _ in prepared.values() if same_data(p.scenario, sc)), None)
+        prep = Prepared(sc, same.dataset, same.partition, same.evaluator) if same else prepare(sc)
+        prepared[name] = (prep, plan_run(args, prep))
+    return prepared
+
+
+def _run_each_arm(args: argparse.Namespace, parent: Path, prepared: dict[str, tuple[Prepared, int]]) -> dict:
     last: dict = {}
     for name, (prep, n_actors) in prepared.items():
-        arm_dir = parent / name
-        if (arm_dir / "final_weights.pt").is_file():
-            print(f"simfl: arm {name}: finished already, skipped", file=sys.stderr)
-            continue
-        if arm_dir.is_dir() and not list_checkpoints(arm_dir):
-            shutil.rmtree(arm_dir)  # started but never checkpointed: start it again
         print(f"simfl: arm {name} (defence: {prep.scenario.defence.kind})", file=sys.stderr)
-        _, last = run_scenario(args, prep.scenario, arm_dir if arm_dir.is_dir() else None, (prep, n_actors))
+        out = run_in(args, parent / name, prep, n_actors)
+        if out is None:
+            print(f"simfl: arm {name}: finished already, skipped", file=sys.stderr)
+        else:
+            last = out[1]
     return last
+
+
+def run_in(args: argparse.Namespace, run_dir: Path, prep: Prepared, n_actors: int) -> tuple[Path, dict] | None:
+    """Run ``prep`` into ``run_dir`` whatever state a killed parent (arms, study) left it in.
+
+    Finished (final weights saved): nothing to do, returns None. Checkpointed:
+    resumed. Started but never checkpointed: discarded and started again.
+    """
+    from simfl.checkpoint import list_checkpoints
+
+    if (run_dir / "final_weights.pt").is_file():
+        return None
+    if run_dir.is_dir() and not list_checkpoints(run_dir):
+        shutil.rmtree(run_dir)
+    return run_scenario(args, prep.scenario, run_dir if run_dir.is_dir() else None, (prep, n_actors))
 
 
 def same_data(a: Scenario, b: Scenario) -> bool:

@@ -31,7 +31,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("update_norm_mean", pa.float64()),
             ("global_update_norm", pa.float64()),
             ("reruns", pa.int32()),
-            ("attack_victims", pa.int32()),  # victims sampled this round (attacked or dropped)
+            ("attack_victims", pa.int32()),  # victims this round, probed held-out ones included (attacked or dropped)
             ("attack_victims_dropped", pa.int32()),  # victims not attacked: the pool was full (when_full: drop)
             ("round_time_s", pa.float64()),
             ("finished_at", pa.float64()),

@@ -30,3 +30,65 @@ def ray_local():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+TINY_STUDY = {
+    "name": "tiny",
+    "base": "defences_smoke.yaml",
+    "set": {
+        "arms": None,
+        "data.synthetic": {"num_classes": 8, "val_size": 300, "test_size": 300},
+        "training.rounds": 2, "training.clients_per_round": 6, "training.local_epochs": 1,
+        "evaluation.every": 2, "checkpoint.every": 1,
+        "attacks.methods": [{"kind": "ig", "iterations": 20}, {"kind": "idlg", "iterations": 10}],
+        "attacks.victims": 2, "attacks.rounds": [1, 2], "attacks.held_out_victims": 1,
+        "resources": {"client_actors": 1, "cpus_per_actor": 0.5},
+        "attacks.pool": {"actors": 1, "cpus_per_actor": 0.5},
+    },
+    "grid": {
+        "defence": {"none": {"defence": "none"},
+                    "dp_lo": {"defence": {"kind": "dpsgd", "noise_multiplier": 0.5}},
+                    "dp_hi": {"defence": {"kind": "dpsgd", "noise_multiplier": 1.5}}},
+        "seed": [0, 1],
+    },
+    "comparison": {"target_accuracy": 0.2, "proposed": "dpsgd", "baselines": ["none"]},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A six-cell study run as a user runs it: SIGKILLed once a cell has finished, then resumed.
+
+    Shared by the study and report tests (a study costs minutes here).
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("study")
+    spec = dict(TINY_STUDY, base=str(root / "scenarios" / "defences_smoke.yaml"), output={"dir": str(tmp), "name": "s"})
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    study_dir = tmp / "s"
+    cmd = [sys.executable, "-m", "simfl.study", "--no-dashboard", "--num-cpus", "2"]
+    proc = subprocess.Popen([*cmd, str(path)], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(study_dir.glob("cells/*/final_weights.pt")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in study_dir.glob("cells/*/final_weights.pt")}
+    resumed = subprocess.run([*cmd, "--resume", str(study_dir)], cwd=root, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    cells = [f"{d}__seed-{s}" for d in ("none", "dp_lo", "dp_hi") for s in (0, 1)]
+    return {"dir": study_dir, "cells": cells, "killed": {"finished": finished}, "resume_log": resumed.stderr}

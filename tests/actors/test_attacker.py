@@ -12,11 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine_helpers import SMOKE_FAST, kill_at_checkpoint, run_smoke
+from engine_helpers import SMOKE_FAST, final_weights, kill_at_checkpoint, run_smoke, table
 from actors.attacker import AttackPool
-from simfl.config import AttackPoolConfig
+from actors.coordinator import sample_held_out_victims
+from simfl.config import AttackPoolConfig, parse_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +96,82 @@ def assert_means_match_table(run_dir: Path) -> None:
         expected = rows[rows.attack == "ig"].groupby("round")[column].mean()
         assert [e.step for e in logged] == expected.index.tolist(), name
         assert np.allclose([e.value for e in logged], expected.tolist()), name
+
+
+def test_held_out_victims_are_sampled_from_seed_and_round_alone():
+    sc = parse_scenario({"populations": [{"name": "a", "clients": 4}, {"name": "b", "clients": 3, "held_out": True}],
+                         "attacks": {"held_out_victims": 2, "every": 2}})
+    held = np.array([4, 5, 6])
+    picked = sample_held_out_victims(sc, held, 2)
+    assert len(picked) == 2 and set(picked) <= {4, 5, 6} and list(picked) == sorted(picked)
+    assert np.array_equal(picked, sample_held_out_victims(sc, held, 2))
+    assert len(sample_held_out_victims(sc, held, 3)) == 0  # not an attacked round
+    assert np.array_equal(sample_held_out_victims(sc, held[:1], 2), [4])  # fewer held-out clients than asked
+    rounds = {tuple(sample_held_out_victims(sc, held, r)) for r in range(2, 40, 2)}
+    assert len(rounds) > 1  # drawn afresh each round
+
+
+def test_a_probe_shares_what_the_client_would_and_leaves_its_state_alone(ray_local):
+    from actors.client import ClientShard, new_client_state
+    from simfl.defences import defended_model
+    from simfl.run import prepare
+    from simfl.weights import FlatWeights
+
+    # DP-SGD: its accountant is client state a probe must not advance.
+    sc = parse_scenario({
+        "populations": [{"name": "a", "clients": 2, "quantity": {"mean": 12}},
+                        {"name": "b", "clients": 2, "held_out": True, "quantity": {"mean": 12}}],
+        "data": {"size": 16, "synthetic": {"val_size": 20, "test_size": 20}},
+        "model": {"width": 8}, "training": {"batch_size": 4}, "defence": "dpsgd",
+        "attacks": {"view": "update", "held_out_victims": 1},
+    })
+    prepared = prepare(sc)
+    ds = prepared.dataset
+    weights = FlatWeights(defended_model(sc, (ds.channels, ds.image_size, ds.num_classes))[0]).snapshot().numpy()
+    refs = {"dataset": ray.put(ds), "partition": ray.put(prepared.partition)}
+    shard = ClientShard.options(num_cpus=0).remote(sc.model_dump(mode="json"), 0, [0, 1, 2, 3])
+    ray.get(shard.attach.remote(refs, {c: new_client_state() for c in range(4)}))
+    given = {3: {"participation": 0, "last_round": 0, "dp_steps": 7}}  # as sent for a visiting client
+    first = ray.get(shard.train.remote(1, weights, [2, 3], given, [], probe=True))
+    again = ray.get(shard.train.remote(1, weights, [2, 3], given, [], probe=True))
+    real = ray.get(shard.train.remote(1, weights, [2, 3], given, [2, 3]))
+    for p, q, t in zip(first, again, real, strict=True):
+        # Every probed client is a victim, and shares exactly what it would have shared had it joined.
+        assert p["delta"] is None and p["victim"] is not None
+        assert torch.equal(p["victim"].observation.shared, t["victim"].observation.shared)
+        assert torch.equal(p["victim"].observation.shared, torch.tensor(t["delta"]))
+        # It worked on a copy of its state: probing twice changes nothing, and the real round starts from the same.
+        assert p["state"] == q["state"] == t["state"] and p["defence"] == q["defence"] == t["defence"]
+    assert real[0]["state"]["dp_steps"] > 0 and real[1]["state"]["dp_steps"] > 7
+    ray.kill(shard)
+
+
+def test_held_out_clients_are_probed_without_changing_training(ray_local, data_root, tmp_path):
+    # iDLG, few iterations: what is tested is who is attacked, not how well.
+    quick = ("--set", "attacks.methods=[{kind: idlg, iterations: 5}]")
+    probed = run_smoke(tmp_path, "probed", *attacks(data_root, *quick, "--set", "attacks.held_out_victims=2"))
+    plain = run_smoke(tmp_path, "plain", *attacks(data_root, *quick))
+    rows = pd.read_parquet(probed / "attacks")
+    held = rows[rows["population"] == "new_scanner"]
+    # Two held-out clients per attacked round, each attacked by every attack and knowledge.
+    assert sorted(held["round"].unique()) == [1, 2]
+    assert held.groupby(["round", "attack", "knowledge"]).size().eq(2).all()
+    assert held.groupby("round")["client_id"].nunique().eq(2).all()
+    assert np.isfinite(held[["mse", "psnr", "ssim"]].to_numpy()).all()
+    assert pd.read_parquet(probed / "rounds").sort_values("round")["attack_victims"].tolist() == [4, 4, 0]
+    # The cohort's victims are attacked as before; probes are no clients of the round.
+    others = rows[rows["population"] != "new_scanner"]
+    plain_rows = pd.read_parquet(plain / "attacks")
+    assert set(zip(others["round"], others["client_id"])) == set(zip(plain_rows["round"], plain_rows["client_id"]))
+    clients = pd.read_parquet(probed / "clients")
+    assert "new_scanner" not in set(clients["population"])
+    assert not set(held["client_id"]) & set(clients["client_id"])
+    # Probes change nothing in training: same model, same client rows (participation included), same rounds.
+    assert torch.equal(final_weights(probed), final_weights(plain))
+    for name in ("clients", "evals", "client_evals"):
+        pd.testing.assert_frame_equal(table(probed, name), table(plain, name), check_exact=True)
+    pd.testing.assert_frame_equal(table(probed, "rounds").drop(columns="attack_victims"),
+                                  table(plain, "rounds").drop(columns="attack_victims"), check_exact=True)
 
 
 class FakeAttacker:

@@ -1,0 +1,260 @@
+"""``python -m simfl.report RUN_OR_STUDY_DIR``: report.md with figures, from the directory alone.
+
+Works on a study directory (``simfl.study``), on a scenario's arms (the parent
+directory ``simfl.run`` writes for ``arms:``) and on a single run. Every figure
+has a markdown table with the numbers behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from simfl import analysis, figures
+from simfl.errors import UserError
+
+EXIT_USER_ERROR = 2
+PREFERRED_ATTACKS = ("ig", "dlg", "idlg")
+
+
+def load_source(path: Path) -> tuple[str, pd.DataFrame, dict]:
+    """What the directory is, its cells, and the comparison settings (a study's, else the defaults)."""
+    from simfl.study import ComparisonConfig, load_study, study_cells
+
+    if (path / "study.yaml").is_file():
+        study, _ = load_study(path / "study.yaml")
+        return f"study {study.name}", study_cells(path), study.comparison.model_dump()
+    if not (path / "scenario.yaml").is_file():
+        raise UserError(f"{path}: not a run, arms or study directory (no scenario.yaml or study.yaml)")
+    from simfl.config import load_scenario
+
+    sc = load_scenario(path / "scenario.yaml")
+    if sc.arms is not None:
+        entries = [analysis.cell_entry(a, path / a, {"arm": a}) for a in sc.arms if (path / a / "scenario.yaml").is_file()]
+        if not entries:
+            raise UserError(f"{path}: no arm of this scenario has started yet")
+        return f"arms of {sc.name}", analysis.cells_frame(entries), ComparisonConfig().model_dump()
+    if not (path / "rounds").is_dir():
+        raise UserError(f"{path}: the run has not finished a round yet (no rounds table)")
+    return f"run {path.name}", analysis.cells_frame([analysis.cell_entry(path.name, path, {})]), \
+        ComparisonConfig().model_dump()
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or pd.isna(value) else f"{value:.{digits}f}"
+
+
+def _ci(value: float, low: float, high: float, digits: int = 3) -> str:
+    if pd.isna(value):
+        return "–"
+    if pd.isna(low):
+        return _f(value, digits)
+    return f"{_f(value, digits)} [{_f(low, digits)}, {_f(high, digits)}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+DIGITS = {"attacker_acc": 3, "mse": 4, "psnr": 2, "ssim": 3}
+
+
+def matched_section(matched: pd.DataFrame, cmp: dict) -> list[str]:
+    out = [f"## Matched-utility comparison (utility {cmp['utility']} = {cmp['target_accuracy']:g})", "",
+           "Privacy of each defence at the target utility, interpolated along each seed's privacy-utility curve "
+           "(its knob settings), then averaged over seeds with a 95 % t-interval. A defence whose curve does not "
+           "span the target in a seed is not interpolated there (`seeds reached`); nothing is extrapolated. "
+           "The undefended reference has no knob: its own utility is shown. Worst attack per cell; victims from "
+           "training populations. The last column is the proposed defence's change against the most private "
+           "baseline at the target, paired by seed (the seed paper's quantity).", ""]
+    for context, ctx in matched.groupby("context", sort=False):
+        if context != "all":
+            out += [f"### Context {context}", ""]
+        rows = []
+        for (knowledge, defence), g in ctx.groupby(["knowledge", "defence"], sort=False):
+            g = g.set_index("metric")
+            first = g.iloc[0]
+            lo, hi = first["utility_range"]
+            cells = [knowledge, defence, f"{_f(first['utility'])} (measured {_f(lo)}–{_f(hi)})"]
+            for metric in ("attacker_acc", "mse", "psnr", "ssim"):
+                r = g.loc[metric]
+                cells.append(_ci(r["value"], r["low"], r["high"], DIGITS[metric]))
+            cells.append(f"{int(first['seeds_reached'])}/{int(first['seeds'])}")
+            rel = []
+            for metric in ("attacker_acc", "mse"):
+                r = g.loc[metric]
+                if r["baseline"] is not None and not pd.isna(r["relative_change"]):
+                    rel.append(f"{metric} {_ci(r['relative_change'], r['relative_low'], r['relative_high'], 1)} % "
+                               f"vs {r['baseline']}")
+            cells.append("; ".join(rel) or "–")
+            rows.append(cells)
+        out += _table(["attacker", "defence", "utility", "attacker acc", "MSE", "PSNR (dB)", "SSIM", "seeds reached",
+                       "relative change vs best baseline"], rows) + [""]
+    return out
+
+
+def curve_section(curve: pd.DataFrame, png: Path | None, cmp: dict) -> list[str]:
+    out = ["## Privacy-utility curves", ""]
+    if png is not None:
+        out += [f"![privacy-utility curves]({png.parent.name}/{png.name})", ""]
+    rows = []
+    for r in curve[curve["metric"].isin(["attacker_acc", "mse", "psnr"])].itertuples():
+        rows.append([r.context, r.defence, r.setting, str(r.seeds), _ci(r.utility, r.utility_low, r.utility_high),
+                     r.knowledge, r.metric, _ci(r.value, r.low, r.high, DIGITS[r.metric])])
+    return out + _table(["context", "defence", "setting", "seeds", f"utility ({cmp['utility']})", "attacker", "metric",
+                         "value"], rows) + [""]
+
+
+def round_section(frame: pd.DataFrame, png: Path | None) -> list[str]:
+    out = ["## Attack success by round", "",
+           "Each defence at its operating point (the setting nearest the target utility). Early rounds leak most.", ""]
+    if png is not None:
+        out += [f"![attack by round]({png.parent.name}/{png.name})", ""]
+    rows = [[r.defence, r.setting, r.knowledge, r.metric, str(r.round), _ci(r.value, r.low, r.high, DIGITS[r.metric]),
+             r.interval] for r in frame.itertuples()] if len(frame) else []
+    return out + _table(["defence", "setting", "attacker", "metric", "round", "value", "interval over"], rows) + [""]
+
+
+def population_section(frame: pd.DataFrame, pngs: dict[str, Path | None], gaps: pd.DataFrame) -> list[str]:
+    out = ["## Populations", "",
+           "Per population at each defence's operating point. Held-out populations never train; their attack "
+           "figures come from held-out clients probed as if they joined (`attacks.held_out_victims`). Intervals are "
+           "over seeds, or with one seed the run's own (over clients or images).", ""]
+    for context, png in pngs.items():
+        if png is not None:
+            out += [f"![populations {context}]({png.parent.name}/{png.name})", ""]
+    rows = [[r.context, r.defence, r.setting, r.population, "yes" if r.held_out else "no", r.metric,
+             _ci(r.value, r.low, r.high), r.interval] for r in frame.itertuples()] if len(frame) else []
+    out += _table(["context", "defence", "setting", "population", "held out", "metric", "value", "interval over"],
+                  rows) + [""]
+    out += ["### Generalization gap (training populations minus held-out populations)", ""]
+    if gaps.empty:
+        return out + ["No held-out population in these runs: no gap to measure.", ""]
+    rows = [[r.context, r.defence, r.setting, r.metric, _f(r.training), _f(r.held_out), _ci(r.gap, r.gap_low, r.gap_high),
+             str(r.seeds)] for r in gaps.itertuples()]
+    return out + _table(["context", "defence", "setting", "metric", "training", "held out", "gap [95 % over seeds]",
+                         "seeds"], rows) + [""]
+
+
+def reconstruction_png(run_dir: Path) -> tuple[str, Path] | None:
+    """The earliest round's saved grid, from the strongest attacker there is (adaptive first)."""
+    found = {}
+    for png in sorted((run_dir / "reconstructions").glob("round*_client*.png")):
+        m = re.fullmatch(r"round(\d+)_(.+)_client(\d+)\.png", png.name)
+        if m:
+            found.setdefault(m.group(2), []).append((int(m.group(1)), int(m.group(3)), png))
+    for kind in [f"{a}_adaptive" for a in PREFERRED_ATTACKS] + list(PREFERRED_ATTACKS) + sorted(found):
+        if kind in found:
+            r, _, png = min(found[kind])
+            return f"{kind}, round {r}", png
+    return None
+
+
+def write_report(path: Path, target: float | None = None, utility_kind: str | None = None) -> Path:
+    """Write ``report.md`` and ``figures/`` into ``path``; returns the report's path."""
+    path = Path(path)
+    title, cells, cmp = load_source(path)
+    if target is not None:
+        cmp["target_accuracy"] = target
+    if utility_kind is not None:
+        cmp["utility"] = utility_kind
+    done = cells[cells["status"] == "finished"].reset_index(drop=True)
+    lines = [f"# Report: {title}", "", f"Source: `{path}`. Cells: {len(cells)}, finished: {len(done)}.", ""]
+    unfinished = cells[cells["status"] != "finished"]
+    if len(unfinished):
+        lines += [f"Not finished (left out below): {', '.join(unfinished['cell'])}.", ""]
+    if done.empty:
+        raise UserError(f"{path}: no finished run to report on yet")
+    metrics = analysis.study_metrics(done)
+    fig_dir = path / "figures"
+    target, kind = cmp["target_accuracy"], cmp["utility"]
+    has_attacks = metrics["attack"].notna().any()
+    points = analysis.operating_points(done, metrics, target, kind)
+    if has_attacks:
+        swept = done[done["defence"] != "none"].groupby(["context", "defence"])["setting"].nunique()
+        if (swept > 1).any():
+            matched = analysis.matched_utility(done, metrics, target, kind, cmp["proposed"], cmp["baselines"])
+            lines += matched_section(matched, cmp)
+        else:
+            lines += ["## Matched-utility comparison", "",
+                      "No defence is swept over its knob here (one setting per defence), so there is no "
+                      "privacy-utility curve to interpolate at a matched utility; see the tables below for each "
+                      "setting's own utility and privacy.", ""]
+        curve = analysis.curves(done, metrics, kind)
+        png = figures.privacy_utility(curve, target, kind, fig_dir / "privacy_utility.png")
+        lines += curve_section(curve, png, cmp)
+        rounds = analysis.attack_by_round(done, metrics, points)
+        lines += round_section(rounds, figures.attack_by_round(rounds, fig_dir / "attack_by_round.png"))
+    else:
+        lines += ["No attacks in these runs: no privacy figures (set `attacks:` in the scenario).", ""]
+    pops = analysis.by_population(done, metrics, points)
+    pngs = {}
+    for context, g in (pops.groupby("context", sort=False) if len(pops) else []):
+        name = "populations.png" if context == "all" else f"populations_{context}.png"
+        pngs[context] = figures.population_bars(g, fig_dir / name, f"Per population ({context}), 95 % intervals")
+    lines += population_section(pops, pngs, analysis.population_gaps(done, metrics))
+    if has_attacks:
+        lines += reconstruction_section(done, points, fig_dir)
+    lines += cells_section(cells, metrics, kind)
+    report = path / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def reconstruction_section(done: pd.DataFrame, points: pd.DataFrame, fig_dir: Path) -> list[str]:
+    items, rows = [], []
+    for p in points.itertuples():
+        mine = done[(done["context"] == p.context) & (done["defence"] == p.defence) & (done["setting"] == p.setting)]
+        first = mine.sort_values("seed").iloc[0]
+        found = reconstruction_png(Path(first["run_dir"]))
+        if found is None:
+            continue
+        what, png = found
+        items.append((f"{p.defence} ({p.setting}, {p.context}) · {what} · cell {first['cell']}", png))
+        rows.append([p.context, p.defence, p.setting, first["cell"], what, f"`{png}`"])
+    out = ["## Example reconstructions", ""]
+    png = figures.reconstruction_grid(items, fig_dir / "reconstructions.png")
+    if png is not None:
+        out += [f"![reconstructions]({png.parent.name}/{png.name})", ""]
+    return out + _table(["context", "defence", "setting", "cell", "attack", "file"], rows) + [""]
+
+
+def cells_section(cells: pd.DataFrame, metrics: pd.DataFrame, kind: str) -> list[str]:
+    util = dict(zip(cells["cell"], analysis.utility(cells, metrics, kind))) if len(metrics) else {}
+    test = analysis.final_values(metrics, "test_accuracy") if len(metrics) else pd.DataFrame(columns=["cell", "value"])
+    test = dict(zip(test["cell"], test["value"]))
+    eps = analysis.final_values(metrics, "dp_epsilon_max") if len(metrics) else pd.DataFrame(columns=["cell", "value"])
+    eps = dict(zip(eps["cell"], eps["value"]))
+    rows = [[r.cell, r.status, r.defence, r.setting, r.context, str(r.seed), _f(util.get(r.cell, np.nan)),
+             _f(test.get(r.cell, np.nan)), _f(eps.get(r.cell, np.nan), 2), f"`{r.knobs}`"] for r in cells.itertuples()]
+    return ["## Cells", ""] + _table(["cell", "status", "defence", "setting", "context", "seed", f"utility ({kind})",
+                                      "test acc", "ε (max)", "knobs"], rows) + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simfl.report", description=__doc__.splitlines()[0])
+    p.add_argument("directory", help="a run, a scenario's arms, or a study directory")
+    p.add_argument("--target", type=float, help="utility to match defences at (default: the study's, else 0.9)")
+    p.add_argument("--utility", choices=sorted(analysis.UTILITY_METRIC), help="which accuracy is the utility")
+    args = p.parse_args(argv)
+    try:
+        if args.target is not None and not 0 < args.target < 1:
+            raise UserError(f"--target {args.target}: a utility lies strictly between 0 and 1")
+        path = Path(args.directory)
+        if not path.is_dir():
+            raise UserError(f"{path}: no such directory")
+        report = write_report(path, args.target, args.utility)
+    except UserError as exc:
+        print(f"simfl: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"simfl: report written to {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

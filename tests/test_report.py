@@ -1,0 +1,125 @@
+"""Reports: every figure drawn with data in every panel, a table behind each, for a study, arms and one run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from simfl import figures
+from simfl.report import main, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def images_in(report: Path) -> list[Path]:
+    return [report.parent / m for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())]
+
+
+def assert_readable_png(path: Path) -> None:
+    img = mpimg.imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    assert np.asarray(img[..., :3]).std() > 0.05  # not a blank canvas
+
+
+def test_study_report_has_every_figure_and_the_numbers_behind_them(tiny_study, tmp_path):
+    study_dir = tiny_study["dir"]
+    report = study_dir / "report.md"  # the study wrote it at its end
+    text = report.read_text()
+    figs = {p.name for p in images_in(report)}
+    assert figs == {"privacy_utility.png", "attack_by_round.png", "populations.png", "reconstructions.png"}
+    for png in images_in(report):
+        assert_readable_png(png)
+    for section in ("## Matched-utility comparison", "## Privacy-utility curves", "## Attack success by round",
+                    "## Populations", "### Generalization gap", "## Example reconstructions", "## Cells"):
+        assert section in text
+    # The numbers in the tables are the study's own: the cells table's utility is each cell's final
+    # client validation accuracy as the run recorded it.
+    evals = pd.read_parquet(study_dir / "cells" / "none__seed-0" / "client_evals")
+    evals = evals[evals["round"] == evals["round"].max()]
+    evals = evals[evals["population"] != "new_scanner"]
+    acc = (evals["accuracy"] * evals["samples"]).sum() / evals["samples"].sum()
+    row = next(line for line in text.splitlines() if line.startswith("| none__seed-0 |"))
+    assert f"| {acc:.3f} |" in row
+    # Held-out probes reach the generalization gap for attack metrics too.
+    gap = text.split("### Generalization gap")[1].split("##")[0]
+    assert "attacker_acc:adaptive" in gap and "psnr:naive" in gap
+
+
+def test_report_cli_rewrites_a_study_report_with_another_target(tiny_study):
+    study_dir = tiny_study["dir"]
+    proc = subprocess.run([sys.executable, "-m", "simfl.report", str(study_dir), "--target", "0.15"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "utility client_val = 0.15" in (study_dir / "report.md").read_text()
+
+
+def test_report_on_a_single_run_and_on_arms(tiny_study, tmp_path):
+    run_dir = tiny_study["dir"] / "cells" / "dp_lo__seed-0"
+    copy = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    report = write_report(copy)
+    names = {p.name for p in images_in(report)}
+    assert {"privacy_utility.png", "attack_by_round.png", "populations.png", "reconstructions.png"} <= names
+    for png in images_in(report):
+        assert_readable_png(png)
+    assert "| dp_lo__seed-0 |" not in report.read_text() and "| run | finished | dpsgd |" in report.read_text()
+
+    # Arms: a parent directory as `simfl.run` writes for a scenario with arms.
+    import yaml
+
+    parent = tmp_path / "arms"
+    parent.mkdir()
+    scenario = yaml.safe_load((run_dir / "scenario.yaml").read_text())
+    scenario["arms"] = {"plain": {"defence": "none"}, "dp": {}}
+    (parent / "scenario.yaml").write_text(yaml.safe_dump(scenario))
+    shutil.copytree(tiny_study["dir"] / "cells" / "none__seed-0", parent / "plain")
+    shutil.copytree(run_dir, parent / "dp")
+    text = write_report(parent).read_text()
+    assert "| plain | finished | none |" in text and "| dp | finished | dpsgd |" in text
+
+
+def test_report_cli_errors_are_one_line(tmp_path):
+    assert main([str(tmp_path / "missing")]) == 2
+    assert main([str(tmp_path)]) == 2
+    assert main([str(tmp_path), "--target", "1.5"]) == 2
+
+
+def test_figures_skip_empty_data_rather_than_draw_empty_panels(tmp_path):
+    empty = pd.DataFrame(columns=["context", "defence", "setting", "metric", "knowledge", "round", "value", "low",
+                                  "high", "utility", "utility_low", "utility_high", "population", "held_out"])
+    assert figures.privacy_utility(empty, 0.5, "client_val", tmp_path / "a.png") is None
+    assert figures.attack_by_round(empty, tmp_path / "b.png") is None
+    assert figures.population_bars(empty, tmp_path / "c.png", "t") is None
+    assert figures.reconstruction_grid([], tmp_path / "d.png") is None
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("n_metrics", [1, 4])
+def test_population_bars_lay_out_only_as_many_panels_as_metrics(tmp_path, n_metrics):
+    import matplotlib.pyplot as plt
+
+    rows = [{"context": "all", "defence": d, "setting": d, "population": p, "held_out": p == "b", "metric": f"m{k}",
+             "value": 0.5, "low": 0.4, "high": 0.6, "interval": "seeds"}
+            for d in ("none", "dpsgd") for p in ("a", "b") for k in range(n_metrics)]
+    drawn = []
+    original = plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        drawn.extend(len(ax.patches) for ax in fig.axes)
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = spy
+    try:
+        figures.population_bars(pd.DataFrame(rows), tmp_path / "p.png", "title")
+    finally:
+        plt.Figure.savefig = original
+    assert drawn == [4] * n_metrics  # 2 defences x 2 populations per panel, no empty panel

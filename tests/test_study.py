@@ -1,0 +1,152 @@
+"""Studies: the grid expands as written, bad studies fail in one line, a killed study resumes without redoing cells."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from simfl.errors import UserError
+from simfl.study import StudyConfig, expand, load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def study_file(tmp_path: Path, **spec) -> Path:
+    spec.setdefault("base", str(ROOT / "scenarios" / "smoke.yaml"))
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cells_of(tmp_path: Path, **spec):
+    return expand(*load_study(study_file(tmp_path, **spec)))
+
+
+def test_grid_is_the_product_of_its_axes_in_order(tmp_path):
+    cells = cells_of(tmp_path, grid={
+        "defence": {"none": {"defence": "none"}, "dp": {"defence": {"kind": "dpsgd", "noise_multiplier": 0.7}}},
+        "training.batch_size": [8, 16],
+        "seed": [0, 3],
+    })
+    assert [c.name for c in cells][:3] == ["none__batch_size-8__seed-0", "none__batch_size-8__seed-3",
+                                          "none__batch_size-16__seed-0"]
+    assert len(cells) == 8
+    by_name = {c.name: c.scenario for c in cells}
+    dp = by_name["dp__batch_size-16__seed-3"]
+    assert dp.defence.kind == "dpsgd" and dp.defence.noise_multiplier == 0.7
+    assert dp.training.batch_size == 16 and dp.seed == 3
+    assert by_name["none__batch_size-8__seed-0"].defence.kind == "none"
+    assert dp.name == "study.dp__batch_size-16__seed-3"
+
+
+def test_set_overrides_the_base_and_arms_become_the_first_axis(tmp_path):
+    cells = cells_of(tmp_path, base=str(ROOT / "scenarios" / "defences_smoke.yaml"),
+                     set={"training.rounds": 4, "attacks.rounds": [2]}, grid={"seed": [0, 1]})
+    assert len(cells) == 8  # 4 arms x 2 seeds
+    assert cells[0].labels == {"arm": "none", "seed": "seed-0"}
+    assert {c.scenario.defence.kind for c in cells} == {"none", "dpsgd", "bido", "latent"}
+    assert all(c.scenario.training.rounds == 4 and c.scenario.arms is None for c in cells)
+
+
+def test_leave_one_population_out_holds_out_each_population_once(tmp_path):
+    cells = cells_of(tmp_path, grid={"split": "leave_one_population_out"})
+    assert [c.name for c in cells] == ["out-central_lab", "out-rural_clinic", "out-new_scanner"]
+    for cell in cells:
+        held = [p.name for p in cell.scenario.populations if p.held_out]
+        assert held == [cell.name.removeprefix("out-")]
+
+
+def test_base_path_is_relative_to_the_study_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "base.yaml").write_text((ROOT / "scenarios" / "smoke.yaml").read_text())
+    path = study_file(tmp_path, base="sub/base.yaml", grid={"seed": [5]})
+    (cell,) = expand(*load_study(path))
+    assert cell.scenario.seed == 5 and len(cell.scenario.populations) == 3
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"grid": {"seed": [-1]}}, "cell seed--1 (grid.seed.seed--1): scenario: seed"),
+        ({"grid": {"defence": {"dp": {"defence": {"kind": "dpsgd", "a1": 1}}}}}, "grid.defence.dp): scenario: defence"),
+        ({"grid": {"training.rounds": [2]}, "set": {"training.bogus": 1}}, "training.bogus: unknown key"),
+        ({"grid": {}}, "study: grid"),
+        ({"grid": {"seed": []}}, "seed: an axis needs at least one value"),
+        ({"grid": {"seed": [0]}, "comparison": {"target_accuracy": 1.5}}, "study: comparison.target_accuracy"),
+        ({"grid": {"seed": [0]}, "base": "nowhere.yaml"}, "study: base: no scenario file"),
+        ({"grid": {"a": {"x": {}}, "b": {"x": {}}}, "name": "s"}, None),  # distinct axes may reuse a level name
+    ],
+)
+def test_bad_studies_are_named_by_key(tmp_path, spec, message):
+    if message is None:
+        assert [c.name for c in cells_of(tmp_path, **spec)] == ["x__x"]
+        return
+    with pytest.raises(UserError) as err:
+        cells_of(tmp_path, **spec)
+    assert message in str(err.value), str(err.value)
+
+
+def test_study_config_is_strict():
+    with pytest.raises(Exception):
+        StudyConfig.model_validate({"base": "x.yaml", "scenario": {}, "grid": {"seed": [0]}})
+    with pytest.raises(Exception):
+        StudyConfig.model_validate({"base": "x.yaml", "grid": {"seed": [0]}, "concurency": 2})
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simfl.study", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bad_study_on_the_command_line_is_one_line_exit_2_and_no_directory(tmp_path):
+    out = tmp_path / "runs"
+    path = study_file(tmp_path, grid={"seed": [0], "training.rounds": ["ten"]}, output={"dir": str(out)})
+    proc = cli(str(path), "--no-dashboard", "--num-cpus", "1")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("simfl: error: study: cell seed-0__rounds-ten") and "training.rounds" in line
+    assert not out.exists()
+
+
+def test_killed_study_resumes_without_redoing_finished_cells(tiny_study):
+    study_dir, killed = tiny_study["dir"], tiny_study["killed"]
+    cells = pd.read_parquet(study_dir / "cells.parquet")
+    assert sorted(cells["cell"]) == sorted(tiny_study["cells"])
+    assert set(cells["status"]) == {"finished"}
+    # Cells finished before the kill were skipped by the resume, their files untouched.
+    assert killed["finished"], "the study was killed before any cell finished"
+    for name, mtime in killed["finished"].items():
+        assert (study_dir / "cells" / name / "final_weights.pt").stat().st_mtime_ns == mtime
+        assert f"cell {name}: finished before, skipped" in tiny_study["resume_log"]
+    assert len(killed["finished"]) < len(tiny_study["cells"]), "the study finished before it was killed"
+
+
+def test_study_tables_are_tidy_and_cover_every_cell(tiny_study):
+    study_dir = tiny_study["dir"]
+    metrics = pd.read_parquet(study_dir / "metrics.parquet")
+    assert set(metrics["cell"]) == set(tiny_study["cells"])
+    final = metrics[metrics["round"].isna()]
+    for cell in tiny_study["cells"]:
+        mine = final[(final["cell"] == cell)]
+        assert (mine["metric"] == "local_val_accuracy").any() and (mine["metric"] == "test_accuracy").any()
+        # Attack metrics per knowledge, with the worst attack, for training victims and held-out probes.
+        worst = mine[(mine["attack"] == "worst") & mine["population"].isna()]
+        assert set(worst["knowledge"]) == {"naive", "adaptive"}
+        assert set(worst["held_out"]) == {True, False}
+    per_round = metrics[metrics["round"].notna() & (metrics["metric"] == "train_loss")]
+    assert per_round.groupby("cell")["round"].apply(sorted).map(list).tolist() == \
+        [[1, 2]] * len(tiny_study["cells"])
+    cells = pd.read_parquet(study_dir / "cells.parquet")
+    assert set(cells["setting"]) == {"none", "dp_lo", "dp_hi"}
+    assert set(cells["seed"]) == {0, 1}
+
+
+def test_shipped_studies_expand_into_valid_cells():
+    counts = {f.stem: len(expand(*load_study(f))) for f in sorted((ROOT / "scenarios").glob("study_*.yaml"))}
+    assert counts == {"study_paper_bloodmnist": 39, "study_paper_cifar10": 39, "study_populations": 48,
+                      "study_smoke": 14}
