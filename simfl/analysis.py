@@ -310,7 +310,8 @@ def matched_utility(cells: pd.DataFrame, metrics: pd.DataFrame, target: float, u
     The undefended reference is not interpolated (it has no knob): its own
     utility is given. For the proposed defence, the relative change against the
     best baseline (the most private one at the target, per metric) is computed
-    per seed, paired on the seed, then averaged, as the seed paper reports it.
+    per seed, paired on the seed, then averaged, as the seed paper reports it (where no seed
+    reached the target for both, the change of the means, unpaired and without an interval).
     """
     cells = cells.assign(utility=utility(cells, metrics, utility_kind))
     rows = []
@@ -334,7 +335,8 @@ def matched_utility(cells: pd.DataFrame, metrics: pd.DataFrame, target: float, u
                     rows.append({"context": context, "knowledge": knowledge, "defence": defence, "metric": metric,
                                  "utility": u, "utility_range": span, "value": mean, "low": low, "high": high,
                                  "seeds_reached": reached, "seeds": len(per_seed), "baseline": None,
-                                 "relative_change": np.nan, "relative_low": np.nan, "relative_high": np.nan})
+                                 "relative_change": np.nan, "relative_low": np.nan, "relative_high": np.nan,
+                                 "relative_paired": None})
             _relative_changes(rows, at, context, knowledge, proposed, baselines)
     return pd.DataFrame(rows)
 
@@ -353,10 +355,16 @@ def _relative_changes(rows: list[dict], at: dict, context: str, knowledge: str, 
         mine, theirs = at[(proposed, metric)], at[(best, metric)]
         rel = np.array([(mine[s] - theirs[s]) / abs(theirs[s]) * 100 for s in mine
                         if s in theirs and theirs[s] != 0], dtype=float)
+        paired = bool(np.any(~np.isnan(rel)))
         mean, low, high = seed_interval(rel)
+        if not paired:
+            # No seed where both reached the target: the change of the means, without an interval.
+            ours = seed_interval(np.array(list(mine.values())))[0]
+            mean, low, high = (ours - means[best]) / abs(means[best]) * 100 if means[best] else np.nan, np.nan, np.nan
         for row in rows:
             if (row["context"], row["knowledge"], row["defence"], row["metric"]) == (context, knowledge, proposed, metric):
-                row.update(baseline=best, relative_change=mean, relative_low=low, relative_high=high)
+                row.update(baseline=best, relative_change=mean, relative_low=low, relative_high=high,
+                           relative_paired=paired)
 
 
 def operating_points(cells: pd.DataFrame, metrics: pd.DataFrame, target: float, utility_kind: str) -> pd.DataFrame:

@@ -88,9 +88,10 @@ def matched_section(matched: pd.DataFrame, cmp: dict) -> list[str]:
             rel = []
             for metric in ("attacker_acc", "mse"):
                 r = g.loc[metric]
-                if r["baseline"] is not None and not pd.isna(r["relative_change"]):
+                if not pd.isna(r["relative_change"]):
+                    how = "" if r["relative_paired"] else " (unpaired: no seed where both reached)"
                     rel.append(f"{metric} {_ci(r['relative_change'], r['relative_low'], r['relative_high'], 1)} % "
-                               f"vs {r['baseline']}")
+                               f"vs {r['baseline']}{how}")
             cells.append("; ".join(rel) or "–")
             rows.append(cells)
         out += _table(["attacker", "defence", "utility", "attacker acc", "MSE", "PSNR (dB)", "SSIM", "seeds reached",

@@ -149,4 +149,4 @@ def test_study_tables_are_tidy_and_cover_every_cell(tiny_study):
 def test_shipped_studies_expand_into_valid_cells():
     counts = {f.stem: len(expand(*load_study(f))) for f in sorted((ROOT / "scenarios").glob("study_*.yaml"))}
     assert counts == {"study_paper_bloodmnist": 39, "study_paper_cifar10": 39, "study_populations": 48,
-                      "study_smoke": 14}
+                      "study_smoke": 20}
