@@ -56,7 +56,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def _grid(frame: pd.DataFrame, rows: list[str], height: float, draw, title: str, path: Path) -> Path:
     """A panel per metric (rows) and attacker knowledge (columns); ``draw(ax, metric, panel data)`` fills each."""
-    cols = list(dict.fromkeys(frame["knowledge"]))
+    cols = sorted(set(frame["knowledge"]), key=lambda k: (k != "naive", k))  # naive first, as in the tables
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(5.2 * len(cols), height * len(rows)), squeeze=False)
     for i, metric in enumerate(rows):
         for j, knowledge in enumerate(cols):
