@@ -54,6 +54,12 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _context(frame: pd.DataFrame) -> str:
+    """`` · out-a``-style title suffix for a figure of one context; empty without a context axis."""
+    contexts = set(frame["context"]) if "context" in frame else {"all"}
+    return "" if contexts == {"all"} else f" · {', '.join(sorted(contexts))}"
+
+
 def _grid(frame: pd.DataFrame, rows: list[str], height: float, draw, title: str, path: Path) -> Path:
     """A panel per metric (rows) and attacker knowledge (columns); ``draw(ax, metric, panel data)`` fills each."""
     cols = sorted(set(frame["knowledge"]), key=lambda k: (k != "naive", k))  # naive first, as in the tables
@@ -66,7 +72,7 @@ def _grid(frame: pd.DataFrame, rows: list[str], height: float, draw, title: str,
             ax.set_title(f"{knowledge} attacker")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title + _context(frame))
     return _save(fig, path)
 
 

@@ -99,10 +99,25 @@ def matched_section(matched: pd.DataFrame, cmp: dict) -> list[str]:
     return out
 
 
-def curve_section(curve: pd.DataFrame, png: Path | None, cmp: dict) -> list[str]:
-    out = ["## Privacy-utility curves", ""]
-    if png is not None:
-        out += [f"![privacy-utility curves]({png.parent.name}/{png.name})", ""]
+def _images(title: str, pngs: dict[str, Path | None]) -> list[str]:
+    """Markdown for one figure per context (``all`` when the study has no context axis)."""
+    out = []
+    for context, png in pngs.items():
+        if png is not None:
+            out += [f"![{title}{'' if context == 'all' else f' ({context})'}]({png.parent.name}/{png.name})", ""]
+    return out
+
+
+def per_context(frame: pd.DataFrame, fig_dir: Path, stem: str, draw) -> dict[str, Path | None]:
+    """``draw(frame of one context, path)`` per context: contexts (e.g. population splits) are never pooled."""
+    if frame.empty:
+        return {}
+    return {context: draw(g, fig_dir / (f"{stem}.png" if context == "all" else f"{stem}_{context}.png"))
+            for context, g in frame.groupby("context", sort=False)}
+
+
+def curve_section(curve: pd.DataFrame, pngs: dict[str, Path | None], cmp: dict) -> list[str]:
+    out = ["## Privacy-utility curves", ""] + _images("privacy-utility curves", pngs)
     rows = []
     for r in curve[curve["metric"].isin(["attacker_acc", "mse", "psnr"])].itertuples():
         rows.append([r.context, r.defence, r.setting, str(r.seeds), _ci(r.utility, r.utility_low, r.utility_high),
@@ -111,14 +126,14 @@ def curve_section(curve: pd.DataFrame, png: Path | None, cmp: dict) -> list[str]
                          "value"], rows) + [""]
 
 
-def round_section(frame: pd.DataFrame, png: Path | None) -> list[str]:
+def round_section(frame: pd.DataFrame, pngs: dict[str, Path | None]) -> list[str]:
     out = ["## Attack success by round", "",
            "Each defence at its operating point (the setting nearest the target utility). Early rounds leak most.", ""]
-    if png is not None:
-        out += [f"![attack by round]({png.parent.name}/{png.name})", ""]
-    rows = [[r.defence, r.setting, r.knowledge, r.metric, str(r.round), _ci(r.value, r.low, r.high, DIGITS[r.metric]),
-             r.interval] for r in frame.itertuples()] if len(frame) else []
-    return out + _table(["defence", "setting", "attacker", "metric", "round", "value", "interval over"], rows) + [""]
+    out += _images("attack by round", pngs)
+    rows = [[r.context, r.defence, r.setting, r.knowledge, r.metric, str(r.round),
+             _ci(r.value, r.low, r.high, DIGITS[r.metric]), r.interval] for r in frame.itertuples()] if len(frame) else []
+    return out + _table(["context", "defence", "setting", "attacker", "metric", "round", "value", "interval over"],
+                        rows) + [""]
 
 
 def population_section(frame: pd.DataFrame, pngs: dict[str, Path | None], gaps: pd.DataFrame) -> list[str]:
@@ -126,9 +141,7 @@ def population_section(frame: pd.DataFrame, pngs: dict[str, Path | None], gaps: 
            "Per population at each defence's operating point. Held-out populations never train; their attack "
            "figures come from held-out clients probed as if they joined (`attacks.held_out_victims`). Intervals are "
            "over seeds, or with one seed the run's own (over clients or images).", ""]
-    for context, png in pngs.items():
-        if png is not None:
-            out += [f"![populations {context}]({png.parent.name}/{png.name})", ""]
+    out += _images("populations", pngs)
     rows = [[r.context, r.defence, r.setting, r.population, "yes" if r.held_out else "no", r.metric,
              _ci(r.value, r.low, r.high), r.interval] for r in frame.itertuples()] if len(frame) else []
     out += _table(["context", "defence", "setting", "population", "held out", "metric", "value", "interval over"],
@@ -187,17 +200,15 @@ def write_report(path: Path, target: float | None = None, utility_kind: str | No
                       "privacy-utility curve to interpolate at a matched utility; see the tables below for each "
                       "setting's own utility and privacy.", ""]
         curve = analysis.curves(done, metrics, kind)
-        png = figures.privacy_utility(curve, target, kind, fig_dir / "privacy_utility.png")
-        lines += curve_section(curve, png, cmp)
+        lines += curve_section(curve, per_context(
+            curve, fig_dir, "privacy_utility", lambda g, path: figures.privacy_utility(g, target, kind, path)), cmp)
         rounds = analysis.attack_by_round(done, metrics, points)
-        lines += round_section(rounds, figures.attack_by_round(rounds, fig_dir / "attack_by_round.png"))
+        lines += round_section(rounds, per_context(rounds, fig_dir, "attack_by_round", figures.attack_by_round))
     else:
         lines += ["No attacks in these runs: no privacy figures (set `attacks:` in the scenario).", ""]
     pops = analysis.by_population(done, metrics, points)
-    pngs = {}
-    for context, g in (pops.groupby("context", sort=False) if len(pops) else []):
-        name = "populations.png" if context == "all" else f"populations_{context}.png"
-        pngs[context] = figures.population_bars(g, fig_dir / name, f"Per population ({context}), 95 % intervals")
+    pngs = per_context(pops, fig_dir, "populations", lambda g, path: figures.population_bars(
+        g, path, f"Per population ({g['context'].iloc[0]}), 95 % intervals"))
     lines += population_section(pops, pngs, analysis.population_gaps(done, metrics))
     if has_attacks:
         lines += reconstruction_section(done, points, fig_dir)

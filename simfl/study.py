@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         from simfl.report import write_report
 
         report = write_report(study_dir)
+        text = report.read_text()
+        if "## Matched-utility comparison (" in text:  # the headline table, as arms print theirs
+            print(text.split("## Matched-utility comparison")[1].split("\n## ")[0].split("\n\n", 2)[-1].strip())
         print(f"simfl study: report: {report}", file=sys.stderr)
     print(f"simfl: study {study.name}: {len(cells) - len(failed)} of {len(cells)} cells done; results in {study_dir}")
     if failed:

@@ -123,3 +123,43 @@ def test_population_bars_lay_out_only_as_many_panels_as_metrics(tmp_path, n_metr
     finally:
         plt.Figure.savefig = original
     assert drawn == [4] * n_metrics  # 2 defences x 2 populations per panel, no empty panel
+
+
+@pytest.mark.timeout(600)
+def test_leave_one_population_out_study_reports_each_split(ray_local, tmp_path):
+    """Each population held out in turn: one context per split, its own population figure and gaps."""
+    import yaml
+
+    from simfl.study import main as study_main
+
+    spec = {
+        "name": "lopo",
+        "base": str(ROOT / "scenarios" / "defences_smoke.yaml"),
+        "set": {"arms": None, "training.rounds": 2, "training.clients_per_round": 6, "training.local_epochs": 1,
+                "evaluation.every": 2, "attacks.methods": [{"kind": "idlg", "iterations": 5}],
+                "attacks.victims": 2, "attacks.rounds": [2], "attacks.held_out_victims": 2,
+                "resources": {"client_actors": 1, "cpus_per_actor": 0.5},
+                "attacks.pool": {"actors": 1, "cpus_per_actor": 0.5}},
+        "grid": {"split": "leave_one_population_out"},
+    }
+    path = tmp_path / "lopo.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "lopo"
+    assert study_main([str(path), "--out", str(out), "--quiet"]) == 0
+    pops = ["central_lab", "rural_clinic", "new_scanner"]
+    report = out / "report.md"
+    names = {p.name for p in images_in(report)}
+    for stem in ("populations", "privacy_utility", "attack_by_round"):  # one figure per split, never pooled
+        assert names >= {f"{stem}_out-{p}.png" for p in pops} and f"{stem}.png" not in names
+    for png in images_in(report):
+        assert_readable_png(png)
+    cells = pd.read_parquet(out / "cells.parquet")
+    assert sorted(cells["context"]) == sorted(f"out-{p}" for p in pops)
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    for p in pops:
+        # The held-out population is the probed one: its attack rows are flagged held out in its own split only.
+        mine = metrics[(metrics["context"] == f"out-{p}") & (metrics["metric"] == "attacker_acc")
+                       & metrics["population"].notna() & metrics["round"].isna()]
+        assert set(mine[mine["held_out"] == True]["population"]) == {p}  # noqa: E712
+    gap = report.read_text().split("### Generalization gap")[1].split("\n## ")[0]
+    assert all(f"| out-{p} | none | none | local_val_accuracy |" in gap for p in pops)
