@@ -10,6 +10,7 @@ object store, never once per client.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -519,7 +520,10 @@ class Coordinator:
             self.attack_log.close()
         self.tables.flush()
         self.tb.close()
-        torch.save({"weights": self.weights}, self.run_dir / "final_weights.pt")
+        # Its presence marks the run finished (a study or arms resume skips it): write it whole or not at all.
+        tmp = self.run_dir / ".final_weights.pt.tmp"
+        torch.save({"weights": self.weights}, tmp)
+        os.replace(tmp, self.run_dir / "final_weights.pt")
         for actor in self.actors:
             ray.kill(actor)
         return {"round": self.round}

@@ -104,10 +104,23 @@ def _eval_rows(run_dir: Path, held: dict[str, bool]) -> list[dict]:
     for key, g in groups:
         population = key[0]
         flag = held.get(population, False) if population is not None else bool(key[1])
-        acc = float((g["accuracy"] * g["samples"]).sum() / g["samples"].sum())
-        rows.append(_row("local_val_accuracy", acc, None, population, flag,
-                         interval=mean_interval(g["accuracy"].to_numpy()), n=len(g)))
+        acc, interval = weighted_interval(g["accuracy"].to_numpy(), g["samples"].to_numpy())
+        rows.append(_row("local_val_accuracy", acc, None, population, flag, interval=interval, n=len(g)))
     return rows
+
+
+def weighted_interval(values: np.ndarray, weights: np.ndarray, z: float = 1.96) -> tuple[float, tuple[float, float]]:
+    """Sample-weighted mean over clients and its 95 % interval (ratio-estimator standard error, clipped to [0, 1]).
+
+    The unweighted spread of client accuracies would not be centred on the weighted mean.
+    """
+    values, weights = np.asarray(values, dtype=float), np.asarray(weights, dtype=float)
+    mean = float((values * weights).sum() / weights.sum())
+    n = len(values)
+    if n < 2:
+        return mean, (np.nan, np.nan)
+    se = math.sqrt(n / (n - 1) * float(((weights * (values - mean)) ** 2).sum())) / float(weights.sum())
+    return mean, (max(mean - z * se, 0.0), min(mean + z * se, 1.0))
 
 
 def _attack_stats(rows: pd.DataFrame) -> dict[str, tuple[float, tuple[float, float], int]]:

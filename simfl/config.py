@@ -549,9 +549,13 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (see :func:`parse_override`)."""
+    return set_keys(raw, [parse_override(item) for item in overrides])
+
+
+def set_keys(raw: dict[str, Any], items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``(a.b.c, value)`` set; list items by index (``populations.0.clients``)."""
     raw = copy.deepcopy(raw)
-    for item in overrides:
-        key, value = parse_override(item)
+    for key, value in items:
         parts = key.split(".")
         node: Any = raw
         for depth, part in enumerate(parts):

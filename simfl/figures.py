@@ -43,7 +43,8 @@ def _err(values: pd.Series, low: pd.Series, high: pd.Series) -> np.ndarray | Non
     lo, hi = (values - low).to_numpy(dtype=float), (high - values).to_numpy(dtype=float)
     if np.all(np.isnan(lo)):
         return None
-    return np.vstack([np.nan_to_num(lo), np.nan_to_num(hi)])
+    # An interval that misses its value (a clipped bound) must not turn into a negative bar.
+    return np.maximum(np.vstack([np.nan_to_num(lo), np.nan_to_num(hi)]), 0.0)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

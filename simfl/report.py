@@ -72,6 +72,11 @@ def matched_section(matched: pd.DataFrame, cmp: dict) -> list[str]:
            "The undefended reference has no knob: its own utility is shown. Worst attack per cell; victims from "
            "training populations. The last column is the proposed defence's change against the most private "
            "baseline at the target, paired by seed (the seed paper's quantity).", ""]
+    present = set(matched["defence"])
+    missing = [d for d in [cmp["proposed"], *cmp["baselines"]] if d not in present]
+    if missing:
+        out += [f"Not in these runs, so not compared: {', '.join(missing)} (`comparison.proposed` / "
+                "`comparison.baselines` name defence kinds).", ""]
     for context, ctx in matched.groupby("context", sort=False):
         if context != "all":
             out += [f"### Context {context}", ""]

@@ -32,8 +32,8 @@ import pandas as pd
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from simfl.config import NAME_PATTERN, Scenario, Strict, apply_overrides, deep_merge, format_validation_error, \
-    parse_override, parse_scenario
+from simfl.config import NAME_PATTERN, Scenario, Strict, deep_merge, format_validation_error, parse_override, \
+    parse_scenario, set_keys
 from simfl.errors import UserError
 from simfl.run import EXIT_USER_ERROR, Prepared, add_ray_arguments, connect_ray, fresh_dir, prepare_under, run_in
 
@@ -133,24 +133,26 @@ def _label(key: str, value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{key.split('.')[-1]}-{text}").strip("_")
 
 
-def _levels(axis: str, spec: Any, base: dict[str, Any]) -> list[tuple[str, dict[str, Any] | str]]:
-    """(label, how) per level: a patch mapping, or an ``--set`` override string."""
+def _levels(axis: str, spec: Any, base: dict[str, Any]) -> list[tuple[str, dict[str, Any] | list[tuple[str, Any]]]]:
+    """(label, how) per level: a patch mapping, or (key path, value) pairs to set."""
     if spec == LEAVE_ONE_OUT:
         pops = base.get("populations") or []
         if len(pops) < 2:
             raise UserError(f"study: grid.{axis}: leave_one_population_out needs at least two populations")
-        return [
-            (f"out-{p['name']}", {"populations": [{**q, "held_out": q is p} for q in pops]})
-            for p in pops
-        ]
+        # Only the held_out flags: other axes may change the populations too.
+        return [(f"out-{p['name']}", [(f"populations.{i}.held_out", i == k) for i in range(len(pops))])
+                for k, p in enumerate(pops)]
     if isinstance(spec, dict):
         return list(spec.items())
-    return [(_label(axis, v), f"{axis}={json.dumps(v)}") for v in spec]
+    return [(_label(axis, v), [(axis, v)]) for v in spec]
 
 
 def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
     """Every cell of the grid, each scenario validated; an error names the axis and level."""
-    base = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in study.set.items()])
+    try:
+        base = set_keys(base, list(study.set.items()))
+    except UserError as exc:
+        raise UserError(f"study: set: {exc}") from None
     grid = dict(study.grid)
     if base.get("arms"):  # a base with arms sweeps them as the first axis
         grid = {"arm": base.pop("arms"), **grid}
@@ -161,7 +163,7 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
         raw = base
         for (label, how), axis in zip(combo, axes):
             try:
-                raw = apply_overrides(raw, [how]) if isinstance(how, str) else deep_merge(raw, how)
+                raw = set_keys(raw, how) if isinstance(how, list) else deep_merge(raw, how)
             except UserError as exc:
                 raise UserError(f"study: grid.{axis}.{label}: {exc}") from None
         labels = {axis: label for (label, _), axis in zip(combo, axes)}
@@ -174,6 +176,9 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
             raise UserError(f"study: cell {name} ({where}): {exc}") from None
         if scenario.arms is not None:
             raise UserError(f"study: cell {name}: arms do not nest in a study grid")
+        if study.comparison.utility == "client_val" and scenario.evaluation.local_val_fraction == 0:
+            raise UserError(f"study: comparison.utility: client_val needs evaluation.local_val_fraction > 0 "
+                            f"(cell {name}); or use utility: test")
         cells.append(Cell(labels, scenario))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
@@ -250,8 +255,8 @@ def run_cells(args: argparse.Namespace, quiet: argparse.Namespace, cells_dir: Pa
 
     def loop() -> None:
         while queue or running:
-            while queue and len(running) < limit and fits(queue[0]):
-                name = queue.pop(0)
+            while len(running) < limit and (name := next((n for n in queue if fits(n)), None)):
+                queue.remove(name)
                 prep, n_actors = prepared[name]
                 need_c, need_g = cell_demand(prep, n_actors)
                 say(f"cell {name}: started ({n_actors} client actors)")
@@ -321,24 +326,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simfl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     status = run_cells(args, quiet, cells_dir, prepared, study.concurrency)
-    from simfl.analysis import write_study_tables
-
-    write_study_tables(study_dir, study_cells(study_dir))
     failed = sorted(n for n, s in status.items() if s.startswith("failed"))
-    if not args.no_report:
-        from simfl.report import write_report
-
-        report = write_report(study_dir)
-        text = report.read_text()
-        if "## Matched-utility comparison (" in text:  # the headline table, as arms print theirs
-            print(text.split("## Matched-utility comparison")[1].split("\n## ")[0].split("\n\n", 2)[-1].strip())
-        print(f"simfl study: report: {report}", file=sys.stderr)
+    summarised = True
+    try:
+        _summarise(study_dir, args.no_report)
+    except UserError as exc:  # e.g. no cell finished: nothing to tabulate or report
+        print(f"simfl: error: {exc}", file=sys.stderr)
+        summarised = False
     print(f"simfl: study {study.name}: {len(cells) - len(failed)} of {len(cells)} cells done; results in {study_dir}")
     if failed:
         print(f"simfl: {len(failed)} cells failed: {', '.join(failed)} (re-run with --resume {study_dir})",
               file=sys.stderr)
-        return 1
-    return 0
+    return 0 if summarised and not failed else 1
+
+
+def _summarise(study_dir: Path, no_report: bool) -> None:
+    """The study's tables, then its report, whose headline table is printed as arms print theirs."""
+    from simfl.analysis import write_study_tables
+    from simfl.report import write_report
+
+    write_study_tables(study_dir, study_cells(study_dir))
+    if no_report:
+        return
+    report = write_report(study_dir)
+    text = report.read_text()
+    if "## Matched-utility comparison (" in text:
+        print(text.split("## Matched-utility comparison")[1].split("\n## ")[0].split("\n\n", 2)[-1].strip())
+    print(f"simfl study: report: {report}", file=sys.stderr)
 
 
 def _write_header(study_dir: Path, study: StudyConfig, base: dict[str, Any]) -> None:

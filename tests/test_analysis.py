@@ -688,8 +688,10 @@ class TestRunMetrics:
         # Sample-weighted over the training populations' clients: (5 + 27 + 12) / 60.
         assert train["value"] == approx(44 / 60)
         assert train["n"] == 3
-        lo, hi = mean_interval(np.array([0.5, 0.9, 0.6]))
-        assert (train["low"], train["high"]) == approx((lo, hi))
+        # Ratio-estimator standard error of the weighted mean, by hand (samples 10, 30, 20).
+        a, w = np.array([0.5, 0.9, 0.6]), np.array([10.0, 30.0, 20.0])
+        se = np.sqrt(3 / 2 * ((w * (a - 44 / 60)) ** 2).sum()) / w.sum()
+        assert (train["low"], train["high"]) == approx((44 / 60 - 1.96 * se, 44 / 60 + 1.96 * se))
         held = pick(m, "local_val_accuracy", held_out=True)
         assert held["value"] == approx((2 + 12) / 40)
         assert held["n"] == 2
@@ -781,3 +783,15 @@ class TestRunMetrics:
         m = run_metrics(make_run(tmp_path, []))
         assert m["attack"].isna().all()
         assert pick(m, "test_accuracy")["value"] == approx(0.75)
+
+
+def test_weighted_interval_is_centred_on_the_weighted_mean():
+    from simfl.analysis import weighted_interval
+
+    # Ten large accurate clients and ten small poor ones: the unweighted spread would miss the value.
+    acc = np.array([0.9] * 10 + [0.3] * 10)
+    samples = np.array([200] * 10 + [10] * 10)
+    mean, (low, high) = weighted_interval(acc, samples)
+    assert mean == approx((0.9 * 2000 + 0.3 * 100) / 2100)
+    assert low <= mean <= high and 0.0 <= low and high <= 1.0
+    assert all(np.isnan(weighted_interval(np.array([0.4]), np.array([5]))[1]))  # one client: no interval

@@ -61,6 +61,25 @@ def test_leave_one_population_out_holds_out_each_population_once(tmp_path):
         assert held == [cell.name.removeprefix("out-")]
 
 
+def test_values_keep_their_type_through_set_and_grid(tmp_path):
+    # 1e-05 must stay a number (a JSON round trip through YAML would make it the string "1e-05").
+    cells = cells_of(tmp_path, set={"training.optimizer": {"kind": "sgd", "lr": 1.0e-5}},
+                     grid={"defence": {"dp": {"defence": "dpsgd"}}, "defence.delta": [1.0e-6, 1.0e-5]})
+    assert [c.scenario.defence.delta for c in cells] == [1.0e-6, 1.0e-5]
+    assert all(c.scenario.training.optimizer.lr == 1.0e-5 for c in cells)
+
+
+def test_leave_one_out_keeps_what_other_axes_set_on_the_populations(tmp_path):
+    cells = cells_of(tmp_path, grid={"populations.0.label_skew.alpha": [0.1, 2.0],
+                                     "split": "leave_one_population_out"})
+    assert len(cells) == 6
+    for cell in cells:
+        alpha = float(cell.labels["populations.0.label_skew.alpha"].removeprefix("alpha-"))
+        assert cell.scenario.populations[0].label_skew.alpha == alpha
+        held = [p.name for p in cell.scenario.populations if p.held_out]
+        assert held == [cell.labels["split"].removeprefix("out-")]
+
+
 def test_base_path_is_relative_to_the_study_file(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "base.yaml").write_text((ROOT / "scenarios" / "smoke.yaml").read_text())
@@ -79,6 +98,9 @@ def test_base_path_is_relative_to_the_study_file(tmp_path):
         ({"grid": {"seed": []}}, "seed: an axis needs at least one value"),
         ({"grid": {"seed": [0]}, "comparison": {"target_accuracy": 1.5}}, "study: comparison.target_accuracy"),
         ({"grid": {"seed": [0]}, "base": "nowhere.yaml"}, "study: base: no scenario file"),
+        ({"grid": {"seed": [0]}, "set": {"evaluation.local_val_fraction": 0.0}},
+         "comparison.utility: client_val needs evaluation.local_val_fraction > 0"),
+        ({"grid": {"seed": [0]}, "set": {"populations.7.clients": 3}}, "study: set: --set populations.7.clients"),
         ({"grid": {"a": {"x": {}}, "b": {"x": {}}}, "name": "s"}, None),  # distinct axes may reuse a level name
     ],
 )
