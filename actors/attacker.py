@@ -29,7 +29,7 @@ from simfl.data import Dataset
 from simfl.evaluator import Evaluator
 from simfl.metrics import score_batch
 from simfl.defences import defended_model
-from simfl.resources import actor_device, torch_threads
+from simfl.resources import actor_device, torch_threads, within_gpu_share
 from simfl.seeding import derive_seed, torch_generator
 from simfl.weights import FlatWeights
 
@@ -89,6 +89,11 @@ class Attacker:
 
         ``context``: the defence's broadcast of the victims' round, which an adaptive attacker uses.
         """
+        with within_gpu_share("attacks.pool.gpus_per_actor", self.sc.attacks.pool.gpus_per_actor,
+                              f"attacker {self.index}"):
+            return self._attack(victims, context)
+
+    def _attack(self, victims: list[Victim], context: dict | None) -> dict:
         seeds = [derive_seed(self.sc.seed, "attack", v.client_id, v.round) for v in victims]
         observations = [v.observation for v in victims]
         rows: list[dict] = []

@@ -21,7 +21,7 @@ from simfl.config import Scenario
 from simfl.data import Dataset
 from simfl.defences import defended_model
 from simfl.partition import Partition
-from simfl.resources import actor_device, torch_threads
+from simfl.resources import actor_device, torch_threads, within_gpu_share
 from simfl.seeding import torch_generator
 from simfl.training import evaluate, train_client
 from simfl.weights import FlatWeights
@@ -114,56 +114,59 @@ class ClientShard:
         and its row carries no update (it is never aggregated).
         """
         self._require_attached()
-        given = {int(c): s for c, s in states.items()}
-        if not probe:
-            self.states.update({c: dict(s) for c, s in given.items()})
-        global_weights = self._weights(("train", round_), weights)
-        if self._received != round_:
-            self.defence.receive(broadcast or {}, self.device)
-            self._received = round_
-        results = []
-        for client in clients:
-            data = self._data(client)
-            if probe:
-                state = copy.deepcopy(given[client] if client in given else self.states[client])
-            else:
-                state = self.states[client]
-            gen = torch_generator(self.sc.seed, "client-train", client, round_)
-            local = train_client(self.model, self.flat, global_weights, data.x, data.y, self.sc.training, gen,
-                                 self.defence, state)
-            victim = None
-            if probe or client in victims:
-                victim = capture(self.model, self.flat, global_weights, data.x, data.y, self.sc.attacks,
-                                 self.sc.training, local, self.sc.seed, client, round_, self.defence)
-            state["participation"] += 1
-            state["last_round"] = round_
-            results.append(
-                {
-                    "client_id": client,
-                    "delta": None if probe else local.delta.numpy(),
-                    "samples": local.samples,
-                    "steps": local.steps,
-                    "loss": local.loss,
-                    "accuracy": local.accuracy,
-                    "time_s": local.time_s,
-                    "state": dict(state),
-                    "actor": self.shard,
-                    "node_id": self.node_id,
-                    "victim": victim,
-                    "defence": local.defence,
-                }
-            )
-        return results
+        with within_gpu_share("resources.gpus_per_actor", self.sc.resources.gpus_per_actor,
+                              f"client actor {self.shard}"):
+            given = {int(c): s for c, s in states.items()}
+            if not probe:
+                self.states.update({c: dict(s) for c, s in given.items()})
+            global_weights = self._weights(("train", round_), weights)
+            if self._received != round_:
+                self.defence.receive(broadcast or {}, self.device)
+                self._received = round_
+            results = []
+            for client in clients:
+                data = self._data(client)
+                if probe:
+                    state = copy.deepcopy(given[client] if client in given else self.states[client])
+                else:
+                    state = self.states[client]
+                gen = torch_generator(self.sc.seed, "client-train", client, round_)
+                local = train_client(self.model, self.flat, global_weights, data.x, data.y, self.sc.training, gen,
+                                     self.defence, state)
+                victim = None
+                if probe or client in victims:
+                    victim = capture(self.model, self.flat, global_weights, data.x, data.y, self.sc.attacks,
+                                     self.sc.training, local, self.sc.seed, client, round_, self.defence)
+                state["participation"] += 1
+                state["last_round"] = round_
+                results.append(
+                    {
+                        "client_id": client,
+                        "delta": None if probe else local.delta.numpy(),
+                        "samples": local.samples,
+                        "steps": local.steps,
+                        "loss": local.loss,
+                        "accuracy": local.accuracy,
+                        "time_s": local.time_s,
+                        "state": dict(state),
+                        "actor": self.shard,
+                        "node_id": self.node_id,
+                        "victim": victim,
+                        "defence": local.defence,
+                    }
+                )
+            return results
 
     def evaluate(self, round_: int, weights: np.ndarray, clients: list[int]) -> list[dict]:
         """Global model on each client's local validation split (clients with none are skipped)."""
         self._require_attached()
-        self.flat.load(self._weights(("eval", round_), weights))
         rows = []
-        for client in clients:
-            data = self._data(client)
-            if len(data.val_y) == 0:
-                continue
-            loss_sum, correct, n = evaluate(self.model, data.val_x, data.val_y, self.sc.evaluation.batch_size)
-            rows.append({"client_id": client, "samples": n, "loss_sum": loss_sum, "correct": correct})
+        with within_gpu_share("resources.gpus_per_actor", self.sc.resources.gpus_per_actor, f"client actor {self.shard}"):
+            self.flat.load(self._weights(("eval", round_), weights))
+            for client in clients:
+                data = self._data(client)
+                if len(data.val_y) == 0:
+                    continue
+                loss_sum, correct, n = evaluate(self.model, data.val_x, data.val_y, self.sc.evaluation.batch_size)
+                rows.append({"client_id": client, "samples": n, "loss_sum": loss_sum, "correct": correct})
         return rows

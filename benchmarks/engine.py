@@ -40,7 +40,7 @@ from simfl.seeding import torch_generator
 from simfl.training import batch_order
 
 
-def scenario(clients: int, rounds: int, samples: int, cohort: int, actors: int):
+def scenario(clients: int, rounds: int, samples: int, cohort: int, actors: int | str, gpus_per_actor: float = 0.0):
     return parse_scenario(
         {
             "name": f"bench{clients}",
@@ -57,7 +57,7 @@ def scenario(clients: int, rounds: int, samples: int, cohort: int, actors: int):
                          "optimizer": {"kind": "sgd", "lr": 0.05}},
             # No evaluation or checkpoint inside the timed rounds (the last round does both).
             "evaluation": {"every": 10_000, "local_val_fraction": 0.0, "local_clients": 1},
-            "resources": {"client_actors": actors, "cpus_per_actor": 1},
+            "resources": {"client_actors": actors, "cpus_per_actor": 1, "gpus_per_actor": gpus_per_actor},
             "checkpoint": {"every": 0},
         }
     )
@@ -124,13 +124,15 @@ def cohort(prepared: Prepared, round_: int) -> np.ndarray:
     return sample_cohort(prepared.scenario, eligible, round_)
 
 
-def plain_loop(prepared: Prepared, rounds: list[int], weights: list[torch.Tensor], threads: int) -> float:
+def plain_loop(
+    prepared: Prepared, rounds: list[int], weights: list[torch.Tensor], threads: int, device: str = "cpu"
+) -> float:
     """The same clients, samples and batches in one process with plain PyTorch; returns seconds."""
     sc = prepared.scenario
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     ds = prepared.dataset
-    model = build_model(sc.model, ds.channels, ds.image_size, ds.num_classes)
+    model = build_model(sc.model, ds.channels, ds.image_size, ds.num_classes).to(device)
     names = [n for n, _ in model.state_dict().items()]
     shifts = [p.shift for p in sc.populations]
     elapsed = 0.0
@@ -139,8 +141,8 @@ def plain_loop(prepared: Prepared, rounds: list[int], weights: list[torch.Tensor
         data = []
         for c in cohort(prepared, r):
             cd = client_data(ds, prepared.partition, shifts, sc.seed, int(c))
-            data.append((cd.x.permute(0, 3, 1, 2).float().div(255), cd.y, int(c)))
-        state = _unflatten(model, names, flat)
+            data.append((cd.x.permute(0, 3, 1, 2).float().div(255).to(device), cd.y.to(device), int(c)))
+        state = _unflatten(model, names, flat.to(device))
         start = time.perf_counter()
         for x, y, c in data:
             model.load_state_dict(state)
@@ -151,6 +153,8 @@ def plain_loop(prepared: Prepared, rounds: list[int], weights: list[torch.Tensor
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
         elapsed += time.perf_counter() - start
     return elapsed
 

@@ -7,12 +7,14 @@ without Ray and the same plan can be shown before anything starts.
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from simfl.config import ResourcesConfig
+from simfl.determinism import enable_cuda
 from simfl.errors import UserError
 
 
@@ -95,8 +97,8 @@ def gpu_memory_fraction(gpus_per_actor: float) -> float | None:
 def actor_device(gpus_per_actor: float) -> torch.device:
     """The device a client actor trains on, with its GPU memory share enforced.
 
-    With a GPU it also switches to deterministic kernels, so that results stay
-    independent of which actor trains which client on GPUs as they are on CPUs.
+    With a GPU it also switches to deterministic kernels (:func:`simfl.determinism.enable_cuda`),
+    so that results stay independent of which actor trains which client on GPUs as they are on CPUs.
     """
     fraction = gpu_memory_fraction(gpus_per_actor)
     if fraction is None:
@@ -106,9 +108,30 @@ def actor_device(gpus_per_actor: float) -> torch.device:
             f"resources.gpus_per_actor={gpus_per_actor:g}: Ray gave this actor a GPU but "
             "torch.cuda.is_available() is False here (a CPU-only torch build, or a driver mismatch?)"
         )
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
+    enable_cuda()
     device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     return device
+
+
+class GpuShareExceeded(RuntimeError):
+    """An actor allocated past its share of the GPU's memory (``torch.cuda.set_per_process_memory_fraction``)."""
+
+
+@contextmanager
+def within_gpu_share(key: str, gpus_per_actor: float, who: str) -> Iterator[None]:
+    """Turn an out-of-memory error on this actor's GPU share into one clear line naming the key to change.
+
+    The share is enforced per process, so only the actor that overran fails;
+    the others on the same GPU keep their memory and go on.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+        share = gpu_memory_fraction(gpus_per_actor) or 0.0
+        raise GpuShareExceeded(
+            f"{who}: out of GPU memory within its share {key}={gpus_per_actor:g} "
+            f"({share * total / 2**30:.1f} of {total / 2**30:.1f} GiB); raise {key} "
+            f"or lower the batch or model size ({str(exc).splitlines()[0]})"
+        ) from None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from simfl.config import Scenario, deep_merge, load_scenario, scenario_to_yaml
 from simfl.errors import UserError
+from simfl.resources import GpuShareExceeded
 
 EXIT_USER_ERROR = 2
 
@@ -260,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"simfl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except GpuShareExceeded as exc:  # raised in an actor: Ray wraps it, possibly twice (client -> coordinator)
+        while getattr(exc, "cause", None) is not None:
+            exc = exc.cause
+        print(f"simfl: error: {exc}", file=sys.stderr)
+        return 1
     acc = f", test accuracy {last['test_accuracy']:.4f}" if "test_accuracy" in last else ""
     print(f"simfl: finished {scenario.training.rounds} rounds{acc}; results in {run_dir}")
     return 0

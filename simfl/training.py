@@ -91,9 +91,10 @@ def train_client(
     defence.begin(model, generator)
     mu = cfg.algorithm.mu if cfg.algorithm.kind == "fedprox" else 0.0
     anchor = global_weights.to(device)[flat.trainable] if mu else None
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    terms: dict[str, float] = {}
-    correct = 0
+    # Running sums stay on the device: one host sync per client, not several per step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    terms: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for idx in batches:
         if len(idx) == 0:  # a Poisson-sampled (DP) batch can be empty
@@ -109,20 +110,20 @@ def train_client(
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
-        loss_sum += loss.detach().double().cpu() * len(idx)
+        loss_sum += loss.detach().double() * len(idx)
         for name, value in logged.items():
-            terms[name] = terms.get(name, 0.0) + float(value) * len(idx)
-        correct += int((logits.argmax(1) == yb).sum())
+            terms[name] = terms.get(name, 0.0) + value.double() * len(idx)
+        correct += (logits.argmax(1) == yb).sum()
         seen += len(idx)
     delta = defence.share((flat.vector - global_weights.to(device)).detach()).cpu()
-    figures = {name: total / max(seen, 1) for name, total in terms.items()}
+    figures = {name: float(total) / max(seen, 1) for name, total in terms.items()}
     figures.update(defence.account(state if state is not None else {}, len(y), len(batches)))
     return LocalResult(
         delta=delta,
         samples=len(y),
         steps=len(batches),
         loss=float(loss_sum) / max(seen, 1),
-        accuracy=correct / max(seen, 1),
+        accuracy=int(correct) / max(seen, 1),
         time_s=time.perf_counter() - start,
         defence=figures,
     )
@@ -133,12 +134,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Summed cross-entropy, correct count and sample count, so callers can pool across shards."""
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = 0.0
-    correct = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(y), batch_size):
         xb = to_input(x[start : start + batch_size], device)
         yb = y[start : start + batch_size].to(device)
         logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    return loss_sum, correct, len(y)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+        correct += (logits.argmax(1) == yb).sum()
+    return float(loss_sum), int(correct), len(y)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,3 +53,31 @@ def test_defence_benchmark_quick_prints_its_figures():
         line = re.search(rf"{kind} +([0-9.]+) ms +ratio +([0-9.]+)x", proc.stdout)
         assert line and float(line.group(1)) > 0 and float(line.group(2)) > 0, proc.stdout
     assert re.search(r"server step per round [0-9.]+ s", proc.stdout), proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the one-line answer is for machines without")
+def test_gpu_check_without_cuda_says_so_in_one_line():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines() == [
+        "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check"
+    ]
+
+
+@pytest.mark.timeout(900)
+def test_gpu_check_dry_run_on_the_cpu_passes_every_check():
+    """The script's own logic, on the CPU (GPU shares 0), so it is ready to run unattended on a GPU."""
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    checks = [line.split(" | ")[0].removeprefix("| ") for line in table]
+    assert checks == [
+        "smoke: shares 0.25 / 0.5 / one actor, identical weights",
+        "memory share: overrun fails alone",
+        "defences + attacks on GPU shares, naive and adaptive",
+        "defence determinism: 1 vs 2 actors (DP-SGD, latent)",
+        "throughput (500 clients, 50/round)",
+    ]
+    assert all(" | pass | " in line for line in table), proc.stdout

@@ -1,9 +1,14 @@
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad
 
 from simfl.config import ModelConfig
-from simfl.models import DEFAULT_LATENT, SplitNet, build_model, norm_layer
+from model_helpers import with_adaptive_pooling
+from simfl.models import DEFAULT_LATENT, AvgPoolTo, SplitNet, build_model, norm_layer
 
 COMBOS = [
     (arch, norm)
@@ -157,3 +162,37 @@ def test_gradients_reach_every_parameter():
     model(x).sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
+
+
+@pytest.mark.parametrize("arch", ["convnet", "lenet", "resnet18"])
+@pytest.mark.parametrize("size", [28, 32])
+def test_deterministic_pooling_is_bit_identical_to_adaptive_pooling_at_shipped_sizes(arch, size):
+    """Forward, gradient and the attacks' gradient-of-gradient: CPU results did not change with the GPU fix."""
+    model = make(arch, "group", size=size, classes=4)
+    before = with_adaptive_pooling(copy.deepcopy(model))
+    x = torch.rand(3, size, size, 3).permute(0, 3, 1, 2)  # channels-last, as to_input gives it
+    y = torch.tensor([0, 1, 3])
+    params = dict(model.named_parameters())
+
+    def grad_of_grad(net: nn.Module) -> torch.Tensor:
+        def loss(p, images):
+            return F.cross_entropy(functional_call(net, p, (images,)), y)
+
+        def mismatch(images):
+            return sum(g.pow(2).sum() for g in grad(loss)(params, images).values())
+
+        return grad(mismatch)(x)
+
+    assert torch.equal(model(x), before(x))
+    assert torch.equal(grad_of_grad(model), grad_of_grad(before))
+
+
+@pytest.mark.parametrize("size, out", [(7, 2), (6, 5), (11, 4), (9, 4), (4, 1), (14, 2)])
+def test_avg_pool_to_matches_adaptive_pooling_for_any_size(size, out):
+    x = torch.randn(2, 3, size, size + 1, requires_grad=True)
+    ours, theirs = AvgPoolTo(out)(x), F.adaptive_avg_pool2d(x, out)
+    assert ours.shape == theirs.shape == (2, 3, out, out)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    (g1,) = torch.autograd.grad(ours.pow(2).sum(), x)
+    (g2,) = torch.autograd.grad(theirs.pow(2).sum(), x)
+    assert torch.allclose(g1, g2, atol=1e-6)

@@ -1,9 +1,18 @@
 import numpy as np
 import pytest
+import torch
 
 from simfl.config import ResourcesConfig
 from simfl.errors import UserError
-from simfl.resources import assign_clients, gpu_memory_fraction, plan_actors, torch_threads
+from simfl.resources import (
+    GpuShareExceeded,
+    actor_device,
+    assign_clients,
+    gpu_memory_fraction,
+    plan_actors,
+    torch_threads,
+    within_gpu_share,
+)
 
 
 def res(**kw):
@@ -176,14 +185,22 @@ def test_gpu_memory_fraction():
 
 
 def test_actor_device_is_cpu_without_gpus():
-    from simfl.resources import actor_device
-
     assert actor_device(0.0).type == "cpu"
 
 
 def test_actor_device_refuses_a_gpu_torch_cannot_see(monkeypatch):
-    from simfl.resources import actor_device
-
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(RuntimeError, match="resources.gpus_per_actor=0.25"):
         actor_device(0.25)
+
+
+def test_an_overrun_gpu_share_is_one_line_naming_the_key():
+    with pytest.raises(GpuShareExceeded) as info:
+        with within_gpu_share("attacks.pool.gpus_per_actor", 0.25, "attacker 1"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("attacker 1: out of GPU memory within its share attacks.pool.gpus_per_actor=0.25")
+    assert "raise attacks.pool.gpus_per_actor" in message and "Tried to allocate 2.00 GiB" in message
+    with within_gpu_share("resources.gpus_per_actor", 0.5, "client actor 0"):
+        pass  # no error: nothing happens

@@ -100,7 +100,9 @@ def capture(
         )
     if cfg.labels == "recovered":
         obs = replace(obs, labels=None)
-    obs = replace(obs, weights=obs.weights.cpu(), shared=obs.shared.cpu())
+    # Everything the coordinator receives is on the CPU: it holds no GPU (and may have none to unpickle onto).
+    obs = replace(obs, weights=obs.weights.cpu(), shared=obs.shared.cpu(),
+                  labels=None if obs.labels is None else obs.labels.cpu())
     return Victim(round_, client, obs, private.cpu().clone(), labels.cpu())
 
 

@@ -42,6 +42,7 @@ import torch
 from opacus.accountants.utils import create_accountant
 from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -91,19 +92,29 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     return float(acc.get_epsilon(delta=delta))
 
 
-def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` for the noise: ``generator`` itself, or one seeded from it.
+class HostNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer with its Gaussian noise drawn on the CPU, from the client's generator, then moved.
 
-    Opacus draws the noise on the parameters' device; a CPU generator cannot
-    feed a CUDA draw, so a CUDA one is seeded from the client's generator
-    (still a function of (seed, client, round)).
+    Opacus draws the noise on the parameters' device. A CUDA normal draw's
+    values depend on the GPU's multiprocessor count (its launch grid), so the
+    same (seed, client, round) would give other noise on another GPU model or
+    MIG slice, and other noise than on the CPU. Drawn on the CPU, the noise is
+    the same wherever the client trains (costs one host draw and copy of the
+    weights' size per step). Otherwise exactly Opacus's ``add_noise`` (its
+    non-secure mode): ``torch.normal(0, σC)`` per parameter, none when σ = 0.
     """
-    if generator.device.type == device.type:
-        return generator
-    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-    out = torch.Generator(device=device)
-    out.manual_seed(seed)
-    return out
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            if std == 0:
+                noise = torch.zeros_like(p.summed_grad)
+            else:
+                noise = torch.normal(0.0, std, size=p.summed_grad.shape, generator=self.generator,
+                                     dtype=p.summed_grad.dtype).to(p.summed_grad.device)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def _clear(model: nn.Module) -> None:
@@ -173,14 +184,13 @@ class DPSGD(Defence):
         """The client's optimiser wrapped in a DPOptimizer (clip, noise from ``generator``, ÷ expected batch)."""
         from simfl.training import make_optimizer
 
-        device = next(model.parameters()).device
-        optimizer = DPOptimizer(
+        optimizer = HostNoiseDPOptimizer(
             make_optimizer(model, cfg),
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=max(1, round(sample_rate(max(n, 1), cfg.batch_size) * n)),
             loss_reduction="mean",
-            generator=_device_generator(generator, device),
+            generator=generator,
         )
         # Once clipped into p.grad, the per-sample gradients are spent: drop them before the
         # next forward (ExpandedWeights refuses to run on stale ones; it also frees B× the weights).
@@ -227,13 +237,13 @@ class DPSGD(Defence):
         model.train()
         module = self.training_module(model)
         params = list(model.parameters())
-        optimizer = DPOptimizer(
+        optimizer = HostNoiseDPOptimizer(
             torch.optim.SGD(params, lr=0.0),
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=len(y),
             loss_reduction="mean",
-            generator=_device_generator(generator, flat.vector.device),
+            generator=generator,
         )
         _clear(model)
         try:

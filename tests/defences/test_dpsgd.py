@@ -7,13 +7,15 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from simfl.config import DefenceConfig, ModelConfig, TrainingConfig
 from simfl.defences import make_defence
 from simfl.defences.base import Defence
-from simfl.defences.dpsgd import DPSGD, epsilon, local_steps, sample_rate
+from simfl.defences.dpsgd import DPSGD, HostNoiseDPOptimizer, epsilon, local_steps, sample_rate
 from simfl.models import build_model
 from simfl.training import evaluate, make_optimizer, to_input, train_client
 from simfl.weights import FlatWeights
@@ -380,3 +382,19 @@ def test_an_empty_poisson_batch_still_takes_opacus_noise_only_step():
     # Noise only: lr · σC / B per coordinate (B = expected batch 4).
     assert float(moved.std()) == pytest.approx(0.05 * 1.0 / 4, rel=0.05)
     assert abs(float(moved.mean())) < 1e-3
+
+
+@pytest.mark.parametrize("sigma", [0.0, SIGMA])
+def test_host_noise_optimizer_is_opacus_dp_optimizer_on_the_cpu(sigma):
+    """The noise is drawn on the CPU so a GPU gives the same draws; on the CPU it is Opacus's step exactly."""
+    x, y = data(8)
+    results = []
+    for cls in (DPOptimizer, HostNoiseDPOptimizer):
+        model, flat = make()
+        module = GradSampleModuleExpandedWeights(model, loss_reduction="mean")
+        opt = cls(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=sigma, max_grad_norm=CLIP,
+                  expected_batch_size=8, loss_reduction="mean", generator=torch.Generator().manual_seed(3))
+        F.cross_entropy(module(to_input(x)), y).backward()
+        opt.step()
+        results.append(flat.snapshot())
+    assert torch.equal(results[0], results[1])
