@@ -20,16 +20,16 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from simfl.attacks import get_attack
+from simfl.attacks import adapt, build_attack
 from simfl.attack_log import attack_label
-from simfl.attacks.adaptive import adapt
 from simfl.attacks.victim import Victim
-from simfl.config import AttackPoolConfig, Scenario
+from simfl.config import AttackPoolConfig
 from simfl.data import Dataset
 from simfl.evaluator import Evaluator
 from simfl.metrics import score_batch
 from simfl.defences import defended_model
 from simfl.resources import actor_device, torch_threads, within_gpu_share
+from simfl.scenario import Scenario
 from simfl.seeding import derive_seed, torch_generator
 from simfl.weights import FlatWeights
 
@@ -68,11 +68,11 @@ class Attacker:
         self.evaluator = knowledge.evaluator
         self.mean_image = knowledge.mean_image
         # The defended model (the shared weights' layout) and the defence, to learn what it discloses.
-        model, self.defence = defended_model(self.sc, knowledge.shape)
+        model, self.defence = defended_model(self.sc.model, self.sc.defence, self.sc.seed, knowledge.shape)
         self.model = model.to(self.device)
         self.flat = FlatWeights(self.model)
         self.classifier = self.evaluator.model(*knowledge.shape, self.device)
-        self.methods = {m.kind: get_attack(m.kind, **m.options()) for m in self.sc.attacks.methods}
+        self.methods = {m.kind: build_attack(m) for m in self.sc.attacks.methods}
 
     def _attacks(self, context: dict | None) -> dict[tuple[str, str], object]:
         """Every attack naive; and adaptive too when the defence discloses anything (given the round's broadcast)."""

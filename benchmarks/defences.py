@@ -23,9 +23,10 @@ import time
 import numpy as np
 import torch
 
-from simfl.config import DefenceConfig, ModelConfig, TrainingConfig
+from simfl.config import ModelConfig, TrainingConfig
 from simfl.data import Dataset
-from simfl.defences import defended_model
+from simfl.defences import DEFENCES, defended_model
+from simfl.training import train_client
 from simfl.weights import FlatWeights
 
 SHAPE = (3, 28, 8)
@@ -37,13 +38,7 @@ KNOBS = {
 }
 
 
-class _Scenario:
-    """The scenario fields ``defended_model`` reads."""
-
-    def __init__(self, kind: str) -> None:
-        self.defence = DefenceConfig(kind=kind, **KNOBS[kind])
-        self.model = ModelConfig(arch="convnet", norm="group", width=16)
-        self.seed = 0
+MODEL = ModelConfig(arch="convnet", norm="group", width=16)
 
 
 def clients(count: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -61,10 +56,8 @@ def server_data(n: int) -> Dataset:
 
 def time_training(kind: str, data: list, cfg: TrainingConfig) -> tuple[float, float]:
     """Seconds per client (after one warm-up client), and the defence's server step per round (0 if none)."""
-    from simfl.training import train_client
-
     torch.manual_seed(0)
-    model, defence = defended_model(_Scenario(kind), SHAPE)
+    model, defence = defended_model(MODEL, DEFENCES.configs[kind](**KNOBS[kind]), 0, SHAPE)
     flat = FlatWeights(model)
     defence.server_setup(server_data(600), model)
     server_s = 0.0

@@ -31,11 +31,11 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from actors.coordinator import sample_cohort
 from simfl.client_data import client_data
-from simfl.config import parse_scenario
+from simfl.scenario import parse_scenario
 from simfl.models import build_model
 from simfl.run import Prepared, prepare, start_coordinator, write_run_header
+from simfl.round import sample_cohort
 from simfl.seeding import torch_generator
 from simfl.training import batch_order
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simfl.config import load_scenario
+from simfl.scenario import load_scenario
 from simfl.summary import mean_interval, wilson
 from simfl.tables import ROUND_DEFENCE_COLUMNS
 

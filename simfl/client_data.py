@@ -58,3 +58,12 @@ def population_test_set(dataset: Dataset, shift: ShiftConfig, seed: int, populat
     images = _shifted(dataset.test_x, shift, devices, derive_seed(seed, "test-noise", population))
     y = np.array(dataset.test_y, dtype=np.int64)
     return torch.from_numpy(images), torch.from_numpy(y)
+
+
+def test_sets(dataset: Dataset, shifts: list[ShiftConfig], names: list[str], seed: int
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``global`` (the unshifted test split), then the test split through each population's devices."""
+    sets = {"global": (torch.from_numpy(np.array(dataset.test_x)), torch.from_numpy(dataset.test_y.astype(np.int64)))}
+    for i, (name, shift) in enumerate(zip(names, shifts, strict=True)):
+        sets[name] = population_test_set(dataset, shift, seed, i)
+    return sets

@@ -31,7 +31,7 @@ def load_source(path: Path) -> tuple[str, pd.DataFrame, dict]:
         return f"study {study.name}", study_cells(path), study.comparison.model_dump()
     if not (path / "scenario.yaml").is_file():
         raise UserError(f"{path}: not a run, arms or study directory (no scenario.yaml or study.yaml)")
-    from simfl.config import load_scenario
+    from simfl.scenario import load_scenario
 
     sc = load_scenario(path / "scenario.yaml")
     if sc.arms is not None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from simfl.config import Scenario, deep_merge, load_scenario, scenario_to_yaml
+from simfl.scenario import Scenario, deep_merge, load_scenario, scenario_to_yaml
 from simfl.errors import UserError
 from simfl.resources import GpuShareExceeded
 

@@ -32,9 +32,9 @@ import pandas as pd
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from simfl.config import NAME_PATTERN, Scenario, Strict, deep_merge, format_validation_error, parse_override, \
-    parse_scenario, set_keys
 from simfl.errors import UserError
+from simfl.scenario import Scenario, deep_merge, parse_override, parse_scenario, set_keys
+from simfl.validation import NAME_PATTERN, Strict, format_validation_error
 from simfl.run import EXIT_USER_ERROR, Prepared, add_ray_arguments, connect_ray, fresh_dir, prepare_under, run_in
 
 LEAVE_ONE_OUT = "leave_one_population_out"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simfl.config import load_scenario
+from simfl.scenario import load_scenario
 
 # Attack means reported per (attack, knowledge), with their reference baselines.
 ATTACK_COLUMNS = {"attacker_correct": "attacker_acc", "mse": "mse", "psnr": "psnr", "ssim": "ssim"}

@@ -15,10 +15,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# What defences log (null where the run's defence does not): per client, and per round.
-CLIENT_DEFENCE_COLUMNS = ("dp_epsilon", "dp_steps", "decoder_mse", "hsic_xz", "hsic_yz")
-ROUND_DEFENCE_COLUMNS = (*CLIENT_DEFENCE_COLUMNS, "dp_epsilon_max", "lam", "sigma_mean", "sigma_min", "sigma_max",
-                         "decoder_mse_server")
+from simfl.defences.base import client_columns, round_columns
+
+# What defences log (null where the run's defence does not), as every registered defence declares it:
+# per client, and per round (the cohort aggregates of the client figures, then the server step's figures).
+CLIENT_DEFENCE_COLUMNS = client_columns()
+ROUND_DEFENCE_COLUMNS = round_columns()
 
 SCHEMAS: dict[str, pa.Schema] = {
     "rounds": pa.schema(
@@ -168,6 +170,13 @@ class RunTables:
         self.last_flush = time.monotonic()
 
     def append(self, table: str, rows: list[dict]) -> None:
+        """Queue rows; a key the table does not declare is an error (a figure is never silently dropped)."""
+        names = set(self.writers[table].schema.names)
+        for row in rows:
+            extra = set(row) - names
+            if extra:
+                raise ValueError(f"table {table}: undeclared columns {sorted(extra)} (declare them in tables.SCHEMAS, "
+                                 "or as the defence's client_figures / round_figures)")
         self.writers[table].append(rows)
 
     def maybe_flush(self) -> None:

@@ -2,23 +2,26 @@
 
 Both work on uint8 NHWC tensors (how shards are stored) and convert one batch
 at a time, so a shard costs a quarter of its float32 size in memory.
+
+:func:`train_client` runs any :class:`LocalTraining`: the hooks a defence may
+change (module, batches, optimiser, objective, what is shared, per-client
+state). :class:`PlainTraining` is plain cross-entropy SGD, every hook at its
+default; defences subclass it (``simfl.defences``), so this module knows
+nothing of them.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simfl.config import DefenceConfig, TrainingConfig
+from simfl.config import TrainingConfig
 from simfl.weights import FlatWeights
-
-if TYPE_CHECKING:
-    from simfl.defences.base import Defence
 
 
 def to_input(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -61,6 +64,68 @@ def batch_order(n: int, cfg: TrainingConfig, generator: torch.Generator) -> list
             return batches
 
 
+class LocalTraining(Protocol):
+    """What :func:`train_client` asks of a client's training recipe (a defence, or :class:`PlainTraining`)."""
+
+    def training_module(self, model: nn.Module) -> nn.Module: ...
+
+    def batches(self, n: int, cfg: TrainingConfig, generator: torch.Generator) -> list[torch.Tensor]: ...
+
+    def optimizer(
+        self, model: nn.Module, cfg: TrainingConfig, generator: torch.Generator, n: int
+    ) -> torch.optim.Optimizer: ...
+
+    def begin(self, model: nn.Module, generator: torch.Generator) -> None: ...
+
+    def objective(
+        self, model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def empty_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def share(self, delta: torch.Tensor) -> torch.Tensor: ...
+
+    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]: ...
+
+
+class PlainTraining:
+    """Plain local training: mean cross-entropy, shuffled batches, the configured optimiser, the true update."""
+
+    def training_module(self, model: nn.Module) -> nn.Module:
+        """The module local training calls (DP-SGD wraps it once per process)."""
+        return model
+
+    def batches(self, n: int, cfg: TrainingConfig, generator: torch.Generator) -> list[torch.Tensor]:
+        return batch_order(n, cfg, generator)
+
+    def optimizer(
+        self, model: nn.Module, cfg: TrainingConfig, generator: torch.Generator, n: int
+    ) -> torch.optim.Optimizer:
+        return make_optimizer(model, cfg)
+
+    def begin(self, model: nn.Module, generator: torch.Generator) -> None:
+        """Before one client's local training; ``generator`` is that client's (seed, client, round) RNG."""
+
+    def objective(
+        self, model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(objective to minimise, cross-entropy, logits, detached terms to log) for one batch."""
+        logits = module(x)
+        ce = F.cross_entropy(logits, y)
+        return ce, ce, logits, {}
+
+    def empty_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """A local step whose (sampled) batch is empty: by default, none."""
+
+    def share(self, delta: torch.Tensor) -> torch.Tensor:
+        """The update the client sends, from its true local − global delta."""
+        return delta
+
+    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]:
+        """After a client trained ``steps`` steps on ``n`` samples: update its state, return what to log."""
+        return {}
+
+
 def train_client(
     model: nn.Module,
     flat: FlatWeights,
@@ -69,18 +134,17 @@ def train_client(
     y: torch.Tensor,
     cfg: TrainingConfig,
     generator: torch.Generator,
-    defence: Defence | None = None,
+    defence: LocalTraining | None = None,
     state: dict | None = None,
 ) -> LocalResult:
     """Train from the global weights on one client's data; return the update it shares.
 
-    ``defence`` decides the module, batches, optimiser and objective, and
-    transforms the shared update; all its randomness comes from ``generator``.
-    ``state`` is the client's persistent state, which the defence may update.
+    ``defence`` (plain training by default) decides the module, batches,
+    optimiser and objective, and transforms the shared update; all its
+    randomness comes from ``generator``. ``state`` is the client's persistent
+    state, which the defence may update.
     """
-    from simfl.defences.base import Defence
-
-    defence = defence or Defence(DefenceConfig(), (0, 0, 0), 0)
+    defence = defence or PlainTraining()
     start = time.perf_counter()
     device = flat.vector.device
     flat.load(global_weights)

@@ -65,3 +65,14 @@ class FlatWeights:
 
     def __len__(self) -> int:
         return self.vector.numel()
+
+
+def flat_gradient(loss: torch.Tensor, model: nn.Module, flat: FlatWeights) -> torch.Tensor:
+    """``loss``'s gradient over ALL ``flat`` entries (zero on buffers and on parameters it does not use)."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    out = torch.zeros_like(flat.vector)
+    out[flat.trainable] = torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
+    )
+    return out

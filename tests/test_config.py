@@ -4,15 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simfl.config import (
-    AlgorithmConfig,
-    Scenario,
-    TrainingConfig,
-    apply_overrides,
-    load_scenario,
-    parse_scenario,
-    scenario_to_yaml,
-)
+from simfl.config import AlgorithmConfig, TrainingConfig
+from simfl.scenario import Scenario, apply_overrides, load_scenario, parse_scenario, scenario_to_yaml
 from simfl.errors import UserError
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
@@ -100,7 +93,8 @@ def test_attacks_are_off_by_default_and_sample_victims_and_rounds():
     assert parse_scenario(minimal()).attacks is None
     sc = parse_scenario(minimal(attacks={"methods": ["ig", {"kind": "dlg", "iterations": 7}], "every": 3}))
     assert [m.kind for m in sc.attacks.methods] == ["ig", "dlg"]
-    assert sc.attacks.methods[0].options() == {} and sc.attacks.methods[1].options() == {"iterations": 7}
+    assert sc.attacks.methods[0].knobs() == {"iterations": 4800, "lr": 0.1, "tv_weight": 0.1, "restarts": 1}
+    assert sc.attacks.methods[1].knobs() == {"iterations": 7, "lr": 1.0}
     assert [r for r in range(1, 10) if sc.attacks.attacked(r)] == [3, 6, 9]
     assert sc.attacks.victim_count(10) == 1
     listed = parse_scenario(minimal(attacks={"rounds": [1, 4], "victim_fraction": 0.25}))
@@ -157,7 +151,8 @@ def test_server_defaults_filled_in_for_adaptive():
         (minimal(model={"arch": "vgg"}), "model.arch", []),
         (minimal(seed=-1), "seed", []),
         (minimal(attacks={"methods": [{"kind": "ig", "iterations": 0}]}), "attacks.methods.0.iterations", ["greater"]),
-        (minimal(attacks={"methods": [{"kind": "dlg", "tv_weight": 0.1}]}), "attacks.methods.0", ["tv_weight", "dlg"]),
+        (minimal(attacks={"methods": [{"kind": "dlg", "tv_weight": 0.1}]}), "attacks.methods.0.tv_weight",
+         ["unknown key", "dlg"]),
         (minimal(attacks={"methods": ["ig", "ig"]}), "attacks", ["once"]),
         (minimal(attacks={"methods": []}), "attacks.methods", ["at least 1"]),
         (minimal(attacks={"methods": ["gradattack"]}), "attacks.methods.0.kind", ["'gradattack'"]),
@@ -397,14 +392,14 @@ def test_defence_shorthand_defaults_and_knobs():
     assert sc.defence.kind == "dpsgd"
     assert sc.defence.knobs() == {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp"}
     latent = parse_scenario(minimal(defence={"kind": "latent", "lam": 2.0})).defence
-    assert latent.get("lam") == 2.0 and latent.get("sigma_init") == 0.1
+    assert latent.lam == 2.0 and latent.sigma_init == 0.1
     assert parse_scenario(minimal()).defence.kind == "none"
 
 
 @pytest.mark.parametrize(
     ("defence", "key"),
     [
-        ({"kind": "bido", "lam": 1.0}, "defence: lam do not apply to kind: bido"),
+        ({"kind": "bido", "lam": 1.0}, "defence.lam: unknown key (not a setting of bido)"),
         ({"kind": "dpsgd", "noise_multiplier": -1}, "defence.noise_multiplier"),
         ({"kind": "dpsgd", "delta": 1.5}, "defence.delta"),
         ({"kind": "latent", "sigma_init": 2.0, "sigma_max": 1.0}, "sigma_init (2.0) must be below sigma_max"),
@@ -430,7 +425,7 @@ def test_arms_resolve_to_one_scenario_each_with_the_patch_deep_merged():
     arms = sc.arm_scenarios()
     assert list(arms) == ["plain", "dp"]
     assert arms["plain"].defence.kind == "none" and arms["plain"].name == "cmp.plain"
-    assert arms["dp"].defence.get("noise_multiplier") == 0.5
+    assert arms["dp"].defence.noise_multiplier == 0.5
     assert arms["dp"].training.rounds == 4 and arms["dp"].training.batch_size == 8  # merged, not replaced
     assert all(a.arms is None for a in arms.values())
     assert parse_scenario(minimal()).arm_scenarios().keys() == {"scenario"}

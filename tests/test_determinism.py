@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_helpers import with_adaptive_pooling
-from simfl.attacks import get_attack, observe_gradient, observe_update
-from simfl.attacks.adaptive import adapt
-from simfl.config import DefenceConfig, ModelConfig, TrainingConfig
+from simfl.attacks import adapt, get_attack, observe_gradient, observe_update
+from simfl.config import ModelConfig, TrainingConfig
 from simfl.data import Dataset
 from simfl.defences import DEFENCES, defended_model
 from simfl.determinism import denied_modules, denied_ops
@@ -24,15 +23,6 @@ from simfl.training import train_client
 from simfl.weights import FlatWeights
 
 ARCHS = ("convnet", "lenet", "resnet18")
-
-
-@dataclasses.dataclass
-class _Scenario:
-    """The fields ``defended_model`` reads."""
-
-    defence: DefenceConfig
-    model: ModelConfig
-    seed: int = 0
 
 
 def _dataset(size: int, classes: int = 4, n: int = 64) -> Dataset:
@@ -48,8 +38,8 @@ def _every_gpu_path(arch: str, kind: str) -> tuple[list[str], set[str]]:
     ds = _dataset(size)
     shape = (ds.channels, ds.image_size, ds.num_classes)
     torch.manual_seed(0)
-    sc = _Scenario(DefenceConfig(kind=kind), ModelConfig(arch=arch, norm="group"))
-    model, defence = defended_model(sc, shape)
+    model_cfg, defence_cfg = ModelConfig(arch=arch, norm="group"), DEFENCES.configs[kind]()
+    model, defence = defended_model(model_cfg, defence_cfg, 0, shape)
     flat = FlatWeights(model)
     modules = denied_modules(model)
     weights = flat.snapshot()
@@ -57,7 +47,7 @@ def _every_gpu_path(arch: str, kind: str) -> tuple[list[str], set[str]]:
     training = TrainingConfig(batch_size=4, local_steps=2)
 
     def run() -> None:
-        server_model, server = defended_model(sc, shape)
+        server_model, server = defended_model(model_cfg, defence_cfg, 0, shape)
         FlatWeights(server_model)
         server.server_setup(ds, server_model)
         rows = [{"samples": 8, "accuracy": 0.5}]
@@ -77,7 +67,7 @@ def _every_gpu_path(arch: str, kind: str) -> tuple[list[str], set[str]]:
     return modules, denied_ops(run)
 
 
-@pytest.mark.parametrize("kind", sorted(DEFENCES))
+@pytest.mark.parametrize("kind", DEFENCES.kinds())
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_model_and_defence_has_deterministic_cuda_kernels_only(arch, kind):
     modules, ops = _every_gpu_path(arch, kind)

@@ -112,7 +112,7 @@ def test_sigkilled_run_resumes_to_the_same_results(ray_local, tmp_path):
 
 def make_resumable_looking_dir(tmp_path: Path, seed: int) -> Path:
     """A run directory as a real run writes it, from the smoke scenario with ``seed``."""
-    from simfl.config import load_scenario
+    from simfl.scenario import load_scenario
     from simfl.run import prepare, write_run_header
 
     run_dir = tmp_path / "run"

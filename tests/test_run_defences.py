@@ -13,10 +13,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine_helpers import assert_same_results, kill_at_checkpoint
-from simfl.config import load_scenario
 from simfl.defences import defended_model
 from simfl.defences.dpsgd import epsilon, sample_rate
 from simfl.run import main
+from simfl.scenario import load_scenario
 from simfl.weights import FlatWeights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +80,8 @@ def test_dp_epsilon_per_client_is_the_accountants_for_its_steps(arms_run):
     assert clients["dp_epsilon"].notna().all()
     for row in clients.itertuples():
         q = sample_rate(row.samples, sc.training.batch_size)
-        assert row.dp_epsilon == pytest.approx(epsilon(sc.defence.get("noise_multiplier"), q, int(row.dp_steps),
-                                                       sc.defence.get("delta")))
+        assert row.dp_epsilon == pytest.approx(epsilon(sc.defence.noise_multiplier, q, int(row.dp_steps),
+                                                       sc.defence.delta))
     # A client's steps add up over the rounds it took part in.
     again = clients[clients["participation"] == 2]
     assert (again["dp_steps"] == 2 * again["steps"]).all()
@@ -111,7 +111,7 @@ def test_each_defence_logs_its_state_per_round(arms_run):
 def test_the_decoder_never_travels_in_what_clients_share(arms_run):
     """The shared model (final weights, every client update) has exactly the model's entries: ρ yes, D no."""
     sc = load_scenario(arms_run / "latent" / "scenario.yaml")
-    model, defence = defended_model(sc, (3, 28, 8))
+    model, defence = defended_model(sc.model, sc.defence, sc.seed, (3, 28, 8))
     flat = FlatWeights(model)
     weights = torch.load(arms_run / "latent" / "final_weights.pt", weights_only=True)["weights"]
     assert len(weights) == len(flat) == sum(p.numel() for p in model.parameters()) + sum(

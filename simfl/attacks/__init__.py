@@ -1,39 +1,30 @@
 """Gradient-inversion attacks, pure torch (no Ray), batched across victims.
 
-Every attack is a callable ``attack(model, flat, observations, seeds) -> AttackResult``:
-it receives what victims shared (``Observation``) and never their images.
+Every attack follows :class:`~simfl.attacks.base.Attack`: it receives what
+victims shared (``Observation``) and never their images. Each registers itself
+in its module; importing this package registers them all (one line each).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from simfl.attacks import dlg, inverting  # noqa: F401  (registers the attacks)
+from simfl.attacks.base import ATTACKS, Attack, AttackConfig, AttackResult, adapt, build_attack, get_attack
 from simfl.attacks.dlg import DLG, IDLG
-from simfl.attacks.functional import AttackResult
 from simfl.attacks.inverting import InvertingGradients
 from simfl.attacks.labels import recover_labels
 from simfl.attacks.observation import Observation, observe_gradient, observe_update
-
-Attack = DLG | InvertingGradients
-
-ATTACKS: dict[str, Callable[..., Attack]] = {"dlg": DLG, "idlg": IDLG, "ig": InvertingGradients}
-
-
-def get_attack(name: str, **config: object) -> Attack:
-    """Build a registered attack from its config (e.g. ``get_attack("ig", iterations=2000)``)."""
-    if name not in ATTACKS:
-        raise KeyError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}")
-    return ATTACKS[name](**config)
-
 
 __all__ = [
     "ATTACKS",
     "DLG",
     "IDLG",
     "Attack",
+    "AttackConfig",
     "AttackResult",
     "InvertingGradients",
     "Observation",
+    "adapt",
+    "build_attack",
     "get_attack",
     "observe_gradient",
     "observe_update",

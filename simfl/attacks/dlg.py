@@ -10,16 +10,17 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 from torch.func import grad_and_value, vmap
 
+from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult
 from simfl.attacks.functional import (
-    AttackResult,
-    LossFn,
-    ModelWrapper,
+    Adaptable,
     attacker_module,
     draw,
     stack,
@@ -29,11 +30,29 @@ from simfl.attacks.functional import (
 from simfl.attacks.labels import recover_labels
 from simfl.attacks.lbfgs import batched_lbfgs
 from simfl.attacks.observation import Observation
+from simfl.disclosure import LossFn, ModelWrapper
 from simfl.weights import FlatWeights
 
 
+class DLGConfig(AttackConfig):
+    """``dlg``: L-BFGS on the L2 gradient mismatch, labels learned jointly (soft) when not given."""
+
+    kind: Literal["dlg"] = "dlg"
+    iterations: PositiveInt = Field(300, description="L-BFGS iterations (one objective evaluation each)")
+    lr: PositiveFloat = Field(1.0, description="L-BFGS step size")
+
+
+class IDLGConfig(AttackConfig):
+    """``idlg``: DLG with the labels recovered analytically first and kept fixed."""
+
+    kind: Literal["idlg"] = "idlg"
+    iterations: PositiveInt = Field(300, description="L-BFGS iterations (one objective evaluation each)")
+    lr: PositiveFloat = Field(1.0, description="L-BFGS step size")
+
+
+@ATTACKS.register(DLGConfig)
 @dataclass
-class DLG:
+class DLG(Adaptable):
     """DLG; ``iterations`` counts L-BFGS iterations, one objective evaluation each."""
 
     iterations: int = 300
@@ -93,6 +112,7 @@ class DLG:
         return AttackResult(images, labels, final, iterations.cpu(), time.perf_counter() - start)
 
 
+@ATTACKS.register(IDLGConfig)
 @dataclass
 class IDLG(DLG):
     """DLG with labels recovered analytically and fixed (iDLG for B = 1, LLG for B > 1)."""

@@ -16,31 +16,32 @@ leak differently in train mode, where the victim normalised with batch statistic
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from simfl.attacks.observation import Observation, View, local_batches
+from simfl.disclosure import Disclosure, LossFn, ModelWrapper
 from simfl.weights import FlatWeights
 
-# (logits, targets) -> scalar; targets are class indices (B,) or probabilities (B, K).
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# Returns the module the attacker differentiates; it must keep the model's
-# parameter names (e.g. a copy with a defence's module swapped in).
-ModelWrapper = Callable[[nn.Module], nn.Module]
 
+class Adaptable:
+    """Mixin for an attack dataclass with a field per :class:`Disclosure` field: adapting replaces them."""
 
-@dataclass
-class AttackResult:
-    images: torch.Tensor  # (V, B, C, H, W) in [0, 1]
-    labels: torch.Tensor  # (V, B) the attacker's labels (given, recovered or learned)
-    objective: torch.Tensor  # (V,) the attack's objective at the returned images
-    iterations: torch.Tensor  # (V,) iterations each victim's optimisation ran
-    seconds: float
+    def adapted(self, disclosure: Disclosure) -> Self:
+        """A copy with every field the disclosure sets (the victim's module, loss, clipping) replaced."""
+        changes = {
+            f.name: getattr(disclosure, f.name)
+            for f in dataclasses.fields(disclosure)
+            if getattr(disclosure, f.name) is not None
+        }
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
 @dataclass

@@ -11,16 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import nn
 from torch.func import grad, vmap
 
+from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult
 from simfl.attacks.functional import (
-    AttackResult,
-    LossFn,
-    ModelWrapper,
+    Adaptable,
     attacker_module,
     draw,
     stack,
@@ -30,11 +31,23 @@ from simfl.attacks.functional import (
 )
 from simfl.attacks.labels import recover_labels
 from simfl.attacks.observation import Observation
+from simfl.disclosure import LossFn, ModelWrapper
 from simfl.weights import FlatWeights
 
 
+class InvertingGradientsConfig(AttackConfig):
+    """``ig``: the paper's reference configuration by default (4800 Adam iterations, TV 0.1, one restart)."""
+
+    kind: Literal["ig"] = "ig"
+    iterations: PositiveInt = Field(4800, description="Adam iterations per restart")
+    lr: PositiveFloat = Field(0.1, description="Adam learning rate (x0.1 at 3/8, 5/8 and 7/8 of the iterations)")
+    tv_weight: NonNegativeFloat = Field(0.1, description="weight of the total-variation image prior")
+    restarts: PositiveInt = Field(1, description="random restarts; the best by final objective is kept")
+
+
+@ATTACKS.register(InvertingGradientsConfig)
 @dataclass
-class InvertingGradients:
+class InvertingGradients(Adaptable):
     """Defaults follow the paper's reference configuration (4800 iterations, TV 0.1, 1 restart)."""
 
     iterations: int = 4800

@@ -8,19 +8,24 @@ images never enter an ``Observation``; they are kept elsewhere, only to score.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from simfl.training import to_input
-from simfl.weights import FlatWeights
-
-if TYPE_CHECKING:
-    from simfl.defences.base import Defence
+from simfl.weights import FlatWeights, flat_gradient
 
 View = Literal["gradient", "update"]
+
+
+class GradientSharer(Protocol):
+    """What a defended client computes for the gradient view (``simfl.defences.Defence.shared_gradient``)."""
+
+    def shared_gradient(
+        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -81,17 +86,6 @@ def _float_input(x: torch.Tensor) -> torch.Tensor:
     return to_input(x) if x.dtype == torch.uint8 else x
 
 
-def flat_gradient(loss: torch.Tensor, model: nn.Module, flat: FlatWeights) -> torch.Tensor:
-    """``loss``'s gradient over ALL ``flat`` entries (zero on buffers and on parameters it does not use)."""
-    params = list(model.parameters())
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    out = torch.zeros_like(flat.vector)
-    out[flat.trainable] = torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
-    )
-    return out
-
-
 def _trainable_grad(model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return flat_gradient(F.cross_entropy(model(x), y), model, flat)  # the victim's loss: mean CE, as in train_client
 
@@ -102,7 +96,7 @@ def observe_gradient(
     global_weights: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor,
-    defence: Defence | None = None,
+    defence: GradientSharer | None = None,
     generator: torch.Generator | None = None,
 ) -> Observation:
     """The victim shares the gradient of its batch at the global weights (model left at them).

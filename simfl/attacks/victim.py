@@ -10,19 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from simfl.attacks.observation import Observation, observe_gradient
-from simfl.config import AttacksConfig, TrainingConfig
+from simfl.attacks.observation import GradientSharer, Observation, observe_gradient
+from simfl.config import TrainingConfig
+from simfl.scenario import AttacksConfig
 from simfl.seeding import torch_generator
 from simfl.training import LocalResult, to_input
 from simfl.weights import FlatWeights
-
-if TYPE_CHECKING:
-    from simfl.defences.base import Defence
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ def capture(
     seed: int,
     client: int,
     round_: int,
-    defence: Defence | None = None,
+    defence: GradientSharer | None = None,
 ) -> Victim:
     """The victim's shared vector under ``cfg.view``; ``local`` is its real training this round.
 

@@ -1,58 +1,65 @@
-"""Datasets as plain uint8 arrays, whatever their source.
+"""Datasets: which ones a scenario may name, their settings, and loading them as one :class:`Dataset`.
 
-Every loader returns the same :class:`Dataset`, so that partitioning, actors and
-attacks never care where images came from. Images are NHWC uint8; labels int64.
+Every loader returns the same :class:`Dataset` (NHWC uint8 images, int64
+labels), so that partitioning, actors and attacks never care where images came from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-import numpy as np
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from simfl.data.cifar10 import load_cifar10
+from simfl.data.dataset import Dataset
 from simfl.data.medmnist_flags import MEDMNIST_2D
-
-if TYPE_CHECKING:  # config imports DATASETS from here
-    from simfl.config import DataConfig
+from simfl.data.medmnist_loader import load_medmnist
+from simfl.data.synthetic import make_dataset
+from simfl.errors import UserError
+from simfl.validation import Strict
 
 DATASETS: frozenset[str] = frozenset({"synthetic", "cifar10", *MEDMNIST_2D})
 
 
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    num_classes: int
-    label_names: list[str]
-    train_x: np.ndarray  # (N, H, W, C) uint8
-    train_y: np.ndarray  # (N,) int64
-    val_x: np.ndarray
-    val_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
+class SyntheticConfig(Strict):
+    """Sizes of the embedded offline dataset; the train split is sized to the partition."""
 
+    num_classes: int = Field(8, ge=2, le=64)
+    val_size: PositiveInt = 2000
+    test_size: PositiveInt = 2000
+
+
+class DataConfig(Strict):
+    name: str = "synthetic"
+    root: str = "~/.simfl/data"
+    size: PositiveInt = 28
+    download: bool = True
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("name")
     @classmethod
-    def from_splits(cls, name: str, label_names: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Dataset:
-        """Build from ``{"train": (x, y), "val": (x, y), "test": (x, y)}``, the shape every loader has."""
-        return cls(
-            name=name,
-            num_classes=len(label_names),
-            label_names=label_names,
-            train_x=splits["train"][0],
-            train_y=splits["train"][1],
-            val_x=splits["val"][0],
-            val_y=splits["val"][1],
-            test_x=splits["test"][0],
-            test_y=splits["test"][1],
-        )
+    def _known(cls, v: str) -> str:
+        v = v.lower()
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(sorted(DATASETS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _size_fits(self) -> DataConfig:
+        # Checked by value, not by presence, so the resolved scenario a run saves reloads.
+        if self.synthetic != SyntheticConfig() and self.name != "synthetic":
+            raise ValueError(f"synthetic: only applies to name: synthetic, not {self.name}")
+        if self.name == "cifar10" and self.size != 32:
+            raise ValueError("size: CIFAR-10 images are 32 px; set data.size: 32")
+        if self.name not in ("synthetic", "cifar10") and self.size not in (28, 64, 128, 224):
+            raise ValueError(f"size: MedMNIST comes in 28, 64, 128 or 224 px, not {self.size}")
+        if self.name == "synthetic" and not 8 <= self.size <= 256:
+            raise ValueError(f"size: synthetic images must be 8..256 px, not {self.size}")
+        return self
 
     @property
-    def channels(self) -> int:
-        return int(self.train_x.shape[-1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train_x.shape[1])
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser()
 
 
 def load_dataset(cfg: DataConfig, train_size: int, seed: int) -> Dataset:
@@ -62,11 +69,7 @@ def load_dataset(cfg: DataConfig, train_size: int, seed: int) -> Dataset:
     exactly that many training images; real datasets must hold at least that many.
     Raises :class:`simfl.errors.UserError` with one line naming the key to fix.
     """
-    from simfl.errors import UserError
-
     if cfg.name == "synthetic":
-        from simfl.data.synthetic import make_dataset
-
         return make_dataset(
             train_size=train_size,
             val_size=cfg.synthetic.val_size,
@@ -76,12 +79,8 @@ def load_dataset(cfg: DataConfig, train_size: int, seed: int) -> Dataset:
             seed=seed,
         )
     if cfg.name == "cifar10":
-        from simfl.data.cifar10 import load_cifar10
-
         ds = load_cifar10(cfg.root_path, download=cfg.download)
     else:
-        from simfl.data.medmnist_loader import load_medmnist
-
         ds = load_medmnist(cfg.name, cfg.root_path, size=cfg.size, download=cfg.download)
     if len(ds.train_y) < train_size:
         raise UserError(
@@ -89,3 +88,6 @@ def load_dataset(cfg: DataConfig, train_size: int, seed: int) -> Dataset:
             f"{len(ds.train_y)}; lower populations.*.quantity.mean or the client counts"
         )
     return ds
+
+
+__all__ = ["DATASETS", "DataConfig", "Dataset", "SyntheticConfig", "load_dataset"]

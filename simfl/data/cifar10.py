@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import check_integrity
 
-from simfl.data import Dataset
+from simfl.data.dataset import Dataset
 from simfl.errors import UserError
 from simfl.seeding import rng
 
@@ -21,8 +23,6 @@ VAL_SIZE = 5000
 
 def load_cifar10(root: Path, download: bool) -> Dataset:
     """Load CIFAR-10 from ``root/cifar-10-batches-py``, downloading it on first use."""
-    from torchvision.datasets import CIFAR10
-
     try:
         train = CIFAR10(str(root), train=True, download=download)
         test = CIFAR10(str(root), train=False)
@@ -51,8 +51,6 @@ def split_val(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _explain(cifar: type, root: Path, download: bool, err: Exception) -> str:
     """One line saying what is wrong with ``root`` and how to fix it."""
-    from torchvision.datasets.utils import check_integrity
-
     folder = root / cifar.base_folder
     expected = [*cifar.train_list, *cifar.test_list, [cifar.meta["filename"], cifar.meta["md5"]]]
     missing = [name for name, _ in expected if not (folder / name).is_file()]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+import medmnist
 import numpy as np
 
-from simfl.data import Dataset
+from simfl.data.dataset import Dataset
 from simfl.errors import UserError
 
 _SPLITS = ("train", "val", "test")
@@ -21,8 +22,6 @@ _SPLITS = ("train", "val", "test")
 
 def load_medmnist(flag: str, root: Path, size: int, download: bool) -> Dataset:
     """Load MedMNIST ``flag`` at ``size`` px from ``root``, downloading it on first use."""
-    import medmnist
-
     info = medmnist.INFO[flag]
     suffix = "" if size == 28 else f"_{size}"
     path = root / f"{flag}{suffix}.npz"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from simfl.data import Dataset
+from simfl.data.dataset import Dataset
 from simfl.seeding import rng
 
 CHUNK = 1024

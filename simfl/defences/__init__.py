@@ -1,31 +1,37 @@
 """Defences against gradient inversion, as plugins chosen by ``defence.kind`` in the scenario.
 
 ``base.Defence`` lists every place a defence may act; each defence overrides
-only what it changes. Pure torch (and Opacus): no Ray, testable alone.
+only what it changes, and registers itself with its config in its own module.
+Importing this package registers them all (one line each). Pure torch (and
+Opacus): no Ray, testable alone.
 """
 
 from __future__ import annotations
 
-from simfl.config import DefenceConfig
-from simfl.defences.base import Defence
+from simfl.config import ModelConfig
+from simfl.defences import bido, dpsgd, latent  # noqa: F401  (registers the defences)
+from simfl.defences.base import DEFENCES, Defence, NoDefenceConfig
 from simfl.defences.bido import BiDO
 from simfl.defences.dpsgd import DPSGD
 from simfl.defences.latent import LatentDefence
 from simfl.models import SplitNet, build_model
+from simfl.plugins import PluginConfig
 
-DEFENCES: dict[str, type[Defence]] = {"none": Defence, "latent": LatentDefence, "dpsgd": DPSGD, "bido": BiDO}
 
-
-def make_defence(cfg: DefenceConfig, shape: tuple[int, int, int], seed: int) -> Defence:
+def make_defence(cfg: PluginConfig, shape: tuple[int, int, int], seed: int) -> Defence:
     """The configured defence for data of ``shape`` = (channels, image size, classes)."""
     return DEFENCES[cfg.kind](cfg, shape, seed)
 
 
-def defended_model(scenario, shape: tuple[int, int, int]) -> tuple[SplitNet, Defence]:
-    """The scenario's model with its defence built in: how every process makes the shared model."""
-    defence = make_defence(scenario.defence, shape, scenario.seed)
-    model = defence.build(build_model(scenario.model, *shape))
-    return model, defence
+def defended_model(
+    model: ModelConfig, defence: PluginConfig, seed: int, shape: tuple[int, int, int]
+) -> tuple[SplitNet, Defence]:
+    """The model with its defence built in: how every process makes the shared model.
+
+    Weights are initialised from torch's global RNG (seed it first); the defence draws none.
+    """
+    built = make_defence(defence, shape, seed)
+    return built.build(build_model(model, *shape)), built
 
 
-__all__ = ["DEFENCES", "BiDO", "DPSGD", "Defence", "LatentDefence", "defended_model", "make_defence"]
+__all__ = ["DEFENCES", "BiDO", "DPSGD", "Defence", "LatentDefence", "NoDefenceConfig", "defended_model", "make_defence"]

@@ -16,35 +16,71 @@ built from the scenario. Where it acts:
 - **attackers**: :meth:`naive_view` (an attacker unaware of the defence) and
   :meth:`disclosure` (an adaptive one, given the round's broadcast).
 
-Everything a defence logs comes back as flat ``{name: float}`` dicts, which the
-coordinator writes to Parquet and TensorBoard.
+A defence is a plugin: its module defines its config (a :class:`PluginConfig`
+with typed knobs and defaults) and registers the class with it in
+:data:`DEFENCES`. It declares what it logs, per client (:attr:`Defence.client_figures`,
+with how the cohort is aggregated) and per round (:attr:`Defence.round_figures`),
+so the run tables are built from the declarations and an undeclared figure is
+an error, never a silent drop. Everything a defence logs comes back as flat
+``{name: float}`` dicts, which the coordinator writes to Parquet and TensorBoard.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from simfl.attacks.adaptive import Disclosure
-from simfl.config import DefenceConfig, TrainingConfig
 from simfl.data import Dataset
+from simfl.disclosure import Disclosure
 from simfl.models import SplitNet
-from simfl.weights import FlatWeights
+from simfl.plugins import PluginConfig, Registry
+from simfl.training import PlainTraining
+from simfl.weights import FlatWeights, flat_gradient
+
+class NoDefenceConfig(PluginConfig):
+    """``none``: plain training, the reference arm."""
+
+    kind: Literal["none"] = "none"
 
 
-class Defence:
+DEFENCES: Registry[type] = Registry("defence", default="none")
+
+
+@DEFENCES.register(NoDefenceConfig)
+class Defence(PlainTraining):
     """No defence: plain cross-entropy training. Subclasses override what they change."""
 
-    kind = "none"
+    kind: ClassVar[str]
+    config_class: ClassVar[type[PluginConfig]]
+    # Figures a client reports from training (``account``/``objective`` terms), each with its cohort
+    # aggregates per round: "mean" keeps the name, "max"/"min" add a suffix (dp_epsilon -> dp_epsilon_max).
+    client_figures: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Figures the server step reports each round (``server_round``).
+    round_figures: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: DefenceConfig, shape: tuple[int, int, int], seed: int) -> None:
+    def __init__(self, cfg: PluginConfig, shape: tuple[int, int, int], seed: int) -> None:
         """``shape``: (channels, image size, classes) of the data; ``seed``: the scenario's seed."""
         self.cfg = cfg
         self.shape = shape
         self.seed = seed
+
+    @classmethod
+    def round_columns(cls) -> tuple[str, ...]:
+        """The rounds-table columns this defence fills: its client figures' aggregates, then its round figures."""
+        aggregated = [name if agg == "mean" else f"{name}_{agg}"
+                      for name, aggs in cls.client_figures.items() for agg in aggs]
+        return (*aggregated, *cls.round_figures)
+
+    @classmethod
+    def naive_is_exact(cls, attacks: Any) -> bool:
+        """Whether an attacker unaware of the defence already computes exactly what the victim did.
+
+        ``attacks``: the scenario's attacks section (view, batch size). Then the
+        naive attacker is also the adaptive one; no defence: always.
+        """
+        return True
 
     # ------------------------------------------------------------ model
 
@@ -57,46 +93,8 @@ class Defence:
     def receive(self, broadcast: dict[str, Any], device: torch.device) -> None:
         """Take the coordinator's round broadcast (once per round per client actor)."""
 
-    def training_module(self, model: SplitNet) -> nn.Module:
-        """The module local training calls (DP-SGD wraps it once per process)."""
-        return model
-
-    def begin(self, model: SplitNet, generator: torch.Generator) -> None:
-        """Before one client's local training; ``generator`` is that client's (seed, client, round) RNG."""
-
-    def batches(self, n: int, cfg: TrainingConfig, generator: torch.Generator) -> list[torch.Tensor]:
-        from simfl.training import batch_order
-
-        return batch_order(n, cfg, generator)
-
-    def optimizer(
-        self, model: SplitNet, cfg: TrainingConfig, generator: torch.Generator, n: int
-    ) -> torch.optim.Optimizer:
-        from simfl.training import make_optimizer
-
-        return make_optimizer(model, cfg)
-
-    def objective(
-        self, model: SplitNet, module: nn.Module, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(objective to minimise, cross-entropy, logits, detached terms to log) for one batch."""
-        logits = module(x)
-        ce = F.cross_entropy(logits, y)
-        return ce, ce, logits, {}
-
-    def empty_step(self, model: SplitNet, optimizer: torch.optim.Optimizer) -> None:
-        """A local step whose (sampled) batch is empty: by default, none."""
-
-    def share(self, delta: torch.Tensor) -> torch.Tensor:
-        """The update the client sends, from its true local − global delta."""
-        return delta
-
-    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]:
-        """After a client trained ``steps`` steps on ``n`` samples: update its state, return what to log."""
-        return {}
-
     def shared_gradient(
-        self, model: SplitNet, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
         """Gradient-view observation: the gradient of the client's own training objective on (x, y).
 
@@ -106,8 +104,6 @@ class Defence:
         model.train()
         self.begin(model, generator)
         module = self.training_module(model)
-        from simfl.attacks.observation import flat_gradient
-
         return flat_gradient(self.objective(model, module, x, y)[0], model, flat)
 
     # ------------------------------------------------------------ server side
@@ -143,3 +139,13 @@ class Defence:
         runs the attack (e.g. the decoder clients used in their privacy term).
         """
         return None
+
+
+def round_columns() -> tuple[str, ...]:
+    """Every registered defence's rounds-table columns, each once, in registration order."""
+    return tuple(dict.fromkeys(c for plugin in DEFENCES.plugins.values() for c in plugin.round_columns()))
+
+
+def client_columns() -> tuple[str, ...]:
+    """Every registered defence's clients-table columns, each once, in registration order."""
+    return tuple(dict.fromkeys(c for plugin in DEFENCES.plugins.values() for c in plugin.client_figures))

@@ -12,18 +12,32 @@ the second keeps them tied to the label, so accuracy holds.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, PositiveFloat
 from torch import nn
 
-from simfl.config import DefenceConfig
-from simfl.defences.base import Defence
+from simfl.defences.base import DEFENCES, Defence
 from simfl.defences.hsic import gaussian_kernel, label_kernel, normalized_hsic
 from simfl.models import SplitNet
+from simfl.plugins import PluginConfig
 
 
+class BiDOConfig(PluginConfig):
+    """``bido``: a1·HSIC(X, Z) − a2·HSIC(Y, Z) over hidden layers added to each client's loss."""
+
+    kind: Literal["bido"] = "bido"
+    a1: NonNegativeFloat = Field(0.05, description="weight of the input-dependence term HSIC(X, Z) (minimised)")
+    a2: NonNegativeFloat = Field(0.5, description="weight of the label-dependence term HSIC(Y, Z) (maximised)")
+    kernel_sigma: PositiveFloat = Field(5.0, description="Gaussian kernel width, times the median heuristic")
+    layers: Literal["latent", "all"] = Field(
+        "all", description="all: every block's ReLU output of a convnet/lenet encoder; latent: the encoder output"
+    )
+
+
+@DEFENCES.register(BiDOConfig)
 class BiDO(Defence):
     """BiDO-HSIC: the dependence terms above added to each client's local objective.
 
@@ -46,14 +60,14 @@ class BiDO(Defence):
     naive attacker is weaker than an adaptive one would be (not built yet).
     """
 
-    kind = "bido"
+    client_figures: ClassVar[dict[str, tuple[str, ...]]] = {"hsic_xz": ("mean",), "hsic_yz": ("mean",)}
 
-    def __init__(self, cfg: DefenceConfig, shape: tuple[int, int, int], seed: int) -> None:
+    def __init__(self, cfg: BiDOConfig, shape: tuple[int, int, int], seed: int) -> None:
         super().__init__(cfg, shape, seed)
-        self.a1 = float(cfg.get("a1"))
-        self.a2 = float(cfg.get("a2"))
-        self.sigma = float(cfg.get("kernel_sigma"))
-        self.layers = cfg.get("layers")
+        self.a1 = float(cfg.a1)
+        self.a2 = float(cfg.a2)
+        self.sigma = float(cfg.kernel_sigma)
+        self.layers = cfg.layers
         self._recording = False
         self._records: list[torch.Tensor] = []
 
@@ -64,6 +78,11 @@ class BiDO(Defence):
                 self._records.append(output)
 
         self._hook = hook
+
+    @classmethod
+    def naive_is_exact(cls, attacks: Any) -> bool:
+        """At gradient-view batch size 1 the HSIC terms vanish (one sample shows no dependence)."""
+        return attacks is not None and attacks.view == "gradient" and attacks.batch_size == 1
 
     # ------------------------------------------------------------ model
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from opacus.accountants.utils import create_accountant
@@ -45,12 +45,15 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
+from pydantic import Field, NonNegativeFloat, PositiveFloat
 from torch import nn
 
-from simfl.attacks.adaptive import Disclosure
-from simfl.config import DefenceConfig, TrainingConfig
-from simfl.defences.base import Defence
+from simfl.config import TrainingConfig
+from simfl.defences.base import DEFENCES, Defence
+from simfl.disclosure import Disclosure
 from simfl.models import SplitNet
+from simfl.plugins import PluginConfig
+from simfl.training import make_optimizer
 from simfl.weights import FlatWeights
 
 # Where the model keeps its per-sample-gradient wrapper: a plain attribute (not a
@@ -130,17 +133,36 @@ def _release_grad_samples(optimizer: DPOptimizer) -> None:
         p.grad_sample = None
 
 
+class DPSGDConfig(PluginConfig):
+    """``dpsgd``: Opacus DP-SGD in local training (Poisson batches, per-sample clipping, Gaussian noise)."""
+
+    kind: Literal["dpsgd"] = "dpsgd"
+    noise_multiplier: NonNegativeFloat = Field(1.0, description="noise std as a multiple of max_grad_norm")
+    max_grad_norm: PositiveFloat = Field(1.0, description="per-sample gradient clipping bound (L2)")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the (ε, δ) each client's ε is reported at")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant: rdp (Rényi DP) or prv")
+
+    def check(self, scenario: Any) -> None:
+        """BatchNorm is swapped for GroupNorm (see :meth:`DPSGD.build`); only the loss gradient is clipped."""
+        if scenario.attacks is not None and scenario.attacks.bn_stats == "batch":
+            raise ValueError("attacks.bn_stats: batch needs BatchNorm, which defence: dpsgd replaces by GroupNorm")
+        if scenario.training.algorithm.kind == "fedprox":
+            raise ValueError("defence: dpsgd clips the loss gradient only; FedProx's term is not supported")
+
+
+@DEFENCES.register(DPSGDConfig)
 class DPSGD(Defence):
     """DP-SGD local training (Opacus); ε per client logged as ``dp_epsilon`` with ``dp_steps``."""
 
-    kind = "dpsgd"
+    # ε per client; per round its cohort mean and maximum (the least protected client so far).
+    client_figures: ClassVar[dict[str, tuple[str, ...]]] = {"dp_epsilon": ("mean", "max"), "dp_steps": ("mean",)}
 
-    def __init__(self, cfg: DefenceConfig, shape: tuple[int, int, int], seed: int) -> None:
+    def __init__(self, cfg: DPSGDConfig, shape: tuple[int, int, int], seed: int) -> None:
         super().__init__(cfg, shape, seed)
-        self.noise_multiplier = float(cfg.get("noise_multiplier"))
-        self.max_grad_norm = float(cfg.get("max_grad_norm"))
-        self.delta = float(cfg.get("delta"))
-        self.accountant = str(cfg.get("accountant"))
+        self.noise_multiplier = float(cfg.noise_multiplier)
+        self.max_grad_norm = float(cfg.max_grad_norm)
+        self.delta = float(cfg.delta)
+        self.accountant = str(cfg.accountant)
         self._batch_size: int | None = None  # the local batch size, from the training config (see `batches`)
 
     # ------------------------------------------------------------ model
@@ -182,8 +204,6 @@ class DPSGD(Defence):
         self, model: SplitNet, cfg: TrainingConfig, generator: torch.Generator, n: int
     ) -> torch.optim.Optimizer:
         """The client's optimiser wrapped in a DPOptimizer (clip, noise from ``generator``, ÷ expected batch)."""
-        from simfl.training import make_optimizer
-
         optimizer = HostNoiseDPOptimizer(
             make_optimizer(model, cfg),
             noise_multiplier=self.noise_multiplier,
@@ -261,6 +281,10 @@ class DPSGD(Defence):
         return out
 
     # ------------------------------------------------------------ attackers
+
+    @classmethod
+    def naive_is_exact(cls, attacks: Any) -> bool:
+        return False
 
     def disclosure(self, context: dict[str, Any] | None = None) -> Disclosure:
         """The clipping bound: an adaptive attacker knows the gradient it sees is clipped to it."""

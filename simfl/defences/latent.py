@@ -30,20 +30,22 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
-from simfl.attacks.adaptive import Disclosure
 from simfl.config import TrainingConfig
 from simfl.data import Dataset
-from simfl.defences.base import Defence
+from simfl.defences.base import DEFENCES, Defence
+from simfl.disclosure import Disclosure
 from simfl.models import SplitNet
+from simfl.plugins import PluginConfig
 from simfl.seeding import torch_generator
-from simfl.training import to_input
+from simfl.training import make_optimizer, to_input
 from simfl.weights import FlatWeights
 
 # Validation images the coordinator keeps aside to measure D (never trained on).
@@ -164,18 +166,60 @@ def antithetic_draws(samples: int, dim: int, seed: int) -> torch.Tensor:
     return torch.cat([half, -half])[:samples]
 
 
-class LatentDefence(Defence):
-    kind = "latent"
+DUAL_LR_DEFAULT = 1.0
 
-    def __init__(self, cfg, shape: tuple[int, int, int], seed: int) -> None:
+
+class LatentConfig(PluginConfig):
+    """``latent``: learnable Gaussian noise on the latent, trained by minimax against a server-trained decoder."""
+
+    kind: Literal["latent"] = "latent"
+    sigma_init: PositiveFloat = Field(0.1, description="initial noise scale σ of every latent unit")
+    sigma_max: PositiveFloat = Field(2.0, description="soft cap on σ (σ = σ_max·tanh(softplus(ρ)/σ_max))")
+    sigma_lr: PositiveFloat = Field(1.0, description="clients' learning rate for the noise parameters ρ (and μ)")
+    mean_shift: bool = Field(False, description="also learn a latent shift μ")
+    lam: NonNegativeFloat = Field(0.5, description="λ: weight of the privacy term −λ·MSE(D(z'), x) (initial λ with utility_target)")
+    utility_target: float | None = Field(
+        None, gt=0.0, lt=1.0, description="adapt λ as a dual variable so cohort training accuracy holds this"
+    )
+    dual_lr: PositiveFloat = Field(DUAL_LR_DEFAULT, description="step of λ's dual update (with utility_target)")
+    decoder_steps: PositiveInt = Field(20, description="server's decoder Adam steps per round")
+    decoder_lr: PositiveFloat = Field(1e-3, description="server's decoder learning rate")
+    decoder_batch: PositiveInt = Field(64, description="server images per decoder step")
+    adaptive_samples: PositiveInt = Field(
+        8, description="noise draws the adaptive attacker averages over: 1 (ε = 0) or an even number (±ε pairs)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LatentConfig:
+        if self.adaptive_samples % 2 and self.adaptive_samples > 1:
+            raise ValueError("adaptive_samples: 1 (the expected latent) or an even number (±ε pairs)")
+        if self.sigma_init >= self.sigma_max:
+            raise ValueError(f"sigma_init ({self.sigma_init}) must be below sigma_max ({self.sigma_max})")
+        # By value, not presence: a saved scenario lists every knob and must reload.
+        if self.utility_target is None and self.dual_lr != DUAL_LR_DEFAULT:
+            raise ValueError("dual_lr only applies with utility_target (λ adapted as a dual variable)")
+        return self
+
+
+@DEFENCES.register(LatentConfig)
+class LatentDefence(Defence):
+    client_figures: ClassVar[dict[str, tuple[str, ...]]] = {"decoder_mse": ("mean",)}
+    round_figures: ClassVar[tuple[str, ...]] = ("lam", "sigma_mean", "sigma_min", "sigma_max", "decoder_mse_server")
+
+    def __init__(self, cfg: LatentConfig, shape: tuple[int, int, int], seed: int) -> None:
         super().__init__(cfg, shape, seed)
-        self.lam = float(cfg.get("lam"))
+        self.cfg: LatentConfig = cfg
+        self.lam = float(cfg.lam)
         self.decoder: Decoder | None = None
         self.decoder_flat: FlatWeights | None = None
 
+    @classmethod
+    def naive_is_exact(cls, attacks: Any) -> bool:
+        return False
+
     def build(self, model: SplitNet) -> SplitNet:
-        k = self.cfg.knobs()
-        model.latent = LatentNoise(model.latent_dim, k["sigma_init"], k["sigma_max"], k["mean_shift"])
+        k = self.cfg
+        model.latent = LatentNoise(model.latent_dim, k.sigma_init, k.sigma_max, k.mean_shift)
         self.latent_dim = model.latent_dim
         return model
 
@@ -209,12 +253,10 @@ class LatentDefence(Defence):
         smaller than the weights'; at the weights' learning rate σ would not move
         within a run, and the knob would be a constant.
         """
-        from simfl.training import make_optimizer
-
         noise = list(model.latent.parameters())
         rest = [p for p in model.parameters() if all(p is not q for q in noise)]
         return make_optimizer(model, cfg, [{"params": rest},
-                                           {"params": noise, "lr": self.cfg.get("sigma_lr"), "weight_decay": 0.0}])
+                                           {"params": noise, "lr": self.cfg.sigma_lr, "weight_decay": 0.0}])
 
     def objective(
         self, model: SplitNet, module: nn.Module, x: torch.Tensor, y: torch.Tensor
@@ -235,7 +277,7 @@ class LatentDefence(Defence):
         device = next(model.parameters()).device
         decoder = self._decoder(device)
         decoder.requires_grad_(True)
-        self.decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=self.cfg.get("decoder_lr"))
+        self.decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=self.cfg.decoder_lr)
         images = torch.from_numpy(np.array(dataset.val_x))
         held = min(DECODER_HELD_OUT, len(images) // 4)
         self.aux_train, self.aux_held = images[held:], images[:held]
@@ -257,9 +299,9 @@ class LatentDefence(Defence):
     def _train_decoder(self, model: SplitNet, round_: int) -> dict[str, float]:
         device = next(model.parameters()).device
         gen = torch_generator(self.seed, "decoder-train", round_)
-        batch = min(self.cfg.get("decoder_batch"), len(self.aux_train))
+        batch = min(self.cfg.decoder_batch, len(self.aux_train))
         self.decoder.train()
-        for _ in range(self.cfg.get("decoder_steps")):
+        for _ in range(self.cfg.decoder_steps):
             idx = torch.randperm(len(self.aux_train), generator=gen)[:batch]
             x = to_input(self.aux_train[idx], device)
             loss = F.mse_loss(self.decoder(self._perturbed(model, x, gen)), x)
@@ -276,11 +318,11 @@ class LatentDefence(Defence):
                 "sigma_max": float(sigma.max())}
 
     def server_round(self, round_: int, model: SplitNet, client_rows: list[dict]) -> dict[str, float]:
-        target = self.cfg.get("utility_target")
+        target = self.cfg.utility_target
         if target is not None and client_rows:
             n = sum(row["samples"] for row in client_rows)
             accuracy = sum(row["accuracy"] * row["samples"] for row in client_rows) / n
-            self.lam = max(0.0, self.lam + self.cfg.get("dual_lr") * (accuracy - target))
+            self.lam = max(0.0, self.lam + self.cfg.dual_lr * (accuracy - target))
         figures = self._train_decoder(model, round_)
         figures["lam"] = self.lam
         return figures
@@ -305,7 +347,7 @@ class LatentDefence(Defence):
         The server trained and broadcast D and λ itself, so an adaptive attacker
         simulates the victim's full objective CE − λ·MSE(D(z'), x) on its dummy images.
         """
-        samples = self.cfg.get("adaptive_samples")
+        samples = self.cfg.adaptive_samples
         draws = antithetic_draws(samples, self.latent_dim, self.seed)
         decoder, lam = None, None
         if context:

@@ -17,8 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from engine_helpers import SMOKE_FAST, final_weights, kill_at_checkpoint, run_smoke, table
 from actors.attacker import AttackPool
-from actors.coordinator import sample_held_out_victims
-from simfl.config import AttackPoolConfig, parse_scenario
+from simfl.config import AttackPoolConfig
+from simfl.round import sample_held_out_victims
+from simfl.scenario import parse_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,41 +110,6 @@ def test_held_out_victims_are_sampled_from_seed_and_round_alone():
     assert np.array_equal(sample_held_out_victims(sc, held[:1], 2), [4])  # fewer held-out clients than asked
     rounds = {tuple(sample_held_out_victims(sc, held, r)) for r in range(2, 40, 2)}
     assert len(rounds) > 1  # drawn afresh each round
-
-
-def test_a_probe_shares_what_the_client_would_and_leaves_its_state_alone(ray_local):
-    from actors.client import ClientShard, new_client_state
-    from simfl.defences import defended_model
-    from simfl.run import prepare
-    from simfl.weights import FlatWeights
-
-    # DP-SGD: its accountant is client state a probe must not advance.
-    sc = parse_scenario({
-        "populations": [{"name": "a", "clients": 2, "quantity": {"mean": 12}},
-                        {"name": "b", "clients": 2, "held_out": True, "quantity": {"mean": 12}}],
-        "data": {"size": 16, "synthetic": {"val_size": 20, "test_size": 20}},
-        "model": {"width": 8}, "training": {"batch_size": 4}, "defence": "dpsgd",
-        "attacks": {"view": "update", "held_out_victims": 1},
-    })
-    prepared = prepare(sc)
-    ds = prepared.dataset
-    weights = FlatWeights(defended_model(sc, (ds.channels, ds.image_size, ds.num_classes))[0]).snapshot().numpy()
-    refs = {"dataset": ray.put(ds), "partition": ray.put(prepared.partition)}
-    shard = ClientShard.options(num_cpus=0).remote(sc.model_dump(mode="json"), 0, [0, 1, 2, 3])
-    ray.get(shard.attach.remote(refs, {c: new_client_state() for c in range(4)}))
-    given = {3: {"participation": 0, "last_round": 0, "dp_steps": 7}}  # as sent for a visiting client
-    first = ray.get(shard.train.remote(1, weights, [2, 3], given, [], probe=True))
-    again = ray.get(shard.train.remote(1, weights, [2, 3], given, [], probe=True))
-    real = ray.get(shard.train.remote(1, weights, [2, 3], given, [2, 3]))
-    for p, q, t in zip(first, again, real, strict=True):
-        # Every probed client is a victim, and shares exactly what it would have shared had it joined.
-        assert p["delta"] is None and p["victim"] is not None
-        assert torch.equal(p["victim"].observation.shared, t["victim"].observation.shared)
-        assert torch.equal(p["victim"].observation.shared, torch.tensor(t["delta"]))
-        # It worked on a copy of its state: probing twice changes nothing, and the real round starts from the same.
-        assert p["state"] == q["state"] == t["state"] and p["defence"] == q["defence"] == t["defence"]
-    assert real[0]["state"]["dp_steps"] > 0 and real[1]["state"]["dp_steps"] > 7
-    ray.kill(shard)
 
 
 def test_held_out_clients_are_probed_without_changing_training(ray_local, data_root, tmp_path):

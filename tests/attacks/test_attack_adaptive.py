@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from simfl.attacks import InvertingGradients, get_attack, observe_gradient
-from simfl.attacks.adaptive import Disclosure, adapt
+from simfl.attacks import adapt
+from simfl.disclosure import Disclosure
 from simfl.config import ModelConfig
 from simfl.metrics import psnr
 from simfl.models import build_model

@@ -68,7 +68,7 @@ def test_observations_never_hold_images():
     for field in dataclasses.fields(Observation):
         value = getattr(obs, field.name)
         assert not (isinstance(value, torch.Tensor) and value.shape[-3:] == x.shape[-3:]), field.name
-    for attack in ATTACKS.values():
+    for attack in ATTACKS.plugins.values():
         assert list(inspect.signature(attack()).parameters) == ["model", "flat", "observations", "seeds"]
 
 

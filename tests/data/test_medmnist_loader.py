@@ -10,8 +10,7 @@ import medmnist
 import numpy as np
 import pytest
 
-from simfl.config import DataConfig
-from simfl.data import load_dataset
+from simfl.data import DataConfig, load_dataset
 from simfl.data.medmnist_flags import MEDMNIST_2D
 from simfl.data.medmnist_loader import load_medmnist
 from simfl.errors import UserError

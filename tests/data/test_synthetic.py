@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simfl.config import DataConfig
-from simfl.data import load_dataset
+from simfl.data import DataConfig, load_dataset
 from simfl.data.synthetic import CHUNK, cell_types, make_dataset
 
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import simfl.defences.bido as bido_module
-from simfl.config import DefenceConfig, ModelConfig, TrainingConfig
-from simfl.defences.base import Defence
-from simfl.defences.bido import BiDO
+from simfl.config import ModelConfig, TrainingConfig
+from simfl.defences.base import Defence, NoDefenceConfig
+from simfl.defences.bido import BiDO, BiDOConfig
 from simfl.defences.hsic import gaussian_kernel, hsic, label_kernel, normalized_hsic
 from simfl.models import build_model
 from simfl.training import to_input, train_client
@@ -25,7 +25,7 @@ def model(seed=0, arch="convnet"):
 
 
 def defence(**knobs):
-    return BiDO(DefenceConfig(kind="bido", **knobs), SHAPE, 0)
+    return BiDO(BiDOConfig(**knobs), SHAPE, 0)
 
 
 def images(n, seed):
@@ -198,7 +198,7 @@ def test_gradient_view_at_batch_one_is_plain_cross_entropy():
     x, y = torch.rand(1, 3, 16, 16), torch.tensor([2])
     gen = torch.Generator().manual_seed(0)
     defended = d.shared_gradient(net, flat, x, y, gen)
-    plain = Defence(DefenceConfig(), SHAPE, 0).shared_gradient(net, flat, x, y, gen)
+    plain = Defence(NoDefenceConfig(), SHAPE, 0).shared_gradient(net, flat, x, y, gen)
     assert defended.abs().sum() > 0
     torch.testing.assert_close(defended, plain)
 

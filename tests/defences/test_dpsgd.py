@@ -12,10 +12,10 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from simfl.config import DefenceConfig, ModelConfig, TrainingConfig
+from simfl.config import ModelConfig, TrainingConfig
 from simfl.defences import make_defence
-from simfl.defences.base import Defence
-from simfl.defences.dpsgd import DPSGD, HostNoiseDPOptimizer, epsilon, local_steps, sample_rate
+from simfl.defences.base import Defence, NoDefenceConfig
+from simfl.defences.dpsgd import DPSGD, DPSGDConfig, HostNoiseDPOptimizer, epsilon, local_steps, sample_rate
 from simfl.models import build_model
 from simfl.training import evaluate, make_optimizer, to_input, train_client
 from simfl.weights import FlatWeights
@@ -45,7 +45,7 @@ def data(n=N, seed=0):
 
 def dpsgd(**knobs):
     knobs = {"noise_multiplier": SIGMA, "max_grad_norm": CLIP, "delta": DELTA, **knobs}
-    return DPSGD(DefenceConfig(kind="dpsgd", **knobs), SHAPE, 0)
+    return DPSGD(DPSGDConfig(**knobs), SHAPE, 0)
 
 
 def training(**kw):
@@ -215,7 +215,7 @@ def test_full_batch_without_noise_or_clipping_matches_plain_train_client():
     cfg = training(local_epochs=3)
     dp = train_client(model, flat, w0, x, y, cfg, gen(0), defence=dpsgd(noise_multiplier=0.0, max_grad_norm=1e9),
                       state={})
-    plain = train_client(model, flat, w0, x, y, cfg, gen(0), defence=Defence(DefenceConfig(), SHAPE, 0))
+    plain = train_client(model, flat, w0, x, y, cfg, gen(0), defence=Defence(NoDefenceConfig(), SHAPE, 0))
     assert dp.steps == plain.steps == 3
     assert torch.allclose(dp.delta, plain.delta, rtol=1e-4, atol=1e-6)
 
@@ -225,7 +225,7 @@ def test_full_batch_without_noise_or_clipping_matches_plain_train_client():
 
 def per_sample_clipped_mean(model, flat, x, y, clip):
     """Reference: each sample's gradient by plain autograd, clipped as Opacus does, averaged."""
-    plain = Defence(DefenceConfig(), SHAPE, 0)
+    plain = Defence(NoDefenceConfig(), SHAPE, 0)
     rows = []
     for i in range(len(y)):
         g = plain.shared_gradient(model, flat, x[i : i + 1], y[i : i + 1], gen(0))
@@ -244,7 +244,7 @@ def test_shared_gradient_is_clipped():
     before = flat.snapshot()
     dp = dpsgd(noise_multiplier=0.0, max_grad_norm=tiny)
     shared = dp.shared_gradient(model, flat, x, y, gen(0))
-    plain = Defence(DefenceConfig(), SHAPE, 0).shared_gradient(model, flat, x, y, gen(0))
+    plain = Defence(NoDefenceConfig(), SHAPE, 0).shared_gradient(model, flat, x, y, gen(0))
     assert shared.shape == flat.vector.shape
     assert float(shared.norm()) <= tiny * (1 + 1e-4)
     assert float(plain.norm()) > 100 * tiny
@@ -278,7 +278,7 @@ def test_shared_gradient_noise():
 
 
 def test_registry_and_disclosure():
-    dp = make_defence(DefenceConfig(kind="dpsgd"), SHAPE, 0)
+    dp = make_defence(DPSGDConfig(), SHAPE, 0)
     assert isinstance(dp, DPSGD)
     assert (dp.noise_multiplier, dp.max_grad_norm, dp.delta, dp.accountant) == (1.0, 1.0, 1e-5, "rdp")
     assert dpsgd(max_grad_norm=0.7).disclosure().clip_norm == 0.7
@@ -342,7 +342,7 @@ def test_resnet18_with_group_norm():
     xs, y = data(n=2)
     x = to_input(xs[:, :8, :8])
     loose = dpsgd(noise_multiplier=0.0, max_grad_norm=1e9).shared_gradient(model, flat, x, y, gen(0))
-    plain = Defence(DefenceConfig(), SHAPE, 0).shared_gradient(model, flat, x, y, gen(0))
+    plain = Defence(NoDefenceConfig(), SHAPE, 0).shared_gradient(model, flat, x, y, gen(0))
     assert torch.allclose(loose, plain, rtol=1e-3, atol=1e-6)
 
 
@@ -367,7 +367,7 @@ def test_an_empty_poisson_batch_still_takes_opacus_noise_only_step():
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="convnet", width=8, norm="group"), 3, 16, 4)
     flat = FlatWeights(model)
-    dp = DPSGD(DefenceConfig(kind="dpsgd", noise_multiplier=1.0, max_grad_norm=1.0), (3, 16, 4), 0)
+    dp = DPSGD(DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0), (3, 16, 4), 0)
     dp.training_module(model)
     optimizer = dp.optimizer(model, TrainingConfig(batch_size=4, optimizer={"kind": "sgd", "lr": 0.05}),
                              torch.Generator().manual_seed(0), 20)

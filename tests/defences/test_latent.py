@@ -6,25 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from simfl.config import DefenceConfig, ModelConfig, TrainingConfig
+from simfl.config import ModelConfig, TrainingConfig
 from simfl.data import Dataset
 from simfl.defences import defended_model
 from simfl.attacks.functional import stack, victim_simulator
 from simfl.attacks.observation import observe_gradient
-from simfl.defences.latent import LatentNoise, antithetic_draws, known_objective, known_victim, latent_off
+from simfl.defences.latent import LatentConfig, LatentNoise, antithetic_draws, known_objective, known_victim, latent_off
 from simfl.training import train_client
 from simfl.weights import FlatWeights
 
 SHAPE = (3, 16, 4)
 
 
-class _Sc:
-    """The two scenario fields ``defended_model`` reads."""
-
-    def __init__(self, **knobs) -> None:
-        self.defence = DefenceConfig(kind="latent", **knobs)
-        self.model = ModelConfig(arch="convnet", width=8)
-        self.seed = 0
+def _defended(**knobs):
+    """The smoke-size model with the latent defence built in, as every process builds it."""
+    return defended_model(ModelConfig(arch="convnet", width=8), LatentConfig(**knobs), 0, SHAPE)
 
 
 def _data(n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,11 +39,11 @@ def _dataset(n: int = 300) -> Dataset:
 
 def _server_and_client(**knobs):
     torch.manual_seed(0)
-    server_model, server = defended_model(_Sc(**knobs), SHAPE)
+    server_model, server = _defended(**knobs)
     FlatWeights(server_model)
     server.server_setup(_dataset(), server_model)
     torch.manual_seed(0)
-    client_model, client = defended_model(_Sc(**knobs), SHAPE)
+    client_model, client = _defended(**knobs)
     flat = FlatWeights(client_model)
     client.receive(server.broadcast(), torch.device("cpu"))
     return server, server_model, client, client_model, flat
@@ -83,7 +79,7 @@ def test_sigma_starts_at_sigma_init_and_never_exceeds_the_cap():
 
 def test_adaptive_draws_average_to_the_expected_latent():
     torch.manual_seed(0)
-    model, _ = defended_model(_Sc(sigma_init=0.5), SHAPE)
+    model, _ = _defended(sigma_init=0.5)
     dim = model.latent_dim
     draws = antithetic_draws(6, dim, seed=0)
     assert draws.shape == (6, dim) and torch.allclose(draws.mean(0), torch.zeros(dim), atol=1e-6)

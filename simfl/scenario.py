@@ -1,0 +1,298 @@
+"""The scenario: every section, the plugin-chosen ``defence`` and ``attacks``, arms, and loading.
+
+Strict and validated once (before a run directory or a Ray actor exists), then
+passed around as plain frozen models. The ``defence`` and each
+``attacks.methods`` entry are unions of the registered plugins' own configs
+(``simfl.plugins``), so this module lists no plugin's knobs. Every failure is
+one line naming its key path (``simfl.validation``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from simfl.attacks import ATTACKS
+from simfl.config import (
+    AttackPoolConfig,
+    CheckpointConfig,
+    EvaluationConfig,
+    ModelConfig,
+    OutputConfig,
+    PopulationConfig,
+    ResourcesConfig,
+    TrainingConfig,
+)
+from simfl.data import DataConfig
+from simfl.defences import DEFENCES, NoDefenceConfig
+from simfl.errors import UserError
+from simfl.validation import NAME_PATTERN, Strict, format_validation_error
+
+AttackMethod = ATTACKS.config_type()
+DefenceChoice = DEFENCES.config_type()
+
+# ---------------------------------------------------------------- attacks
+
+
+class AttacksConfig(Strict):
+    """Who is attacked, when, what the attacker sees and knows, and with which attacks.
+
+    The attacker is the server (or an eavesdropper): it sees exactly what a
+    sampled victim shares that round. ``view: gradient`` is the gradient of one
+    batch of ``batch_size`` of the victim's images at the global weights (as in
+    FedSGD); ``view: update`` is the victim's real FedAvg update, with its local
+    hyperparameters known.
+
+    ``held_out_victims``: held-out clients probed per attacked round. Each is
+    attacked as if it had joined the round (it computes what it would share,
+    from the round's global weights and defence broadcast), but its update is
+    not aggregated and its state is left as it was: the attack metrics on
+    populations the defence was never trained on.
+    """
+
+    methods: list[AttackMethod] = Field(
+        default_factory=lambda: [ATTACKS.configs["ig"]()], min_length=1,
+        description="the attacks, each `kind` or {kind: ..., options}; see the attack reference")
+    view: Literal["gradient", "update"] = "gradient"
+    batch_size: PositiveInt = 1
+    labels: Literal["known", "recovered"] = "recovered"
+    bn_stats: Literal["running", "batch"] = "running"
+    victims: PositiveInt | None = None
+    victim_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    rounds: list[PositiveInt] | None = None
+    every: PositiveInt = 1
+    held_out_victims: NonNegativeInt = 0  # held-out clients probed per attacked round
+    victims_per_job: PositiveInt = 16
+    pool: AttackPoolConfig = AttackPoolConfig()
+
+    @model_validator(mode="after")
+    def _choices(self) -> AttacksConfig:
+        if self.victims is not None and self.victim_fraction is not None:
+            raise ValueError("set victims or victim_fraction, not both")
+        if self.rounds is not None and self.every != 1:
+            raise ValueError("set rounds or every, not both")
+        kinds = [m.kind for m in self.methods]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("methods: each attack kind may appear once")
+        if self.view == "update" and self.batch_size != 1:
+            raise ValueError("batch_size: only applies to view: gradient (an update covers all the victim's samples)")
+        if self.view == "update" and self.bn_stats == "batch":
+            raise ValueError("bn_stats: batch only applies to view: gradient (an update spans many batches)")
+        return self
+
+    def attacked(self, round_: int) -> bool:
+        return round_ in self.rounds if self.rounds is not None else round_ % self.every == 0
+
+    def victim_count(self, cohort: int) -> int:
+        if self.victim_fraction is not None:
+            return max(1, min(cohort, math.ceil(self.victim_fraction * cohort)))
+        return min(cohort, self.victims or 1)
+
+
+# ---------------------------------------------------------------- the scenario
+
+
+class Scenario(Strict):
+    name: str = Field("scenario", pattern=NAME_PATTERN)
+    seed: int = Field(0, ge=0, lt=2**32)
+    data: DataConfig = DataConfig()
+    populations: list[PopulationConfig] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    output: OutputConfig = OutputConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    attacks: AttacksConfig | None = None
+    defence: DefenceChoice = Field(default_factory=NoDefenceConfig, description="the defence and its knobs; see the defence reference")
+    # Arm name -> a patch of this scenario (nested mapping, deep-merged): one run per arm,
+    # same data, clients and attacks. Validated arm by arm in ``parse_scenario``.
+    arms: dict[str, dict[str, Any]] | None = None
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, arms: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+        if arms is not None:
+            if not arms:
+                raise ValueError("arms: give at least one arm, or leave arms out")
+            bad = [n for n in arms if not re.fullmatch(NAME_PATTERN, n)]
+            if bad:
+                raise ValueError(f"arm name {bad[0]!r} must match {NAME_PATTERN}")
+        return arms
+
+    @field_validator("populations")
+    @classmethod
+    def _populations(cls, populations: list[PopulationConfig]) -> list[PopulationConfig]:
+        # A field validator, so that errors are reported under the `populations` key path.
+        names = [p.name for p in populations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"population names must be unique; repeated: {', '.join(dupes)}")
+        if "global" in names:
+            raise ValueError("population name 'global' is reserved for the unshifted test split")
+        if all(p.held_out for p in populations):
+            raise ValueError("every population is held_out; at least one must train")
+        return populations
+
+    @model_validator(mode="after")
+    def _attack_fits(self) -> Scenario:
+        a = self.attacks
+        if a is None:
+            return self
+        if a.rounds is not None and max(a.rounds) > self.training.rounds:
+            raise ValueError(f"attacks.rounds: round {max(a.rounds)} is past training.rounds ({self.training.rounds})")
+        if a.bn_stats == "batch" and self.model.norm != "batch":
+            raise ValueError(f"attacks.bn_stats: batch needs model.norm: batch (not {self.model.norm})")
+        if a.held_out_victims and not any(p.held_out for p in self.populations):
+            raise ValueError(f"attacks.held_out_victims: {a.held_out_victims} held-out clients to probe, but no "
+                             "population is held_out: true")
+        return self
+
+    @model_validator(mode="after")
+    def _attack_replay(self) -> Scenario:
+        # The update view replays the victim's local SGD; other local optimisers it cannot model.
+        if self.attacks is not None and self.attacks.view == "update":
+            if self.training.optimizer.kind != "sgd":
+                raise ValueError("attacks.view: update replays local SGD; training.optimizer.kind is "
+                                 f"{self.training.optimizer.kind}")
+            if self.training.algorithm.kind == "fedprox":
+                raise ValueError("attacks.view: update does not model FedProx's proximal term")
+        return self
+
+    @model_validator(mode="after")
+    def _plugins_fit(self) -> Scenario:
+        # Each plugin checks itself against the rest of the scenario (e.g. DP-SGD and BatchNorm statistics).
+        self.defence.check(self)
+        for method in self.attacks.methods if self.attacks is not None else []:
+            method.check(self)
+        return self
+
+    @property
+    def num_clients(self) -> int:
+        return sum(p.clients for p in self.populations)
+
+    def arm_scenarios(self) -> dict[str, Scenario]:
+        """One scenario per arm (``arms`` resolved and removed); ``{name: self}`` without arms."""
+        if self.arms is None:
+            return {self.name: self}
+        base = self.model_dump(mode="json", exclude={"arms"})
+        return {
+            name: Scenario.model_validate(deep_merge(deep_merge(base, {"name": f"{self.name}.{name}"}), patch))
+            for name, patch in self.arms.items()
+        }
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b.c=value`` as (key path, value parsed as YAML: ``3``, ``true``, ``[1, 2]``)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE")
+    try:
+        return key, yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}: value is not valid YAML ({exc.problem})") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (see :func:`parse_override`)."""
+    return set_keys(raw, [parse_override(item) for item in overrides])
+
+
+def set_keys(raw: dict[str, Any], items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``(a.b.c, value)`` set; list items by index (``populations.0.clients``)."""
+    raw = copy.deepcopy(raw)
+    for key, value in items:
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {key}: {where} is not an index of a list of {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    child = node.get(part)
+                    if isinstance(child, str):  # shorthand such as `algorithm: fedavg`
+                        child = {"kind": child}
+                    elif child is not None and not isinstance(child, (dict, list)):
+                        raise UserError(f"--set {key}: {where} is not a mapping")
+                    node[part] = child if isinstance(child, (dict, list)) else {}
+                    node = node[part]
+            else:
+                raise UserError(f"--set {key}: {'.'.join(parts[:depth])} is not a mapping")
+    return raw
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` laid over it: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_scenario(raw: Any, overrides: list[str] | None = None, name: str | None = None) -> Scenario:
+    if not isinstance(raw, dict):
+        raise UserError("scenario: the file must hold a YAML mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    if name is not None:
+        raw.setdefault("name", name)
+    try:
+        scenario = Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"scenario: {format_validation_error(exc)}") from None
+    for arm, patch in (scenario.arms or {}).items():
+        if "arms" in patch:
+            raise UserError(f"scenario: arms.{arm}.arms: arms do not nest")
+        try:
+            Scenario.model_validate(deep_merge(scenario.model_dump(mode="json", exclude={"arms"}), patch))
+        except ValidationError as exc:
+            raise UserError(f"scenario: arms.{arm}.{format_validation_error(exc)}") from None
+    return scenario
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Read, override and validate a scenario file; every failure is a one-line UserError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"scenario file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"scenario file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_scenario(raw, overrides, name=path.stem)
+
+
+def scenario_to_yaml(scenario: Scenario) -> str:
+    return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)
