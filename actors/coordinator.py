@@ -66,19 +66,21 @@ class Coordinator:
         self.held_out = {name: bool(h) for name, h in zip(names, self.partition.held_out, strict=True)}
 
         self.round = 0
-        self.log = RunLog(self.run_dir, self.sc.output.flush_seconds)
         journal: dict[int, dict[str, int]] = {}
         restored_jobs: list[dict] = []
+        manifest = None
         if resume:
-            journal, restored_jobs = self._restore()
-        self.log.open_tensorboard(self.round + 1 if resume else None, None if resume else scenario_to_yaml(self.sc))
+            journal, restored_jobs, manifest = self._restore()
+        self.log = RunLog(self.run_dir, self.sc.output.flush_seconds, scenario_to_yaml(self.sc),
+                          (self.round, manifest) if manifest is not None else None)
         run_tag = f"{self.run_dir.name}-{uuid.uuid4().hex[:8]}"  # unique per run: two runs may share a dir name
         self.transport = RayTransport(self.sc, self.partition, refs, n_actors, run_tag, journal)
         self.attack_pool = self._start_attacks(dataset, refs, run_tag, resume, restored_jobs)
 
     # ------------------------------------------------------------ setup
 
-    def _restore(self) -> tuple[dict[int, dict[str, int]], list[dict]]:
+    def _restore(self) -> tuple[dict[int, dict[str, int]], list[dict], dict[str, list[str]]]:
+        """The checkpoint's round, weights and server state; returns its journal, pending attacks and manifest."""
         state = load_latest(self.run_dir)
         if state is None:
             raise RuntimeError(f"{self.run_dir} has no checkpoint to resume from")
@@ -86,8 +88,8 @@ class Coordinator:
         self.weights = state["weights"]
         self.server.load_state_dict(state["server"])
         self.defence.load_server_state(state.get("defence", {}))
-        self.log.tables.truncate_to(state["manifest"])
-        return {int(c): dict(s) for c, s in state["journal"].items()}, state.get("attack_jobs", [])
+        journal = {int(c): dict(s) for c, s in state["journal"].items()}
+        return journal, state.get("attack_jobs", []), state["manifest"]
 
     def _start_attacks(self, dataset: Dataset, refs: dict, run_tag: str, resume: bool,
                        restored_jobs: list[dict]) -> AttackPool | None:
@@ -130,7 +132,7 @@ class Coordinator:
         if len(plan.probes):  # held-out clients probed as if they had joined: attacked, never aggregated
             probed, probe_reruns = self.transport.train(
                 TrainTask(plan.round, plan.probes.tolist(), probe=True), self.weights, plan.broadcast)
-            victims += [r.victim for r in probed]
+            victims += [r.victim for r in probed if r.victim is not None]
             reruns += probe_reruns
         dropped = self._attack(plan, victims)
         agg = self.rounds.aggregate(plan, self.weights, replies)
@@ -167,7 +169,7 @@ class Coordinator:
 
         Returns how many were dropped.
         """
-        if self.attack_pool is None:
+        if self.attack_pool is None or self.sc.attacks is None:
             return 0
         # One tensor for the round's global weights: Ray and checkpoints then carry it once per job, not per victim.
         victims = [

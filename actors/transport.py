@@ -46,7 +46,7 @@ class RayTransport:
         self.owner = assign_clients(partition.sizes, n_actors)
         res = sc.resources
         self.actors = [
-            ClientShard.options(
+            ClientShard.options(  # type: ignore[attr-defined]
                 num_cpus=res.cpus_per_actor,
                 num_gpus=res.gpus_per_actor,
                 max_restarts=-1,

@@ -128,7 +128,7 @@ class ClientWorker:
         gen = torch_generator(self.sc.seed, "client-train", client, task.round)
         local = train_client(self.model, self.flat, weights, data.x, data.y, self.sc.training, gen, self.defence, state)
         victim = None
-        if task.probe or client in task.victims:
+        if (task.probe or client in task.victims) and self.sc.attacks is not None:
             victim = capture(self.model, self.flat, weights, data.x, data.y, self.sc.attacks, self.sc.training,
                              local, self.sc.seed, client, task.round, self.defence)
         state["participation"] += 1

@@ -19,8 +19,10 @@ in its package's ``__init__``.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, Generic, TypeVar, Union
+from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BeforeValidator, Discriminator, Tag
 
@@ -92,7 +94,7 @@ class Registry(Generic[P]):
             kind = value.get("kind", self.default) if isinstance(value, dict) else getattr(value, "kind", None)
             return _tag(kind) if kind in self.configs else None
 
-        union = Union[tuple(Annotated[c, Tag(_tag(k))] for k, c in self.configs.items())]  # noqa: UP007
+        union = functools.reduce(operator.or_, [Annotated[c, Tag(_tag(k))] for k, c in self.configs.items()])
         message = f"unknown {self.family}; choose one of: {', '.join(self.configs)}"
         return Annotated[
             union,

@@ -17,7 +17,7 @@ consume what these return. So a round is unit-tested in-process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,7 +36,7 @@ from simfl.seeding import rng
 from simfl.training import evaluate
 
 # How a declared client figure is aggregated over the cohort (see Defence.client_figures).
-COHORT_AGGREGATES = {"mean": np.mean, "max": np.max, "min": np.min}
+COHORT_AGGREGATES: dict[str, Callable[[list[float]], Any]] = {"mean": np.mean, "max": np.max, "min": np.min}
 
 
 def sample_cohort(sc: Scenario, eligible: np.ndarray, round_: int) -> np.ndarray:
@@ -150,6 +150,8 @@ class Rounds:
 
     def aggregate(self, plan: RoundPlan, weights: torch.Tensor, replies: Sequence[ClientReply]) -> Aggregate:
         """New global weights from the cohort's updates (sample-weighted, then the server optimiser)."""
+        if any(r.delta is None for r in replies):
+            raise ValueError("aggregate: a probe's reply has no update to aggregate")
         deltas = [torch.tensor(r.delta) for r in replies]  # copies out of the read-only object store
         samples = [r.samples for r in replies]
         new_weights = self.server.step(weights, weighted_mean(deltas, samples))
@@ -163,7 +165,7 @@ class Rounds:
                 "steps": r.steps,
                 "loss": r.loss,
                 "accuracy": r.accuracy,
-                "update_norm": float(np.linalg.norm(r.delta)),
+                "update_norm": float(np.linalg.norm(r.delta)),  # type: ignore[arg-type]  # checked above
                 "time_s": r.time_s,
                 "actor": r.actor,
                 "node_id": r.node_id,

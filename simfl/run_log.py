@@ -21,15 +21,15 @@ from simfl.tables import RunTables
 class RunLog:
     """The run's tables and TensorBoard writer."""
 
-    def __init__(self, run_dir: Path, flush_seconds: float) -> None:
+    def __init__(self, run_dir: Path, flush_seconds: float, scenario_yaml: str,
+                 resume: tuple[int, dict[str, list[str]]] | None = None) -> None:
+        """``resume``: (the checkpoint's round, its tables manifest): what was written after it is discarded."""
         self.run_dir = Path(run_dir)
         self.tables = RunTables(self.run_dir, flush_seconds)
-        self.tb: SummaryWriter | None = None
-
-    def open_tensorboard(self, purge_step: int | None, scenario_yaml: str | None) -> None:
-        """Start TensorBoard (after a resume, purging events past ``purge_step``); show the scenario once."""
-        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
-        if scenario_yaml is not None:
+        if resume is not None:
+            self.tables.truncate_to(resume[1])
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume[0] + 1 if resume else None)
+        if resume is None:
             # Markdown code block, so TensorBoard's text tab shows the scenario verbatim.
             self.tb.add_text("scenario", "```yaml\n" + scenario_yaml + "```", 0)
 

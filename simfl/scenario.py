@@ -13,7 +13,7 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import yaml
 from pydantic import (
@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from simfl.attacks import ATTACKS
+from simfl.attacks import ATTACKS, AttackConfig
 from simfl.config import (
     AttackPoolConfig,
     CheckpointConfig,
@@ -40,10 +40,15 @@ from simfl.config import (
 from simfl.data import DataConfig
 from simfl.defences import DEFENCES, NoDefenceConfig
 from simfl.errors import UserError
+from simfl.plugins import PluginConfig
 from simfl.validation import NAME_PATTERN, Strict, format_validation_error
 
-AttackMethod = ATTACKS.config_type()
-DefenceChoice = DEFENCES.config_type()
+if TYPE_CHECKING:  # for type checkers, the registered configs' bases; at run time, their discriminated unions
+    AttackMethod = AttackConfig
+    DefenceChoice = PluginConfig
+else:
+    AttackMethod = ATTACKS.config_type()
+    DefenceChoice = DEFENCES.config_type()
 
 # ---------------------------------------------------------------- attacks
 
@@ -65,7 +70,7 @@ class AttacksConfig(Strict):
     """
 
     methods: list[AttackMethod] = Field(
-        default_factory=lambda: [ATTACKS.configs["ig"]()], min_length=1,
+        default_factory=lambda: [cast(AttackConfig, ATTACKS.configs["ig"].model_validate({}))], min_length=1,
         description="the attacks, each `kind` or {kind: ..., options}; see the attack reference")
     view: Literal["gradient", "update"] = "gradient"
     batch_size: PositiveInt = 1
@@ -207,7 +212,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         return key, yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"--set {key}: value is not valid YAML ({exc.problem})") from None
+        raise UserError(f"--set {key}: value is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -290,7 +295,7 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"scenario file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise UserError(f"scenario file {path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     return parse_scenario(raw, overrides, name=path.stem)
 
 

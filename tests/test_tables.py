@@ -3,6 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from simfl.defences import DEFENCES
 from simfl.tables import SCHEMAS, PartWriter, RunTables
 
 SCHEMA = pa.schema([("round", pa.int32()), ("name", pa.string()), ("value", pa.float64())])
@@ -228,3 +229,17 @@ def test_schemas_have_round_column():
     for name, schema in SCHEMAS.items():
         assert schema.field("round").type == pa.int32(), name
         assert len(set(schema.names)) == len(schema.names), name
+
+
+def test_an_undeclared_figure_is_an_error_never_a_silent_drop(tmp_path):
+    tables = RunTables(tmp_path, flush_seconds=60)
+    with pytest.raises(ValueError, match=r"table rounds: undeclared columns \['made_up_figure'\]"):
+        tables.append("rounds", [{"round": 1, "made_up_figure": 0.5}])
+    tables.append("rounds", [{"round": 1, "dp_epsilon_max": 0.5}])  # declared by DP-SGD: fine
+
+
+def test_defence_columns_are_every_registered_defences_declarations():
+    for plugin in DEFENCES.plugins.values():
+        assert set(plugin.client_figures) <= set(SCHEMAS["clients"].names)
+        assert set(plugin.round_columns()) <= set(SCHEMAS["rounds"].names)
+    assert {"dp_epsilon", "dp_epsilon_max", "lam", "hsic_xz"} <= set(SCHEMAS["rounds"].names)

@@ -49,10 +49,10 @@ class AttackConfig(PluginConfig):
     """Base of every attack's config (``attacks.methods`` entries): its ``kind`` and options."""
 
 
-ATTACKS: Registry[type] = Registry("attack")
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
-def build_attack(cfg: AttackConfig) -> Attack:
+def build_attack(cfg: PluginConfig) -> Attack:
     """The attack a scenario's ``attacks.methods`` entry describes."""
     return ATTACKS[cfg.kind](**cfg.knobs())
 

@@ -79,7 +79,7 @@ class DLG(Adaptable):
         n_pixels = batch * int(torch.Size(shape).numel())
         parts = [draw(generators, (n_pixels,), device)]
         with attacker_module(model, self.model_wrapper) as module:
-            num_classes = module.head.out_features
+            num_classes = int(module.get_submodule("head").weight.shape[0])
             simulate = victim_simulator(module, flat, stacked, self.loss_fn, self.clip_norm)
             if learn:
                 parts.append(draw(generators, (batch * num_classes,), device, normal=True))

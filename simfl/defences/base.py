@@ -45,7 +45,7 @@ class NoDefenceConfig(PluginConfig):
     kind: Literal["none"] = "none"
 
 
-DEFENCES: Registry[type] = Registry("defence", default="none")
+DEFENCES: Registry[type[Defence]] = Registry("defence", default="none")
 
 
 @DEFENCES.register(NoDefenceConfig)
