@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 
 from simfl import analysis, figures
+from simfl.config import load_scenario
 from simfl.errors import UserError
+from simfl.study_spec import ComparisonConfig, load_study, study_cells
 
 EXIT_USER_ERROR = 2
 PREFERRED_ATTACKS = ("ig", "dlg", "idlg")
@@ -24,15 +26,11 @@ PREFERRED_ATTACKS = ("ig", "dlg", "idlg")
 
 def load_source(path: Path) -> tuple[str, pd.DataFrame, dict]:
     """What the directory is, its cells, and the comparison settings (a study's, else the defaults)."""
-    from simfl.study import ComparisonConfig, load_study, study_cells
-
     if (path / "study.yaml").is_file():
         study, _ = load_study(path / "study.yaml")
         return f"study {study.name}", study_cells(path), study.comparison.model_dump()
     if not (path / "scenario.yaml").is_file():
         raise UserError(f"{path}: not a run, arms or study directory (no scenario.yaml or study.yaml)")
-    from simfl.config import load_scenario
-
     sc = load_scenario(path / "scenario.yaml")
     if sc.arms is not None:
         entries = [analysis.cell_entry(a, path / a, {"arm": a}) for a in sc.arms if (path / a / "scenario.yaml").is_file()]
