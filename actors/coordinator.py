@@ -19,7 +19,6 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 

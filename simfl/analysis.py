@@ -17,14 +17,14 @@ study) has one row per (cell, round, metric, population, attack, knowledge):
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from simfl.intervals import mean_interval, seed_interval, weighted_interval, wilson
+from simfl.knowledge import naive_attacker_is_exact, naive_first
 from simfl.scenario import load_scenario
-from simfl.summary import mean_interval, wilson
 from simfl.tables import ROUND_DEFENCE_COLUMNS
 
 # Privacy metrics of reconstructions, and which way is the worse leak.
@@ -62,11 +62,11 @@ def run_metrics(run_dir: Path) -> pd.DataFrame:
     rows += _eval_rows(run_dir, held)
     if (run_dir / "attacks").is_dir():
         attacks = pd.read_parquet(run_dir / "attacks")
-        if set(attacks["knowledge"]) == {"naive"}:
-            # The attacker runs an adaptive attack only when the defence discloses something (not
-            # for defence: none); otherwise the adaptive attacker is the naive one: mirror its rows,
+        if naive_attacker_is_exact(load_scenario(run_dir / "scenario.yaml")):
+            # The adaptive attacker is the naive one (e.g. no defence): its rows under both names,
             # so every comparison of adaptive attackers has its reference.
-            attacks = pd.concat([attacks, attacks.assign(knowledge="adaptive")], ignore_index=True)
+            naive = attacks[attacks["knowledge"] == "naive"]
+            attacks = pd.concat([naive, naive.assign(knowledge="adaptive")], ignore_index=True)
         attacks["held_out"] = attacks["population"].map(held).fillna(False).astype(bool)
         rows += _attack_rows(attacks)
     return pd.DataFrame(rows, columns=TIDY_COLUMNS).astype(
@@ -107,20 +107,6 @@ def _eval_rows(run_dir: Path, held: dict[str, bool]) -> list[dict]:
         acc, interval = weighted_interval(g["accuracy"].to_numpy(), g["samples"].to_numpy())
         rows.append(_row("local_val_accuracy", acc, None, population, flag, interval=interval, n=len(g)))
     return rows
-
-
-def weighted_interval(values: np.ndarray, weights: np.ndarray, z: float = 1.96) -> tuple[float, tuple[float, float]]:
-    """Sample-weighted mean over clients and its 95 % interval (ratio-estimator standard error, clipped to [0, 1]).
-
-    The unweighted spread of client accuracies would not be centred on the weighted mean.
-    """
-    values, weights = np.asarray(values, dtype=float), np.asarray(weights, dtype=float)
-    mean = float((values * weights).sum() / weights.sum())
-    n = len(values)
-    if n < 2:
-        return mean, (np.nan, np.nan)
-    se = math.sqrt(n / (n - 1) * float(((weights * (values - mean)) ** 2).sum())) / float(weights.sum())
-    return mean, (max(mean - z * se, 0.0), min(mean + z * se, 1.0))
 
 
 def _attack_stats(rows: pd.DataFrame) -> dict[str, tuple[float, tuple[float, float], int]]:
@@ -222,36 +208,7 @@ def write_study_tables(study_dir: Path, cells: pd.DataFrame) -> pd.DataFrame:
     return metrics
 
 
-# ---------------------------------------------------------------- statistics
-
-
-def bounds(metric: str) -> tuple[float, float]:
-    """The range a metric can take: an interval is clipped to it (a proportion's t-interval from two seeds
-    easily spans [-1, 2])."""
-    name = metric.partition(":")[0]
-    if name.endswith("accuracy") or name == "attacker_acc":
-        return (0.0, 1.0)
-    if name == "ssim":
-        return (-1.0, 1.0)
-    if name in ("mse", "psnr") or name.startswith("dp_"):
-        return (0.0, np.inf)
-    return (-np.inf, np.inf)
-
-
-def seed_interval(values: np.ndarray, metric: str = "") -> tuple[float, float, float]:
-    """Mean and 95 % t-interval over seeds, clipped to the metric's range (no interval from one seed)."""
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return (np.nan, np.nan, np.nan)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return (mean, np.nan, np.nan)
-    from scipy.stats import t
-
-    half = float(t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
-    lo, hi = bounds(metric)
-    return (mean, max(mean - half, lo), min(mean + half, hi))
+# ---------------------------------------------------------------- selections
 
 
 def final_values(metrics: pd.DataFrame, metric: str, *, held_out: bool | None = False, attack: str | None = None,
@@ -273,8 +230,8 @@ def utility(cells: pd.DataFrame, metrics: pd.DataFrame, kind: str) -> pd.Series:
 
 
 def knowledges(metrics: pd.DataFrame) -> list[str]:
-    k = metrics["knowledge"].dropna().unique().tolist()
-    return sorted(k, key=lambda x: (x != "naive", x))
+    """The attacker knowledge levels in the metrics, naive first."""
+    return naive_first(metrics["knowledge"].dropna())
 
 
 # ---------------------------------------------------------------- matched utility

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from simfl.knowledge import naive_first  # noqa: E402
+
 LABELS = {
     "attacker_acc": "attacker accuracy (worst attack)",
     "mse": "reconstruction MSE (worst attack)",
@@ -63,7 +65,7 @@ def _context(frame: pd.DataFrame) -> str:
 
 def _grid(frame: pd.DataFrame, rows: list[str], height: float, draw, title: str, path: Path) -> Path:
     """A panel per metric (rows) and attacker knowledge (columns); ``draw(ax, metric, panel data)`` fills each."""
-    cols = sorted(set(frame["knowledge"]), key=lambda k: (k != "naive", k))  # naive first, as in the tables
+    cols = naive_first(frame["knowledge"])  # as in the tables
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(5.2 * len(cols), height * len(rows)), squeeze=False)
     for i, metric in enumerate(rows):
         for j, knowledge in enumerate(cols):

@@ -16,7 +16,10 @@ import numpy as np
 import pandas as pd
 
 from simfl import analysis, figures
+from simfl.scenario import load_scenario
 from simfl.errors import UserError
+from simfl.markdown import DIGITS, fmt, fmt_interval, table
+from simfl.study_spec import ComparisonConfig, load_study, study_cells
 
 EXIT_USER_ERROR = 2
 PREFERRED_ATTACKS = ("ig", "dlg", "idlg")
@@ -24,15 +27,11 @@ PREFERRED_ATTACKS = ("ig", "dlg", "idlg")
 
 def load_source(path: Path) -> tuple[str, pd.DataFrame, dict]:
     """What the directory is, its cells, and the comparison settings (a study's, else the defaults)."""
-    from simfl.study import ComparisonConfig, load_study, study_cells
-
     if (path / "study.yaml").is_file():
         study, _ = load_study(path / "study.yaml")
         return f"study {study.name}", study_cells(path), study.comparison.model_dump()
     if not (path / "scenario.yaml").is_file():
         raise UserError(f"{path}: not a run, arms or study directory (no scenario.yaml or study.yaml)")
-    from simfl.scenario import load_scenario
-
     sc = load_scenario(path / "scenario.yaml")
     if sc.arms is not None:
         entries = [analysis.cell_entry(a, path / a, {"arm": a}) for a in sc.arms if (path / a / "scenario.yaml").is_file()]
@@ -43,25 +42,6 @@ def load_source(path: Path) -> tuple[str, pd.DataFrame, dict]:
         raise UserError(f"{path}: the run has not finished a round yet (no rounds table)")
     return f"run {path.name}", analysis.cells_frame([analysis.cell_entry(path.name, path, {})]), \
         ComparisonConfig().model_dump()
-
-
-def _f(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or pd.isna(value) else f"{value:.{digits}f}"
-
-
-def _ci(value: float, low: float, high: float, digits: int = 3) -> str:
-    if pd.isna(value):
-        return "–"
-    if pd.isna(low):
-        return _f(value, digits)
-    return f"{_f(value, digits)} [{_f(low, digits)}, {_f(high, digits)}]"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-DIGITS = {"attacker_acc": 3, "mse": 4, "psnr": 2, "ssim": 3}
 
 
 def matched_section(matched: pd.DataFrame, cmp: dict) -> list[str]:
@@ -85,22 +65,22 @@ def matched_section(matched: pd.DataFrame, cmp: dict) -> list[str]:
             g = g.set_index("metric")
             first = g.iloc[0]
             lo, hi = first["utility_range"]
-            cells = [knowledge, defence, f"{_f(first['utility'])} (measured {_f(lo)}–{_f(hi)})"]
+            cells = [knowledge, defence, f"{fmt(first['utility'])} (measured {fmt(lo)}–{fmt(hi)})"]
             for metric in ("attacker_acc", "mse", "psnr", "ssim"):
                 r = g.loc[metric]
-                cells.append(_ci(r["value"], r["low"], r["high"], DIGITS[metric]))
+                cells.append(fmt_interval(r["value"], r["low"], r["high"], DIGITS[metric]))
             cells.append(f"{int(first['seeds_reached'])}/{int(first['seeds'])}")
             rel = []
             for metric in ("attacker_acc", "mse"):
                 r = g.loc[metric]
                 if not pd.isna(r["relative_change"]):
                     how = "" if r["relative_paired"] else " (unpaired: no seed where both reached)"
-                    rel.append(f"{metric} {_ci(r['relative_change'], r['relative_low'], r['relative_high'], 1)} % "
-                               f"vs {r['baseline']}{how}")
+                    change = fmt_interval(r["relative_change"], r["relative_low"], r["relative_high"], 1)
+                    rel.append(f"{metric} {change} % vs {r['baseline']}{how}")
             cells.append("; ".join(rel) or "–")
             rows.append(cells)
-        out += _table(["attacker", "defence", "utility", "attacker acc", "MSE", "PSNR (dB)", "SSIM", "seeds reached",
-                       "relative change vs best baseline"], rows) + [""]
+        out += table(["attacker", "defence", "utility", "attacker acc", "MSE", "PSNR (dB)", "SSIM", "seeds reached",
+                      "relative change vs best baseline"], rows) + [""]
     return out
 
 
@@ -125,10 +105,11 @@ def curve_section(curve: pd.DataFrame, pngs: dict[str, Path | None], cmp: dict) 
     out = ["## Privacy-utility curves", ""] + _images("privacy-utility curves", pngs)
     rows = []
     for r in curve[curve["metric"].isin(["attacker_acc", "mse", "psnr"])].itertuples():
-        rows.append([r.context, r.defence, r.setting, str(r.seeds), _ci(r.utility, r.utility_low, r.utility_high),
-                     r.knowledge, r.metric, _ci(r.value, r.low, r.high, DIGITS[r.metric])])
-    return out + _table(["context", "defence", "setting", "seeds", f"utility ({cmp['utility']})", "attacker", "metric",
-                         "value"], rows) + [""]
+        rows.append([r.context, r.defence, r.setting, str(r.seeds),
+                     fmt_interval(r.utility, r.utility_low, r.utility_high), r.knowledge, r.metric,
+                     fmt_interval(r.value, r.low, r.high, DIGITS[r.metric])])
+    return out + table(["context", "defence", "setting", "seeds", f"utility ({cmp['utility']})", "attacker", "metric",
+                        "value"], rows) + [""]
 
 
 def round_section(frame: pd.DataFrame, pngs: dict[str, Path | None]) -> list[str]:
@@ -136,9 +117,10 @@ def round_section(frame: pd.DataFrame, pngs: dict[str, Path | None]) -> list[str
            "Each defence at its operating point (the setting nearest the target utility). Early rounds leak most.", ""]
     out += _images("attack by round", pngs)
     rows = [[r.context, r.defence, r.setting, r.knowledge, r.metric, str(r.round),
-             _ci(r.value, r.low, r.high, DIGITS[r.metric]), r.interval] for r in frame.itertuples()] if len(frame) else []
-    return out + _table(["context", "defence", "setting", "attacker", "metric", "round", "value", "interval over"],
-                        rows) + [""]
+             fmt_interval(r.value, r.low, r.high, DIGITS[r.metric]), r.interval]
+            for r in frame.itertuples()] if len(frame) else []
+    return out + table(["context", "defence", "setting", "attacker", "metric", "round", "value", "interval over"],
+                       rows) + [""]
 
 
 def population_section(frame: pd.DataFrame, pngs: dict[str, Path | None], gaps: pd.DataFrame) -> list[str]:
@@ -148,16 +130,16 @@ def population_section(frame: pd.DataFrame, pngs: dict[str, Path | None], gaps: 
            "over seeds, or with one seed the run's own (over clients or images).", ""]
     out += _images("populations", pngs)
     rows = [[r.context, r.defence, r.setting, r.population, "yes" if r.held_out else "no", r.metric,
-             _ci(r.value, r.low, r.high), r.interval] for r in frame.itertuples()] if len(frame) else []
-    out += _table(["context", "defence", "setting", "population", "held out", "metric", "value", "interval over"],
-                  rows) + [""]
+             fmt_interval(r.value, r.low, r.high), r.interval] for r in frame.itertuples()] if len(frame) else []
+    out += table(["context", "defence", "setting", "population", "held out", "metric", "value", "interval over"],
+                 rows) + [""]
     out += ["### Generalization gap (training populations minus held-out populations)", ""]
     if gaps.empty:
         return out + ["No held-out population in these runs: no gap to measure.", ""]
-    rows = [[r.context, r.defence, r.setting, r.metric, _f(r.training), _f(r.held_out), _ci(r.gap, r.gap_low, r.gap_high),
-             str(r.seeds)] for r in gaps.itertuples()]
-    return out + _table(["context", "defence", "setting", "metric", "training", "held out", "gap [95 % over seeds]",
-                         "seeds"], rows) + [""]
+    rows = [[r.context, r.defence, r.setting, r.metric, fmt(r.training), fmt(r.held_out),
+             fmt_interval(r.gap, r.gap_low, r.gap_high), str(r.seeds)] for r in gaps.itertuples()]
+    return out + table(["context", "defence", "setting", "metric", "training", "held out", "gap [95 % over seeds]",
+                        "seeds"], rows) + [""]
 
 
 def reconstruction_png(run_dir: Path) -> tuple[str, Path] | None:
@@ -238,7 +220,7 @@ def reconstruction_section(done: pd.DataFrame, points: pd.DataFrame, fig_dir: Pa
     png = figures.reconstruction_grid(items, fig_dir / "reconstructions.png")
     if png is not None:
         out += [f"![reconstructions]({png.parent.name}/{png.name})", ""]
-    return out + _table(["context", "defence", "setting", "cell", "attack", "file"], rows) + [""]
+    return out + table(["context", "defence", "setting", "cell", "attack", "file"], rows) + [""]
 
 
 def cells_section(cells: pd.DataFrame, metrics: pd.DataFrame, kind: str) -> list[str]:
@@ -247,10 +229,10 @@ def cells_section(cells: pd.DataFrame, metrics: pd.DataFrame, kind: str) -> list
     test = dict(zip(test["cell"], test["value"]))
     eps = analysis.final_values(metrics, "dp_epsilon_max") if len(metrics) else pd.DataFrame(columns=["cell", "value"])
     eps = dict(zip(eps["cell"], eps["value"]))
-    rows = [[r.cell, r.status, r.defence, r.setting, r.context, str(r.seed), _f(util.get(r.cell, np.nan)),
-             _f(test.get(r.cell, np.nan)), _f(eps.get(r.cell, np.nan), 2), f"`{r.knobs}`"] for r in cells.itertuples()]
-    return ["## Cells", ""] + _table(["cell", "status", "defence", "setting", "context", "seed", f"utility ({kind})",
-                                      "test acc", "ε (max)", "knobs"], rows) + [""]
+    rows = [[r.cell, r.status, r.defence, r.setting, r.context, str(r.seed), fmt(util.get(r.cell, np.nan)),
+             fmt(test.get(r.cell, np.nan)), fmt(eps.get(r.cell, np.nan), 2), f"`{r.knobs}`"] for r in cells.itertuples()]
+    return ["## Cells", ""] + table(["cell", "status", "defence", "setting", "context", "seed", f"utility ({kind})",
+                                     "test acc", "ε (max)", "knobs"], rows) + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
-"""What a finished run (or a scenario's arms) comes to, as the table a reader compares defences by.
+"""The arms summary ``python -m simfl.run`` prints for a scenario with ``arms:`` (and writes to ``summary.md``).
 
-Read back from the run directories' Parquet tables, never from memory, so the
-same summary is available for any run after the fact.
+A view over the tidy metrics that studies and reports use
+(:func:`simfl.analysis.run_metrics`): the same means, intervals and worst
+attack, read back from the arms' Parquet tables, so the summary can be rebuilt
+for any run after the fact and never disagrees with the report.
 """
 
 from __future__ import annotations
@@ -11,111 +13,82 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from simfl.analysis import PRIVACY, final_values, run_metrics
+from simfl.knowledge import naive_attacker_is_exact
+from simfl.markdown import DIGITS, fmt, fmt_interval, table
 from simfl.scenario import load_scenario
 
-# Attack means reported per (attack, knowledge), with their reference baselines.
-ATTACK_COLUMNS = {"attacker_correct": "attacker_acc", "mse": "mse", "psnr": "psnr", "ssim": "ssim"}
+# Privacy metrics per attack, in the table's order, and their decimals there (coarser than the
+# worst case's: an interval stands beside each).
+ATTACK_DIGITS = {"attacker_acc": 2, "mse": 3, "psnr": 1, "ssim": 2}
+# The worst-case table's columns, in order.
+WORST = ("attacker_acc", "psnr", "ssim", "mse")
 
 
-def run_summary(run_dir: Path) -> dict:
-    """Final utility and privacy of one run: accuracies, ε, and per attack the mean over every attacked image."""
-    run_dir = Path(run_dir)
-    sc = load_scenario(run_dir / "scenario.yaml")
-    rounds = pd.read_parquet(run_dir / "rounds")
-    evals = pd.read_parquet(run_dir / "evals")
-    test = evals[(evals["scope"] == "test") & (evals["population"] == "global")]
-    last = rounds[rounds["round"] == rounds["round"].max()].iloc[0]
-    # The naive attacker already knows everything the victim computed: no defence, or BiDO
-    # at gradient-view batch size 1 (its HSIC terms vanish for one sample).
-    exact = sc.defence.kind == "none" or (
-        sc.defence.kind == "bido" and sc.attacks is not None and sc.attacks.view == "gradient"
-        and sc.attacks.batch_size == 1)
-    out: dict = {
-        "defence": sc.defence.kind,
-        "naive_is_exact": exact,
-        "rounds": int(last["round"]),
-        "test_accuracy": float(test.loc[test["round"].idxmax(), "accuracy"]) if len(test) else np.nan,
-        "client_accuracy": float(last["train_accuracy"]),
-        "dp_epsilon_max": float(rounds["dp_epsilon_max"].max()) if rounds["dp_epsilon_max"].notna().any() else None,
-        "attacks": [],
-    }
-    if (run_dir / "attacks").is_dir():
-        attacks = pd.read_parquet(run_dir / "attacks")
-        for (kind, knowledge), rows in attacks.groupby(["attack", "knowledge"], sort=True):
-            entry = {"attack": kind, "knowledge": knowledge, "images": len(rows),
-                     "rounds": sorted(int(r) for r in rows["round"].unique())}
-            for column, name in ATTACK_COLUMNS.items():
-                values = rows[column].astype(float)
-                entry[name] = float(values.mean())
-                entry[f"{name}_ci"] = wilson(int(values.sum()), len(values)) if column == "attacker_correct" \
-                    else mean_interval(values.to_numpy())
-                entry[f"mean_image_{name}"] = float(rows[f"mean_{column}"].mean())
-            out["attacks"].append(entry)
-    return out
+def final_value(metrics: pd.DataFrame, metric: str) -> float:
+    """A run's final value of a metric without attack (global, training populations); NaN where not logged."""
+    values = final_values(metrics.assign(cell=""), metric)["value"]
+    return float(values.iloc[0]) if len(values) else np.nan
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson interval of a proportion: honest at the few dozen images a smoke run attacks."""
-    if n == 0:
-        return (np.nan, np.nan)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (float(centre - half), float(centre + half))
+def training_attacks(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Final rows of every attack (and the worst one) over all victims of the training populations."""
+    return metrics[metrics["round"].isna() & metrics["population"].isna() & metrics["attack"].notna()
+                   & (metrics["held_out"] == False)]  # noqa: E712 (nullable boolean)
 
 
-def mean_interval(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:
-    """Normal-approximation 95 % interval of a mean over images."""
-    if len(values) < 2:
-        return (np.nan, np.nan)
-    half = z * values.std(ddof=1) / np.sqrt(len(values))
-    return (float(values.mean() - half), float(values.mean() + half))
+def attack_cells(attacks: pd.DataFrame, naive_is_exact: bool) -> list[list[str]]:
+    """Per attack and attacker knowledge: who attacks, images, and each privacy metric with its interval.
+
+    Where the naive attacker is exact it is also the adaptive one: one row, "naive = adaptive".
+    """
+    rows = []
+    for (attack, knowledge), g in attacks[attacks["attack"] != "worst"].groupby(["attack", "knowledge"], sort=True):
+        if naive_is_exact and knowledge != "naive":
+            continue
+        by = g.set_index("metric")
+        rows.append([attack, "naive = adaptive" if naive_is_exact else knowledge, str(int(by.loc["attacker_acc", "n"])),
+                     *(fmt_interval(by.loc[m, "value"], by.loc[m, "low"], by.loc[m, "high"], digits)
+                       for m, digits in ATTACK_DIGITS.items())])
+    return rows
 
 
-def _ci(entry: dict, name: str, digits: int) -> str:
-    low, high = entry[f"{name}_ci"]
-    return f"{_fmt(entry[name], digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+def worst_cells(attacks: pd.DataFrame) -> list[str]:
+    """Each privacy metric at its worst over attacks and attacker knowledge."""
+    worst = attacks[attacks["attack"] == "worst"]
+    return [fmt((max if PRIVACY[m] == "max" else min)(worst.loc[worst["metric"] == m, "value"]), DIGITS[m])
+            for m in WORST]
 
 
 def arms_table(parent: Path) -> str:
     """Markdown: one row per arm, attack and attacker knowledge, then each arm's worst case over attackers.
 
-    Where the naive attacker already knows everything the victim computed (no
-    defence; BiDO in the gradient view at batch size 1) it is also the adaptive
-    one ("naive = adaptive").
+    Victims are the training populations' (held-out probes are in the report's
+    population tables). Where the naive attacker already knows everything the
+    victim computed (:func:`simfl.knowledge.naive_attacker_is_exact`) it is
+    also the adaptive one ("naive = adaptive").
     """
     parent = Path(parent)
-    sc = load_scenario(parent / "scenario.yaml")
-    summaries = {name: run_summary(parent / name) for name in sc.arms if (parent / name / "rounds").is_dir()}
-    lines = [
-        "| arm | defence | test acc | client acc | ε (max) | attack | attacker | images | attacker acc | MSE | PSNR | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    worst = ["| arm | defence | test acc | ε (max) | worst attacker acc | worst PSNR | worst SSIM | lowest MSE |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, s in summaries.items():
-        head = f"| {name} | {s['defence']} | {_fmt(s['test_accuracy'])} | {_fmt(s['client_accuracy'])} | " \
-               f"{_fmt(s['dp_epsilon_max'], 2)}"
-        for a in s["attacks"]:
-            who = "naive = adaptive" if s["naive_is_exact"] else a["knowledge"]
-            lines.append(f"{head} | {a['attack']} | {who} | {a['images']} | {_ci(a, 'attacker_acc', 2)} | "
-                         f"{_ci(a, 'mse', 3)} | {_ci(a, 'psnr', 1)} | {_ci(a, 'ssim', 2)} |")
-        if s["attacks"]:
-            worst.append(
-                f"| {name} | {s['defence']} | {_fmt(s['test_accuracy'])} | {_fmt(s['dp_epsilon_max'], 2)} | "
-                f"{_fmt(max(a['attacker_acc'] for a in s['attacks']))} | "
-                f"{_fmt(max(a['psnr'] for a in s['attacks']), 2)} | {_fmt(max(a['ssim'] for a in s['attacks']))} | "
-                f"{_fmt(min(a['mse'] for a in s['attacks']), 4)} |"
-            )
-        else:
-            lines.append(f"{head} | – | – | – | – | – | – | – |")
+    arms = [a for a in load_scenario(parent / "scenario.yaml").arms if (parent / a / "rounds").is_dir()]
+    rows, worst, probes = [], [], False
+    for arm in arms:
+        scenario = load_scenario(parent / arm / "scenario.yaml")
+        metrics = run_metrics(parent / arm)
+        test, eps = fmt(final_value(metrics, "test_accuracy")), fmt(final_value(metrics, "dp_epsilon_max"), 2)
+        head = [arm, scenario.defence.kind, test, fmt(final_value(metrics, "client_train_accuracy")), eps]
+        attacks = training_attacks(metrics)
+        rows += [head + cells for cells in attack_cells(attacks, naive_attacker_is_exact(scenario))] \
+            or [head + ["–"] * 7]
+        if len(attacks):
+            worst.append([arm, scenario.defence.kind, test, eps, *worst_cells(attacks)])
+        probes |= bool((metrics["attack"].notna() & (metrics["held_out"] == True)).any())  # noqa: E712
+    lines = table(["arm", "defence", "test acc", "client acc", "ε (max)", "attack", "attacker", "images",
+                   "attacker acc", "MSE", "PSNR", "SSIM"], rows)
     lines += ["", "Means over every attacked image, with 95 % intervals (Wilson for attacker accuracy; "
-              "normal approximation for the others)."]
-    if len(worst) > 2:
+              "normal approximation for the others)."
+              + (" Held-out probes are left out here: see `python -m simfl.report`." if probes else "")]
+    if worst:
         lines += ["", "Worst case over attacks and attacker knowledge (what a defence must be judged by):", "",
-                  *worst]
+                  *table(["arm", "defence", "test acc", "ε (max)", "worst attacker acc", "worst PSNR", "worst SSIM",
+                          "lowest MSE"], worst)]
     return "\n".join(lines)

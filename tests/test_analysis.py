@@ -12,33 +12,22 @@ import math
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from scipy import stats
 
+from analysis_helpers import attack_row, make_run, naive_attacks, t_half
 from simfl import analysis
 from simfl.analysis import (
     TIDY_COLUMNS,
-    bounds,
     cells_frame,
     interpolate_at,
     matched_utility,
     operating_points,
     population_gaps,
     run_metrics,
-    seed_interval,
 )
-from simfl.summary import mean_interval, wilson
-from simfl.tables import SCHEMAS
+from simfl.intervals import mean_interval, wilson
 
 approx = pytest.approx
-
-
-def t_half(values) -> float:
-    """Half-width of the 95 % t-interval of a mean, by hand."""
-    v = np.asarray(values, dtype=float)
-    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 # ---------------------------------------------------------------- interpolate_at
@@ -94,75 +83,6 @@ class TestInterpolateAt:
     def test_nothing_usable(self):
         assert np.isnan(interpolate_at(np.array([np.nan, 0.5]), np.array([1.0, np.nan]), 0.5))
         assert np.isnan(interpolate_at(np.array([]), np.array([]), 0.5))
-
-
-# ---------------------------------------------------------------- seed_interval and bounds
-
-
-class TestSeedInterval:
-    def test_mean_and_t_interval_of_three_values(self):
-        values = np.array([0.4, 0.5, 0.7])
-        half = float(stats.t.ppf(0.975, 2)) * float(np.std(values, ddof=1)) / math.sqrt(3)
-        mean, low, high = seed_interval(values, "")
-        assert mean == approx(1.6 / 3)
-        assert low == approx(1.6 / 3 - half)
-        assert high == approx(1.6 / 3 + half)
-        assert half == approx(t_half(values))
-        assert half == approx(4.302652729911275 * 0.15275252316519466 / math.sqrt(3))
-
-    def test_one_value_has_no_interval(self):
-        mean, low, high = seed_interval(np.array([0.42]), "attacker_acc")
-        assert mean == approx(0.42)
-        assert np.isnan(low) and np.isnan(high)
-
-    def test_nans_are_dropped(self):
-        mean, low, high = seed_interval(np.array([0.4, np.nan, 0.6]), "")
-        assert mean == approx(0.5)
-        assert high - mean == approx(t_half([0.4, 0.6]))
-        assert mean - low == approx(t_half([0.4, 0.6]))
-        assert all(np.isnan(seed_interval(np.array([np.nan, np.nan]), "")))
-        assert all(np.isnan(seed_interval(np.array([]), "")))
-
-    @pytest.mark.parametrize("metric", ["attacker_acc", "local_val_accuracy", "test_accuracy"])
-    def test_proportion_is_clipped_to_unit_interval(self, metric):
-        values = np.array([0.2, 0.5, 0.8])  # half-width 4.30 * 0.3 / sqrt(3) = 0.745
-        mean, low, high = seed_interval(values, metric)
-        assert mean == approx(0.5)
-        assert low == 0.0
-        assert high == 1.0
-
-    def test_difference_is_not_clipped(self):
-        values = np.array([0.2, 0.5, 0.8])
-        half = t_half(values)
-        assert half > 0.5
-        mean, low, high = seed_interval(values, "")
-        assert (mean, low, high) == approx((0.5, 0.5 - half, 0.5 + half))
-        assert low < 0 and high > 1
-
-    def test_mse_is_clipped_at_zero_only(self):
-        values = np.array([0.01, 0.02, 0.9])
-        half = t_half(values)
-        mean, low, high = seed_interval(values, "mse")
-        assert low == 0.0
-        assert high == approx(values.mean() + half)
-
-    @pytest.mark.parametrize(
-        "metric, expected",
-        [
-            ("attacker_acc", (0.0, 1.0)),
-            ("attacker_acc:naive", (0.0, 1.0)),
-            ("local_val_accuracy", (0.0, 1.0)),
-            ("test_accuracy", (0.0, 1.0)),
-            ("ssim", (-1.0, 1.0)),
-            ("mse", (0.0, np.inf)),
-            ("psnr", (0.0, np.inf)),
-            ("dp_epsilon_max", (0.0, np.inf)),
-            ("", (-np.inf, np.inf)),
-            ("gap", (-np.inf, np.inf)),
-        ],
-    )
-    def test_bounds(self, metric, expected):
-        assert bounds(metric) == expected
 
 
 # ---------------------------------------------------------------- hand-built study frames
@@ -564,78 +484,6 @@ class TestOperatingPoints:
 # ---------------------------------------------------------------- run_metrics on a hand-written run directory
 
 
-def write_table(directory, name, rows):
-    directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[name]), directory / "part-000000.parquet")
-
-
-def attack_row(round_, population, attack, knowledge, correct, mse, psnr, ssim=0.5, label_acc=1.0, client=0):
-    return {"round": round_, "client_id": client, "population": population, "attack": attack,
-            "knowledge": knowledge, "defence": "none", "view": "gradient", "labels": "known", "batch_size": 1,
-            "attacker_correct": correct, "mse": mse, "psnr": psnr, "ssim": ssim, "label_accuracy": label_acc}
-
-
-# Training population A: per round, per attack, (attacker_correct, mse, psnr, ssim).
-#   ig: round 1 (T, .1, 20, .6) (T, .1, 20, .6); round 2 (F, .2, 22, .4) (T, .2, 22, .4)
-#       -> final acc .75, mse .15, psnr 21, ssim .5
-#   gi: round 1 (F, .05, 25, .3) (F, .05, 25, .3); round 2 (T, .05, 25, .3) (T, .05, 25, .3)
-#       -> final acc .5, mse .05, psnr 25, ssim .3
-# Worst, final: attacker_acc ig (.75), mse gi (.05), psnr gi (25), ssim ig (.5).
-# Worst attacker_acc by round: ig in round 1 (1 vs 0), gi in round 2 (1 vs .5).
-# Held-out population C, round 2: ig (T, .3, 15, .2), gi (F, .4, 14, .1): worst is ig for every metric.
-A_ATTACKS = {
-    "ig": {1: [(True, 0.1, 20.0, 0.6), (True, 0.1, 20.0, 0.6)], 2: [(False, 0.2, 22.0, 0.4), (True, 0.2, 22.0, 0.4)]},
-    "gi": {1: [(False, 0.05, 25.0, 0.3), (False, 0.05, 25.0, 0.3)], 2: [(True, 0.05, 25.0, 0.3)] * 2},
-}
-C_ATTACKS = {"ig": {2: [(True, 0.3, 15.0, 0.2)]}, "gi": {2: [(False, 0.4, 14.0, 0.1)]}}
-
-
-def naive_attacks():
-    rows = []
-    for population, design in (("A", A_ATTACKS), ("C", C_ATTACKS)):
-        for attack, by_round in design.items():
-            for r, images in by_round.items():
-                for correct, mse, psnr, ssim in images:
-                    rows.append(attack_row(r, population, attack, "naive", correct, mse, psnr, ssim))
-    return rows
-
-
-def make_run(root, attacks):
-    run = root / "run"
-    write_table(run / "rounds", "rounds", [
-        {"round": 2, "train_loss": 0.8, "train_accuracy": 0.7, "dp_epsilon_max": 2.5},
-        {"round": 1, "train_loss": 1.2, "train_accuracy": 0.5, "dp_epsilon_max": 1.5},
-    ])
-    evals = []
-    for r, (glob, a, c) in {1: (0.6, 0.65, 0.4), 2: (0.75, 0.7, 0.5)}.items():
-        evals += [
-            {"round": r, "population": "global", "held_out": False, "scope": "test", "samples": 1000, "accuracy": glob},
-            {"round": r, "population": "A", "held_out": False, "scope": "test", "samples": 400, "accuracy": a},
-            {"round": r, "population": "C", "held_out": True, "scope": "test", "samples": 200, "accuracy": c},
-        ]
-    evals.append({"round": 2, "population": "A", "held_out": False, "scope": "local_val", "clients": 2,
-                  "samples": 40, "accuracy": 0.8})
-    write_table(run / "evals", "evals", evals)
-    clients = [
-        # Round 1: not the final evaluation, must be ignored.
-        {"round": 1, "client_id": 0, "population": "A", "samples": 10, "accuracy": 0.0},
-        {"round": 1, "client_id": 3, "population": "C", "samples": 10, "accuracy": 1.0},
-        # Round 2. A: (10, .5), (30, .9) -> .8 weighted; B: (20, .6); C (held out): (10, .2), (30, .4) -> .35
-        {"round": 2, "client_id": 0, "population": "A", "samples": 10, "accuracy": 0.5},
-        {"round": 2, "client_id": 1, "population": "A", "samples": 30, "accuracy": 0.9},
-        {"round": 2, "client_id": 2, "population": "B", "samples": 20, "accuracy": 0.6},
-        {"round": 2, "client_id": 3, "population": "C", "samples": 10, "accuracy": 0.2},
-        {"round": 2, "client_id": 4, "population": "C", "samples": 30, "accuracy": 0.4},
-    ]
-    write_table(run / "client_evals", "client_evals", clients)
-    if attacks:
-        write_table(run / "attacks", "attacks", attacks)
-    pq.write_table(pa.table({"client_id": pa.array([0, 1, 2, 3, 4], pa.int64()),
-                             "population": ["A", "A", "B", "C", "C"],
-                             "held_out": [False, False, False, True, True]}), run / "partition.parquet")
-    return run
-
-
 def pick(m, metric, *, round_=None, population=None, held_out=None, attack=None, knowledge=None):
     sel = m[m["metric"] == metric]
     sel = sel[sel["round"].isna()] if round_ is None else sel[sel["round"] == round_]
@@ -770,7 +618,7 @@ class TestRunMetrics:
         rows = naive_attacks()
         rows += [attack_row(1, "A", "ig", "adaptive", False, 0.9, 5.0, 0.0),
                  attack_row(2, "A", "ig", "adaptive", True, 0.7, 7.0, 0.0)]
-        m = run_metrics(make_run(tmp_path, rows))
+        m = run_metrics(make_run(tmp_path, rows, "defence.kind=latent"))
         r = pick(m, "attacker_acc", held_out=False, attack="ig", knowledge="adaptive")
         assert r["value"] == approx(0.5) and r["n"] == 2
         assert pick(m, "mse", held_out=False, attack="worst", knowledge="adaptive")["value"] == approx(0.8)
@@ -779,19 +627,17 @@ class TestRunMetrics:
         # The naive figures are untouched.
         assert pick(m, "attacker_acc", held_out=False, attack="worst", knowledge="naive")["value"] == approx(0.75)
 
+    @pytest.mark.parametrize(("overrides", "mirrored"), [
+        (["defence.kind=bido"], True),  # gradient view at batch size 1: the HSIC terms vanish
+        (["defence.kind=bido", "attacks.batch_size=4"], False),  # they enter the gradient: no adaptive attacker
+        (["defence.kind=dpsgd"], False),
+    ])
+    def test_naive_rows_are_mirrored_only_where_the_naive_attacker_is_exact(self, tmp_path, overrides, mirrored):
+        m = run_metrics(make_run(tmp_path, naive_attacks(), *overrides))
+        assert (m["knowledge"] == "adaptive").any() == mirrored
+        assert pick(m, "attacker_acc", held_out=False, attack="worst", knowledge="naive")["value"] == approx(0.75)
+
     def test_run_without_attacks(self, tmp_path):
         m = run_metrics(make_run(tmp_path, []))
         assert m["attack"].isna().all()
         assert pick(m, "test_accuracy")["value"] == approx(0.75)
-
-
-def test_weighted_interval_is_centred_on_the_weighted_mean():
-    from simfl.analysis import weighted_interval
-
-    # Ten large accurate clients and ten small poor ones: the unweighted spread would miss the value.
-    acc = np.array([0.9] * 10 + [0.3] * 10)
-    samples = np.array([200] * 10 + [10] * 10)
-    mean, (low, high) = weighted_interval(acc, samples)
-    assert mean == approx((0.9 * 2000 + 0.3 * 100) / 2100)
-    assert low <= mean <= high and 0.0 <= low and high <= 1.0
-    assert all(np.isnan(weighted_interval(np.array([0.4]), np.array([5]))[1]))  # one client: no interval

@@ -1,0 +1,189 @@
+"""What a study is, with no Ray and nothing run: its schema, its grid of cells, the cells it has started.
+
+A study is a base scenario and a grid. Each axis of the grid is either a
+scenario key with a list of values (``seed: [0, 1]``, ``training.local_steps:
+[1, 5]``), named patches (``defence: {dp_1: {defence: {kind: dpsgd, ...}}}``),
+or ``leave_one_population_out``. Every combination is a cell, with its own
+validated scenario. Kept apart from the runner (:mod:`simfl.study`) so that a
+report (:mod:`simfl.report`) reads a study directory without importing what
+runs one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import yaml
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from simfl.analysis import cell_entry, cells_frame
+from simfl.scenario import Scenario, deep_merge, parse_scenario, set_keys
+from simfl.validation import NAME_PATTERN, Strict, format_validation_error
+from simfl.errors import UserError
+
+LEAVE_ONE_OUT = "leave_one_population_out"
+CELL_SEPARATOR = "__"
+
+
+class ComparisonConfig(Strict):
+    """How defences are compared: privacy at a matched utility, the proposed defence against the best baseline."""
+
+    target_accuracy: float = Field(0.9, gt=0.0, lt=1.0)
+    # client_val: the final global model on the training clients' local validation splits
+    # (the paper's "client classification accuracy"); test: the global test split.
+    utility: Literal["client_val", "test"] = "client_val"
+    proposed: str = "latent"
+    baselines: list[str] = Field(default_factory=lambda: ["dpsgd", "bido"], min_length=1)
+
+
+class StudyOutput(Strict):
+    """Where a new study directory goes: ``dir/<name or study name>-<time>``."""
+
+    dir: str = "runs"
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+
+
+class StudyConfig(Strict):
+    """A study file: a base scenario, keys set in every cell, the grid, and how defences are compared."""
+
+    name: str = Field("study", pattern=NAME_PATTERN)
+    base: str | None = None  # scenario file, relative to the study file
+    scenario: dict[str, Any] | None = None  # or the scenario inline
+    set: dict[str, Any] = Field(default_factory=dict)  # KEY.PATH: value, laid over the base
+    grid: dict[str, list[Any] | dict[str, dict[str, Any]] | Literal["leave_one_population_out"]] = Field(min_length=1)
+    comparison: ComparisonConfig = ComparisonConfig()
+    # Cells running at once; auto: as many as the cluster's CPUs and GPUs hold.
+    concurrency: PositiveInt | Literal["auto"] = "auto"
+    output: StudyOutput = StudyOutput()
+
+    @model_validator(mode="after")
+    def _one_base(self) -> StudyConfig:
+        if (self.base is None) == (self.scenario is None):
+            raise ValueError("give base (a scenario file) or scenario (inline), not both or neither")
+        return self
+
+    @field_validator("grid")
+    @classmethod
+    def _axes(cls, grid: dict) -> dict:
+        for axis, levels in grid.items():
+            if not levels:
+                raise ValueError(f"{axis}: an axis needs at least one value")
+            if isinstance(levels, dict):
+                bad = [n for n in levels if not re.fullmatch(NAME_PATTERN, n)]
+                if bad:
+                    raise ValueError(f"{axis}: level name {bad[0]!r} must match {NAME_PATTERN}")
+        return grid
+
+
+class Cell:
+    """One combination of the grid's levels: its name, its label on each axis, and its scenario."""
+
+    def __init__(self, labels: dict[str, str], scenario: Scenario) -> None:
+        self.labels = labels
+        self.scenario = scenario
+        self.name = CELL_SEPARATOR.join(labels.values())
+
+
+def load_study(path: str | Path) -> tuple[StudyConfig, dict[str, Any]]:
+    """The validated study and its base scenario as a raw mapping (its file read relative to the study)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UserError(f"study file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"study file {path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"study file {path}: the file must hold a YAML mapping at the top level")
+    raw.setdefault("name", path.stem)
+    try:
+        study = StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"study: {format_validation_error(exc)}") from None
+    if study.base is not None:
+        base_path = (path.parent / study.base) if not Path(study.base).is_absolute() else Path(study.base)
+        if not base_path.is_file():
+            raise UserError(f"study: base: no scenario file at {base_path}")
+        try:
+            base = yaml.safe_load(base_path.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"study: base: {base_path} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(base, dict):
+            raise UserError(f"study: base: {base_path} must hold a YAML mapping at the top level")
+    else:
+        base = dict(study.scenario)
+    return study, base
+
+
+def _label(key: str, value: Any) -> str:
+    """A directory-safe label for a key path's value: ``seed-0``, ``local_steps-5``, ``alpha-0.3``."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{key.split('.')[-1]}-{text}").strip("_")
+
+
+def _levels(axis: str, spec: Any, base: dict[str, Any]) -> list[tuple[str, dict[str, Any] | list[tuple[str, Any]]]]:
+    """(label, how) per level: a patch mapping, or (key path, value) pairs to set."""
+    if spec == LEAVE_ONE_OUT:
+        pops = base.get("populations") or []
+        if len(pops) < 2:
+            raise UserError(f"study: grid.{axis}: leave_one_population_out needs at least two populations")
+        # Only the held_out flags: other axes may change the populations too.
+        return [(f"out-{p['name']}", [(f"populations.{i}.held_out", i == k) for i in range(len(pops))])
+                for k, p in enumerate(pops)]
+    if isinstance(spec, dict):
+        return list(spec.items())
+    return [(_label(axis, v), [(axis, v)]) for v in spec]
+
+
+def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
+    """Every cell of the grid, each scenario validated; an error names the axis and level."""
+    try:
+        base = set_keys(base, list(study.set.items()))
+    except UserError as exc:
+        raise UserError(f"study: set: {exc}") from None
+    grid = dict(study.grid)
+    if base.get("arms"):  # a base with arms sweeps them as the first axis
+        grid = {"arm": base.pop("arms"), **grid}
+    base.pop("arms", None)
+    axes = {axis: _levels(axis, spec, base) for axis, spec in grid.items()}
+    cells = []
+    for combo in itertools.product(*axes.values()):
+        raw = base
+        for (label, how), axis in zip(combo, axes):
+            try:
+                raw = set_keys(raw, how) if isinstance(how, list) else deep_merge(raw, how)
+            except UserError as exc:
+                raise UserError(f"study: grid.{axis}.{label}: {exc}") from None
+        labels = {axis: label for (label, _), axis in zip(combo, axes)}
+        name = CELL_SEPARATOR.join(labels.values())
+        raw = {**raw, "name": f"{study.name}.{name}"}
+        try:
+            scenario = parse_scenario(raw)
+        except UserError as exc:
+            where = ", ".join(f"grid.{a}.{lab}" for a, lab in labels.items())
+            raise UserError(f"study: cell {name} ({where}): {exc}") from None
+        if scenario.arms is not None:
+            raise UserError(f"study: cell {name}: arms do not nest in a study grid")
+        if study.comparison.utility == "client_val" and scenario.evaluation.local_val_fraction == 0:
+            raise UserError(f"study: comparison.utility: client_val needs evaluation.local_val_fraction > 0 "
+                            f"(cell {name}); or use utility: test")
+        cells.append(Cell(labels, scenario))
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+        raise UserError("study: grid: two cells get the same name; give the levels distinct names")
+    return cells
+
+
+def study_cells(study_dir: Path) -> pd.DataFrame:
+    """The cells table of a study directory: every cell that has started, with its axes' labels and status."""
+    study, base = load_study(Path(study_dir) / "study.yaml")
+    entries = [cell_entry(c.name, Path(study_dir) / "cells" / c.name, c.labels)
+               for c in expand(study, base) if (Path(study_dir) / "cells" / c.name / "scenario.yaml").is_file()]
+    if not entries:
+        raise UserError(f"{study_dir}: no cell of this study has started yet")
+    return cells_frame(entries)
