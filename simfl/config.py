@@ -26,9 +26,12 @@ from simfl.validation import NAME_PATTERN, Strict, kind_shorthand
 class LabelSkew(Strict):
     """How a client's label mix departs from the dataset's."""
 
-    kind: Literal["iid", "dirichlet", "shards"] = "iid"
-    alpha: PositiveFloat | None = None
-    classes: PositiveInt | None = None
+    kind: Literal["iid", "dirichlet", "shards"] = Field(
+        "iid", description="`iid`: the dataset's label mix; `dirichlet`: each client's mix ~ Dir(alpha·1); "
+                           "`shards`: `classes` distinct classes per client, equally likely")
+    alpha: PositiveFloat | None = Field(
+        None, description="Dirichlet concentration (kind: dirichlet, required there); smaller is more skewed")
+    classes: PositiveInt | None = Field(None, description="classes per client (kind: shards, required there)")
 
     _shorthand = model_validator(mode="before")(kind_shorthand)
 
@@ -48,10 +51,11 @@ class LabelSkew(Strict):
 class QuantitySkew(Strict):
     """Samples per client: log-normal around ``mean`` (sigma 0 gives equal sizes), clipped."""
 
-    mean: PositiveFloat = 50.0
-    sigma: NonNegativeFloat = 0.0
-    min: PositiveInt = 2
-    max: PositiveInt | None = None
+    mean: PositiveFloat = Field(
+        50.0, description="mean samples per client: round(mean·exp(sigma·z − sigma²/2)), z ~ N(0, 1) per client")
+    sigma: NonNegativeFloat = Field(0.0, description="log-normal spread of the sizes; 0: every client gets `mean`")
+    min: PositiveInt = Field(2, description="fewest samples a client gets (sizes are clipped)")
+    max: PositiveInt | None = Field(None, description="most samples a client gets; unset: no cap")
 
     @model_validator(mode="after")
     def _bounds(self) -> QuantitySkew:
@@ -65,14 +69,16 @@ class ShiftConfig(Strict):
 
     # Lax here only, so that Python callers may pass a tuple as well as a YAML list.
     color: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 1.0, 1.0], min_length=3, max_length=3,
-                                       strict=False)
-    color_jitter: NonNegativeFloat = 0.0
-    brightness: float = Field(0.0, ge=-1.0, le=1.0)
-    contrast: PositiveFloat = 1.0
-    jitter: NonNegativeFloat = 0.0
-    blur: NonNegativeFloat = Field(0.0, le=5.0)
-    noise: NonNegativeFloat = Field(0.0, le=1.0)
-    downsample: PositiveInt = Field(1, le=8)
+                                       strict=False,
+                                       description="the device's gain per channel (R, G, B); grayscale: their mean")
+    color_jitter: NonNegativeFloat = Field(0.0, description="per-client spread (std) of the log gains")
+    brightness: float = Field(0.0, ge=-1.0, le=1.0, description="offset added on the [0, 1] scale (−1 to 1)")
+    contrast: PositiveFloat = Field(1.0, description="contrast factor about each image's own mean")
+    jitter: NonNegativeFloat = Field(0.0, description="per-client spread (std) of brightness and of log contrast")
+    blur: NonNegativeFloat = Field(0.0, le=5.0, description="Gaussian blur σ in px (0 to 5)")
+    noise: NonNegativeFloat = Field(0.0, le=1.0, description="Gaussian pixel noise σ on the [0, 1] scale (0 to 1)")
+    downsample: PositiveInt = Field(
+        1, le=8, description="resolution loss: area-averaged down by this factor, then blown back up (1 to 8)")
 
     @property
     def is_identity(self) -> bool:
@@ -80,22 +86,32 @@ class ShiftConfig(Strict):
 
 
 class PopulationConfig(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
-    clients: PositiveInt
-    label_skew: LabelSkew = LabelSkew()
-    quantity: QuantitySkew = QuantitySkew()
-    shift: ShiftConfig = ShiftConfig()
-    held_out: bool = False
+    """A group of clients (a site) with its own label skew, sizes and acquisition device."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="unique name (letters, digits, `_.-`; not `global`), "
+                      "the `population` of its rows in the run tables")
+    clients: PositiveInt = Field(description="number of clients")
+    label_skew: LabelSkew = Field(LabelSkew(), description="how a client's label mix departs from the dataset's; "
+                                  "`label_skew: iid` is shorthand for `{kind: iid}`")
+    quantity: QuantitySkew = Field(QuantitySkew(), description="samples per client: log-normal, clipped")
+    shift: ShiftConfig = Field(ShiftConfig(), description="acquisition shift: the population's mean device and how "
+                               "much each client's varies (default: none)")
+    held_out: bool = Field(False, description="never trains; evaluated on its shifted test set and its clients' "
+                           "local validation data, probed by `attacks.held_out_victims`")
 
 
 # ---------------------------------------------------------------- model and training
 
 
 class ModelConfig(Strict):
-    arch: Literal["convnet", "lenet", "resnet18"] = "convnet"
-    norm: Literal["batch", "group", "none"] = "group"
-    latent_dim: PositiveInt | None = None
-    width: PositiveInt = 32
+    """The shared model: encoder → latent → linear head."""
+
+    arch: Literal["convnet", "lenet", "resnet18"] = Field("convnet", description="`convnet`, `lenet` or `resnet18`")
+    norm: Literal["batch", "group", "none"] = Field(
+        "group", description="normalisation layers: `batch`, `group` or `none` (resnet18 needs one)")
+    latent_dim: PositiveInt | None = Field(
+        None, description="width of the latent; unset: the arch's own (convnet 128, lenet 84, resnet18 512)")
+    width: PositiveInt = Field(32, description="base channel count (arch: convnet only)")
 
     @model_validator(mode="after")
     def _norm(self) -> ModelConfig:
@@ -107,10 +123,12 @@ class ModelConfig(Strict):
 
 
 class OptimizerConfig(Strict):
-    kind: Literal["sgd", "adam"] = "sgd"
-    lr: PositiveFloat = 0.05
-    momentum: NonNegativeFloat = 0.0
-    weight_decay: NonNegativeFloat = 0.0
+    """The clients' local optimiser."""
+
+    kind: Literal["sgd", "adam"] = Field("sgd", description="`sgd` or `adam`")
+    lr: PositiveFloat = Field(0.05, description="local learning rate")
+    momentum: NonNegativeFloat = Field(0.0, description="SGD momentum (kind: sgd only)")
+    weight_decay: NonNegativeFloat = Field(0.0, description="L2 weight decay")
 
     _shorthand = model_validator(mode="before")(kind_shorthand)
 
@@ -121,15 +139,26 @@ class OptimizerConfig(Strict):
         return self
 
 
+# Reddi et al. (2021): the server optimiser settings an unset key takes.
+SERVER_DEFAULTS: dict[str, float] = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+
 class AlgorithmConfig(Strict):
     """Client side (FedProx's proximal term) and server side (FedAdam/FedYogi) of the FL algorithm."""
 
-    kind: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
-    mu: NonNegativeFloat | None = None
-    server_lr: PositiveFloat | None = None
-    beta1: float | None = Field(None, ge=0.0, lt=1.0)
-    beta2: float | None = Field(None, ge=0.0, lt=1.0)
-    tau: PositiveFloat | None = None
+    kind: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = Field(
+        "fedavg", description="`fedavg`; `fedprox` (proximal term in local training); `fedadam`, `fedyogi` "
+                              "(adaptive server optimiser, Reddi et al. 2021)")
+    mu: NonNegativeFloat | None = Field(None, description="proximal weight μ (kind: fedprox, required there)")
+    server_lr: PositiveFloat | None = Field(
+        None, description=f"server learning rate (fedadam/fedyogi; unset: {SERVER_DEFAULTS['server_lr']:g})")
+    beta1: float | None = Field(
+        None, ge=0.0, lt=1.0, description=f"first-moment decay (fedadam/fedyogi; unset: {SERVER_DEFAULTS['beta1']:g})")
+    beta2: float | None = Field(
+        None, ge=0.0, lt=1.0, description=f"second-moment decay (fedadam/fedyogi; unset: {SERVER_DEFAULTS['beta2']:g})")
+    tau: PositiveFloat | None = Field(
+        None, description=f"adaptivity τ: the server step is server_lr·m/(√v + τ) (fedadam/fedyogi; "
+                          f"unset: {SERVER_DEFAULTS['tau']:g})")
 
     _shorthand = model_validator(mode="before")(kind_shorthand)
 
@@ -149,23 +178,26 @@ class AlgorithmConfig(Strict):
     @property
     def server(self) -> dict[str, float]:
         """Server optimiser settings with Reddi et al. (2021) defaults filled in."""
-        return {
-            "server_lr": self.server_lr if self.server_lr is not None else 0.01,
-            "beta1": self.beta1 if self.beta1 is not None else 0.9,
-            "beta2": self.beta2 if self.beta2 is not None else 0.99,
-            "tau": self.tau if self.tau is not None else 1e-3,
-        }
+        return {key: default if getattr(self, key) is None else getattr(self, key)
+                for key, default in SERVER_DEFAULTS.items()}
 
 
 class TrainingConfig(Strict):
-    rounds: PositiveInt = 5
-    clients_per_round: PositiveInt | None = None
-    fraction: float | None = Field(None, gt=0.0, le=1.0)
-    local_epochs: PositiveInt = 1
-    local_steps: PositiveInt | None = None
-    batch_size: PositiveInt = 32
-    optimizer: OptimizerConfig = OptimizerConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """Rounds, cohorts, local training and the FL algorithm."""
+
+    rounds: PositiveInt = Field(5, description="communication rounds")
+    clients_per_round: PositiveInt | None = Field(
+        None, description="clients sampled per round from those that train (unset, without fraction: 10)")
+    fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="clients per round as a share of those that train, rounded up "
+                                          "(instead of clients_per_round)")
+    local_epochs: PositiveInt = Field(1, description="local epochs per round")
+    local_steps: PositiveInt | None = Field(None, description="local batches per round (instead of local_epochs)")
+    batch_size: PositiveInt = Field(32, description="local batch size")
+    optimizer: OptimizerConfig = Field(OptimizerConfig(), description="the local optimiser; `optimizer: adam` is "
+                                       "shorthand for `{kind: adam}`")
+    algorithm: AlgorithmConfig = Field(AlgorithmConfig(), description="the FL algorithm; `algorithm: fedavg` is "
+                                       "shorthand for `{kind: fedavg}`")
 
     @model_validator(mode="after")
     def _one_cohort_size(self) -> TrainingConfig:
@@ -182,35 +214,55 @@ class TrainingConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    every: PositiveInt = 1
-    local_val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    local_clients: PositiveInt | Literal["all"] = 100
-    batch_size: PositiveInt = 512
+    """When the global model is evaluated, and on which clients' data."""
+
+    every: PositiveInt = Field(1, description="evaluate every k-th round (and the last)")
+    local_val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share of each client's data kept back as its local validation set")
+    local_clients: PositiveInt | Literal["all"] = Field(
+        100, description="clients whose local validation set is evaluated per evaluated round, drawn from "
+                         "(seed, round): a number or `all`")
+    batch_size: PositiveInt = Field(512, description="evaluation batch size")
+
+
+CPUS_PER_ACTOR = "CPUs reserved per actor (fractions allowed)"
+GPUS_PER_ACTOR = "GPUs per actor; a fraction shares a GPU (0.25: four actors per GPU)"
 
 
 class ResourcesConfig(Strict):
-    client_actors: PositiveInt | Literal["auto"] = "auto"
-    cpus_per_actor: float = Field(1.0, ge=0.01)
-    gpus_per_actor: float = Field(0.0, ge=0.0, le=8.0)
-    coordinator_cpus: NonNegativeFloat = 0.0
+    """Ray resources of the client actors and the coordinator."""
+
+    client_actors: PositiveInt | Literal["auto"] = Field(
+        "auto", description="actors that train the clients: a number, or `auto` (as many as the cluster's CPUs "
+                            "and GPUs fit, at most one per client)")
+    cpus_per_actor: float = Field(1.0, ge=0.01, description=CPUS_PER_ACTOR)
+    gpus_per_actor: float = Field(0.0, ge=0.0, le=8.0, description=GPUS_PER_ACTOR)
+    coordinator_cpus: NonNegativeFloat = Field(0.0, description="CPUs reserved for the coordinator actor")
 
 
 class OutputConfig(Strict):
-    dir: str = "runs"
-    name: str | None = Field(None, pattern=NAME_PATTERN)
-    flush_seconds: PositiveFloat = 10.0
+    """Where the run directory goes."""
+
+    dir: str = Field("runs", description="the folder run directories are made in (`~` expanded)")
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="the run directory's name; unset: "
+                             "`<scenario name>-<time>`; suffixed -1, -2… if it exists")
+    flush_seconds: PositiveFloat = Field(10.0, description="seconds between writes of the run tables to disk")
 
 
 class CheckpointConfig(Strict):
-    every: int = Field(1, ge=0)
-    keep: PositiveInt = 2
+    """Checkpoints, from which `--resume` continues a killed run."""
+
+    every: int = Field(1, ge=0, description="checkpoint every k rounds and at the last (0: only the last)")
+    keep: PositiveInt = Field(2, description="how many of the newest checkpoints are kept")
 
 
 class AttackPoolConfig(Strict):
     """The attacker actors, and what happens when they fall behind training."""
 
-    actors: PositiveInt = 1
-    cpus_per_actor: float = Field(1.0, ge=0.01)
-    gpus_per_actor: float = Field(0.0, ge=0.0, le=8.0)
-    max_pending: PositiveInt = 4  # attack jobs queued or running over the whole pool
-    when_full: Literal["wait", "drop"] = "wait"  # wait: training pauses; drop: the job is counted, not run
+    actors: PositiveInt = Field(1, description="attacker actors")
+    cpus_per_actor: float = Field(1.0, ge=0.01, description=CPUS_PER_ACTOR)
+    gpus_per_actor: float = Field(0.0, ge=0.0, le=8.0, description=GPUS_PER_ACTOR)
+    max_pending: PositiveInt = Field(4, description="attack jobs queued or running over the whole pool")
+    when_full: Literal["wait", "drop"] = Field(
+        "wait", description="with max_pending jobs pending, `wait`: training pauses until a job finishes; `drop`: "
+                            "the victims are not attacked, and are counted in `rounds.attack_victims_dropped`")

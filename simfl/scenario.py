@@ -70,18 +70,40 @@ class AttacksConfig(Strict):
 
     methods: list[AttackMethod] = Field(
         default_factory=lambda: [cast(AttackConfig, ATTACKS.configs["ig"].model_validate({}))], min_length=1,
-        description="the attacks, each `kind` or {kind: ..., options}; see the attack reference")
-    view: Literal["gradient", "update"] = "gradient"
-    batch_size: PositiveInt = 1
-    labels: Literal["known", "recovered"] = "recovered"
-    bn_stats: Literal["running", "batch"] = "running"
-    victims: PositiveInt | None = None
-    victim_fraction: float | None = Field(None, gt=0.0, le=1.0)
-    rounds: list[PositiveInt] | None = None
-    every: PositiveInt = 1
-    held_out_victims: NonNegativeInt = 0  # held-out clients probed per attacked round
-    victims_per_job: PositiveInt = 16
-    pool: AttackPoolConfig = AttackPoolConfig()
+        description="the attacks, each a kind or `{kind: ..., options}`, each kind at most once; see the attack "
+                    "kinds below")
+    view: Literal["gradient", "update"] = Field(
+        "gradient", description="what the attacker observes. `gradient`: the gradient of one batch of `batch_size` "
+        "of the victim's images (drawn from (seed, client, round)) at the global weights, as shared in FedSGD. "
+        "`update`: the victim's real FedAvg update of the round, its lr, momentum, weight decay, batch size and "
+        "step count known (local SGD only, not FedProx)")
+    batch_size: PositiveInt = Field(1, description="images in the observed gradient (view: gradient only)")
+    labels: Literal["known", "recovered"] = Field(
+        "recovered", description="`known`: the attacker is given the labels; `recovered`: iDLG (batch of 1) or "
+                                 "bias-gradient counting (larger batches)")
+    bn_stats: Literal["running", "batch"] = Field(
+        "running", description="BatchNorm models. `running`: the attacker runs the model in eval mode with the "
+        "running statistics in the shared weights. `batch`: it is also told the victim's batch statistics and "
+        "normalises with them (view: gradient, model.norm: batch). The number of samples is always known")
+    victims: PositiveInt | None = Field(
+        None, description="clients attacked per attacked round, drawn from (seed, round) among the cohort "
+                          "(unset, without victim_fraction: 1)")
+    victim_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="victims as a share of the cohort, rounded up (instead of victims)")
+    rounds: list[PositiveInt] | None = Field(
+        None, description="the attacked rounds (instead of every), each at most training.rounds")
+    every: PositiveInt = Field(1, description="attack every k-th round")
+    held_out_victims: NonNegativeInt = Field(
+        0, description="held-out clients probed per attacked round, drawn from (seed, round); needs a population "
+        "with held_out: true. Each is attacked like a victim (naive and adaptive; its `attacks` rows carry its "
+        "population) on exactly what it would share had it joined the round: the gradient view at the round's "
+        "weights, or its real local update, under the round's defence. It is never aggregated, gets no `clients` "
+        "row and its state (participation, DP accountant) is left unchanged, so training is bit-identical to a run "
+        "without probes. Counted in `rounds.attack_victims`; the generalization gap in attack metrics is measured "
+        "on these")
+    victims_per_job: PositiveInt = Field(16, description="victims stacked into one batched attack job")
+    pool: AttackPoolConfig = Field(
+        AttackPoolConfig(), description="the attacker actors, and what happens when they fall behind training")
 
     @model_validator(mode="after")
     def _choices(self) -> AttacksConfig:
@@ -111,21 +133,36 @@ class AttacksConfig(Strict):
 
 
 class Scenario(Strict):
-    name: str = Field("scenario", pattern=NAME_PATTERN)
-    seed: int = Field(0, ge=0, lt=2**32)
-    data: DataConfig = DataConfig()
-    populations: list[PopulationConfig] = Field(min_length=1)
-    model: ModelConfig = ModelConfig()
-    training: TrainingConfig = TrainingConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-    resources: ResourcesConfig = ResourcesConfig()
-    output: OutputConfig = OutputConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    attacks: AttacksConfig | None = None
-    defence: DefenceChoice = Field(default_factory=NoDefenceConfig, description="the defence and its knobs; see the defence reference")
-    # Arm name -> a patch of this scenario (nested mapping, deep-merged): one run per arm,
-    # same data, clients and attacks. Validated arm by arm in ``parse_scenario``.
-    arms: dict[str, dict[str, Any]] | None = None
+    """A whole scenario; `scripts/scenario_reference.py` makes the README's reference from its fields."""
+
+    name: str = Field("scenario", pattern=NAME_PATTERN, description="run name prefix (letters, digits, `_.-`); "
+                      "a scenario file's defaults to its file name")
+    seed: int = Field(0, ge=0, lt=2**32, description="the seed of everything (0 to 2³² − 1)")
+    data: DataConfig = Field(DataConfig(), description="the dataset, where its files live, and its image size")
+    populations: list[PopulationConfig] = Field(
+        min_length=1, description="groups of clients (sites), each with its label skew, sizes and acquisition "
+        "shift; at least one, and at least one that trains")
+    model: ModelConfig = Field(ModelConfig(), description="the shared model: encoder → latent → linear head")
+    training: TrainingConfig = Field(TrainingConfig(), description="rounds, cohorts, local training and the FL "
+                                     "algorithm")
+    evaluation: EvaluationConfig = Field(EvaluationConfig(), description="when the global model is evaluated, and "
+                                         "on which clients' data")
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="Ray resources of the client actors and the "
+                                       "coordinator")
+    output: OutputConfig = Field(OutputConfig(), description="where the run directory goes")
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="checkpoints, from which `--resume` "
+                                         "continues a killed run")
+    attacks: AttacksConfig | None = Field(None, description="gradient-inversion attacks run beside training; "
+                                          "omit it for none")
+    defence: DefenceChoice = Field(
+        default_factory=NoDefenceConfig, description="the defence: a kind, or `{kind: ..., knobs}`; see the defence "
+                                                     "kinds below")
+    # Validated arm by arm in ``parse_scenario``.
+    arms: dict[str, dict[str, Any]] | None = Field(
+        None, description="`{arm name: patch}`: one run per arm, each this scenario with the patch deep-merged "
+        "(mappings merge key by key, anything else replaces), e.g. `{dp: {defence: {kind: dpsgd, noise_multiplier: "
+        "0.5}}}`; same data, clients and attacks. Every arm is validated before anything runs; errors name "
+        "`arms.<arm>.<key>`")
 
     @field_validator("arms")
     @classmethod

@@ -35,7 +35,10 @@ from simfl.weights import FlatWeights
 
 
 class DLGConfig(AttackConfig):
-    """``dlg``: L-BFGS on the L2 gradient mismatch, labels learned jointly (soft) when not given."""
+    """``dlg``: Deep Leakage from Gradients (Zhu et al. 2019), L-BFGS on the L2 gradient mismatch.
+
+    Labels not given are learned jointly (soft labels).
+    """
 
     kind: Literal["dlg"] = "dlg"
     iterations: PositiveInt = Field(300, description="L-BFGS iterations (one objective evaluation each)")

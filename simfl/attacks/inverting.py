@@ -36,7 +36,10 @@ from simfl.weights import FlatWeights
 
 
 class InvertingGradientsConfig(AttackConfig):
-    """``ig``: the paper's reference configuration by default (4800 Adam iterations, TV 0.1, one restart)."""
+    """``ig``: Inverting Gradients (Geiping et al. 2020): cosine gradient mismatch plus a TV prior, by Adam.
+
+    Its defaults are the paper's reference configuration (4800 iterations, TV 0.1, one restart).
+    """
 
     kind: Literal["ig"] = "ig"
     iterations: PositiveInt = Field(4800, description="Adam iterations per restart")

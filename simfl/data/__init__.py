@@ -24,17 +24,25 @@ DATASETS: frozenset[str] = frozenset({"synthetic", "cifar10", *MEDMNIST_2D})
 class SyntheticConfig(Strict):
     """Sizes of the embedded offline dataset; the train split is sized to the partition."""
 
-    num_classes: int = Field(8, ge=2, le=64)
-    val_size: PositiveInt = 2000
-    test_size: PositiveInt = 2000
+    num_classes: int = Field(8, ge=2, le=64, description="number of classes (2 to 64)")
+    val_size: PositiveInt = Field(
+        2000, description="images in the validation split (server-side: the attack evaluator, the latent decoder)")
+    test_size: PositiveInt = Field(
+        2000, description="images in the test split (the global test set; each population tests on its shifted copy)")
 
 
 class DataConfig(Strict):
-    name: str = "synthetic"
-    root: str = "~/.simfl/data"
-    size: PositiveInt = 28
-    download: bool = True
-    synthetic: SyntheticConfig = SyntheticConfig()
+    """The dataset, where its files live, and its image size."""
+
+    name: str = Field("synthetic", description="`synthetic` (embedded, offline), `cifar10`, or a 2D MedMNIST flag: "
+                      f"{', '.join(f'`{flag}`' for flag in sorted(MEDMNIST_2D))} (ChestMNIST is multi-label and "
+                      "not supported)")
+    root: str = Field("~/.simfl/data", description="the folder dataset files are read from and downloaded to")
+    size: PositiveInt = Field(28, description="image size in px: MedMNIST 28, 64, 128 or 224; CIFAR-10 32; "
+                              "synthetic 8 to 256")
+    download: bool = Field(True, description="download a missing real dataset (false: fail in one line instead)")
+    synthetic: SyntheticConfig = Field(SyntheticConfig(), description="sizes of the synthetic dataset "
+                                       "(name: synthetic only); its train split is sized to what the clients need")
 
     @field_validator("name")
     @classmethod

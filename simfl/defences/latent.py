@@ -179,11 +179,12 @@ class LatentConfig(PluginConfig):
     mean_shift: bool = Field(False, description="also learn a latent shift μ")
     lam: NonNegativeFloat = Field(0.5, description="λ: weight of the privacy term −λ·MSE(D(z'), x) (initial λ with utility_target)")
     utility_target: float | None = Field(
-        None, gt=0.0, lt=1.0, description="adapt λ as a dual variable so cohort training accuracy holds this"
+        None, gt=0.0, lt=1.0,
+        description="cohort training accuracy to hold by adapting λ as a dual variable; unset: λ fixed",
     )
     dual_lr: PositiveFloat = Field(DUAL_LR_DEFAULT, description="step of λ's dual update (with utility_target)")
     decoder_steps: PositiveInt = Field(20, description="server's decoder Adam steps per round")
-    decoder_lr: PositiveFloat = Field(1e-3, description="server's decoder learning rate")
+    decoder_lr: PositiveFloat = Field(1e-3, description="server's decoder learning rate (Adam)")
     decoder_batch: PositiveInt = Field(64, description="server images per decoder step")
     adaptive_samples: PositiveInt = Field(
         8, description="noise draws the adaptive attacker averages over: 1 (ε = 0) or an even number (±ε pairs)"
