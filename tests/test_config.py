@@ -444,3 +444,12 @@ def test_arms_resolve_to_one_scenario_each_with_the_patch_deep_merged():
 )
 def test_a_bad_arm_is_one_line_naming_its_key(arms, key):
     assert key in error_of(minimal(arms=arms))
+
+
+def test_a_saved_scenario_holds_only_the_chosen_defences_knobs_and_reloads():
+    sc = parse_scenario(minimal(defence={"kind": "dpsgd", "noise_multiplier": 0.5}, attacks={"methods": ["idlg"]}))
+    saved = yaml.safe_load(scenario_to_yaml(sc))
+    assert saved["defence"] == {"kind": "dpsgd", "noise_multiplier": 0.5, "max_grad_norm": 1.0, "delta": 1e-5,
+                                "accountant": "rdp"}
+    assert saved["attacks"]["methods"] == [{"kind": "idlg", "iterations": 300, "lr": 1.0}]
+    assert parse_scenario(saved) == sc
