@@ -20,14 +20,14 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from simfl.attacks import adapt, build_attack
 from simfl.attack_log import attack_label
+from simfl.attacks import adapt, build_attack
 from simfl.attacks.victim import Victim
 from simfl.config import AttackPoolConfig
 from simfl.data import Dataset
+from simfl.defences import defended_model
 from simfl.evaluator import Evaluator
 from simfl.metrics import score_batch
-from simfl.defences import defended_model
 from simfl.resources import actor_device, torch_threads, within_gpu_share
 from simfl.scenario import Scenario
 from simfl.seeding import derive_seed, torch_generator
@@ -51,6 +51,7 @@ class AttackerKnowledge:
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, evaluator: Evaluator) -> AttackerKnowledge:
+        """What an attacker holds of ``dataset``: image shape, class count, and the validation split's mean image."""
         # uint8 summed in float64 by numpy: no float copy of the whole split (GBs at 224 px).
         mean = torch.from_numpy(dataset.val_x.mean(axis=0, dtype=np.float64) / 255.0).permute(2, 0, 1).float()
         return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, evaluator)
@@ -58,6 +59,8 @@ class AttackerKnowledge:
 
 @ray.remote
 class Attacker:
+    """An attacker actor: runs every configured attack on a round's victims and scores the reconstructions."""
+
     def __init__(self, scenario: dict, index: int, knowledge: AttackerKnowledge) -> None:
         # Stateless between jobs and built from small by-value arguments, so Ray can restart it alone.
         self.sc = Scenario.model_validate(scenario)
@@ -213,5 +216,6 @@ class AttackPool:
         return sorted((job for _, job in self.pending.values()), key=lambda j: j["submitted_at"])
 
     def stop(self) -> None:
+        """Kill the attacker actors; jobs still pending are abandoned."""
         for actor in self.actors:
             ray.kill(actor)

@@ -144,8 +144,9 @@ def _attack_rows(attacks: pd.DataFrame) -> list[dict]:
 def cell_entry(name: str, run_dir: Path, labels: dict[str, str]) -> dict:
     """One row of the cells table: what a cell is (its axes' labels, defence, knobs, seed) and where."""
     sc = load_scenario(Path(run_dir) / "scenario.yaml")
-    return {"cell": name, "status": cell_status(run_dir), "run_dir": str(run_dir), "seed": sc.seed, "defence": sc.defence.kind,
-            "knobs": json.dumps(sc.defence.knobs(), sort_keys=True), "_defence_cfg": sc.defence.model_dump_json(),
+    return {"cell": name, "status": cell_status(run_dir), "run_dir": str(run_dir), "seed": sc.seed,
+            "defence": sc.defence.kind, "knobs": json.dumps(sc.defence.knobs(), sort_keys=True),
+            "_defence_cfg": sc.defence.model_dump_json(),
             **{f"axis.{a}": lab for a, lab in labels.items()}}
 
 
@@ -192,6 +193,7 @@ def study_metrics(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def cell_status(run_dir: Path) -> str:
+    """``finished`` (final weights saved), ``incomplete`` (rounds written) or ``not run``."""
     if (Path(run_dir) / "final_weights.pt").is_file():
         return "finished"
     return "incomplete" if (Path(run_dir) / "rounds").is_dir() else "not run"
@@ -300,7 +302,8 @@ def matched_utility(cells: pd.DataFrame, metrics: pd.DataFrame, target: float, u
                     at[(defence, metric)] = per_seed
                     mean, low, high = seed_interval(np.array(list(per_seed.values())), metric)
                     reached = int(np.sum(~np.isnan(list(per_seed.values()))))
-                    u = seed_interval(g.groupby("seed")["utility"].mean().to_numpy())[0] if defence == "none" else target
+                    u = (seed_interval(g.groupby("seed")["utility"].mean().to_numpy())[0] if defence == "none"
+                         else target)
                     span = (float(np.nanmin(g["utility"])), float(np.nanmax(g["utility"])))
                     rows.append({"context": context, "knowledge": knowledge, "defence": defence, "metric": metric,
                                  "utility": u, "utility_range": span, "value": mean, "low": low, "high": high,
@@ -332,7 +335,8 @@ def _relative_changes(rows: list[dict], at: dict, context: str, knowledge: str, 
             ours = seed_interval(np.array(list(mine.values())))[0]
             mean, low, high = (ours - means[best]) / abs(means[best]) * 100 if means[best] else np.nan, np.nan, np.nan
         for row in rows:
-            if (row["context"], row["knowledge"], row["defence"], row["metric"]) == (context, knowledge, proposed, metric):
+            key = (row["context"], row["knowledge"], row["defence"], row["metric"])
+            if key == (context, knowledge, proposed, metric):
                 row.update(baseline=best, relative_change=mean, relative_low=low, relative_high=high,
                            relative_paired=paired)
 
@@ -364,7 +368,8 @@ def attack_by_round(cells: pd.DataFrame, metrics: pd.DataFrame, points: pd.DataF
     m = metrics[metrics["round"].notna() & (metrics["attack"] == "worst") & metrics["population"].isna()
                 & (metrics["held_out"] == False)]  # noqa: E712 (nullable boolean)
     for p in points.itertuples():
-        mine = cells[(cells["context"] == p.context) & (cells["defence"] == p.defence) & (cells["setting"] == p.setting)]
+        mine = cells[(cells["context"] == p.context) & (cells["defence"] == p.defence)
+                     & (cells["setting"] == p.setting)]
         sel = m[m["cell"].isin(mine["cell"])]
         for (metric, knowledge, r), g in sel.groupby(["metric", "knowledge", "round"]):
             if metric not in metric_names:
@@ -382,17 +387,20 @@ def by_population(cells: pd.DataFrame, metrics: pd.DataFrame, points: pd.DataFra
     rows = []
     final = metrics[metrics["round"].isna() & metrics["population"].notna()]
     for p in points.itertuples():
-        mine = cells[(cells["context"] == p.context) & (cells["defence"] == p.defence) & (cells["setting"] == p.setting)]
+        mine = cells[(cells["context"] == p.context) & (cells["defence"] == p.defence)
+                     & (cells["setting"] == p.setting)]
         sel = final[final["cell"].isin(mine["cell"])]
         for population, g in sel.groupby("population", sort=True):
             held = bool(g["held_out"].dropna().iloc[0]) if g["held_out"].notna().any() else False
             specs = [("local_val_accuracy", None), ("test_accuracy", None)]
-            specs += [(f"{metric}:{k}", (metric, k)) for k in knowledges(metrics) for metric in ("attacker_acc", "psnr")]
+            specs += [(f"{metric}:{k}", (metric, k))
+                      for k in knowledges(metrics) for metric in ("attacker_acc", "psnr")]
             for name, attack_spec in specs:
                 if attack_spec is None:
                     rs = g[(g["metric"] == name) & g["attack"].isna()]
                 else:
-                    rs = g[(g["metric"] == attack_spec[0]) & (g["attack"] == "worst") & (g["knowledge"] == attack_spec[1])]
+                    rs = g[(g["metric"] == attack_spec[0]) & (g["attack"] == "worst")
+                           & (g["knowledge"] == attack_spec[1])]
                 if not len(rs):
                     continue
                 mean, low, high, over = over_seeds(mine, rs)

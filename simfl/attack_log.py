@@ -30,6 +30,8 @@ def attack_label(kind: str, knowledge: str) -> str:
 
 
 class AttackLog:
+    """Where finished attack jobs go: the attacks table, per-round TensorBoard means, reconstruction grids."""
+
     def __init__(
         self,
         run_dir: Path,
@@ -118,7 +120,9 @@ class AttackLog:
             self.tb.add_scalar(f"attack/{kind}/label_accuracy", label, r)
 
     def flush(self) -> None:
+        """Write pending TensorBoard events to disk."""
         self.tb.flush()
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
         self.tb.close()

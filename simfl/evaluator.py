@@ -49,6 +49,7 @@ class Evaluator:
     key: str
 
     def model(self, channels: int, image_size: int, num_classes: int, device: torch.device | str = "cpu") -> nn.Module:
+        """The classifier as an eval-mode module on ``device``."""
         model = build_model(ARCH, channels, image_size, num_classes).to(device)
         FlatWeights(model).load(self.weights.to(device))
         return model.eval()

@@ -33,6 +33,7 @@ class Partition:
 
     @property
     def num_clients(self) -> int:
+        """Number of clients, over all populations."""
         return int(len(self.client_population))
 
     @property
@@ -41,9 +42,11 @@ class Partition:
         return np.diff(self.offsets)
 
     def train_indices(self, c: int) -> np.ndarray:
+        """Dataset train-split indices of client ``c``'s training samples."""
         return self.indices[self.offsets[c] : self.offsets[c + 1] - self.n_val[c]]
 
     def val_indices(self, c: int) -> np.ndarray:
+        """Dataset train-split indices of client ``c``'s local validation samples."""
         return self.indices[self.offsets[c + 1] - self.n_val[c] : self.offsets[c + 1]]
 
     def to_table(self) -> pa.Table:

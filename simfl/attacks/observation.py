@@ -25,7 +25,9 @@ class GradientSharer(Protocol):
 
     def shared_gradient(
         self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """The gradient the client would share for the batch (x, y), over all ``flat`` entries."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -152,4 +152,5 @@ def victim_state(victim: Victim) -> dict:
 
 
 def victim_from_state(state: dict) -> Victim:
+    """The :class:`Victim` that :func:`victim_state` saved."""
     return Victim(**{**state, "observation": Observation(**state["observation"])})

@@ -108,6 +108,7 @@ class HostNoiseDPOptimizer(DPOptimizer):
     """
 
     def add_noise(self) -> None:
+        """Add N(0, (σC)²) noise drawn on the CPU to each summed, clipped gradient and set it as ``p.grad``."""
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
@@ -284,6 +285,7 @@ class DPSGD(Defence):
 
     @classmethod
     def naive_is_exact(cls, attacks: Any) -> bool:
+        """Never: a naive attacker ignores the clipping and the noise."""
         return False
 
     def disclosure(self, context: dict[str, Any] | None = None) -> Disclosure:

@@ -72,9 +72,11 @@ class LatentNoise(nn.Module):
         self.draws: torch.Tensor | None = None
 
     def sigma(self) -> torch.Tensor:
+        """σ per latent unit, in (0, σ_max)."""
         return self.sigma_max * torch.tanh(F.softplus(self.rho) / self.sigma_max)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z' for the current mode: z when ``off``; else z + μ, plus σ ⊙ ε in training or for each of ``draws``."""
         if self.mode == "off":
             return z
         mean = z + self.shift if self.shift is not None else z
@@ -105,6 +107,7 @@ class Decoder(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, size, size) in [0, 1] from latents (B, D)."""
         out = self.up(self.fc(z).view(-1, 2 * self.width, self.base, self.base))
         return out[..., : self.size, : self.size]
 
@@ -134,6 +137,7 @@ class KnownVictim(nn.Module):
         self.decoder = [decoder]  # in a list: not a submodule, so never among the differentiated weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, with each copy's reconstruction error as a last column when the decoder is known."""
         perturbed = self.latent(self.encoder(x))
         logits = self.head(perturbed)
         decoder = self.decoder[0]
@@ -177,7 +181,9 @@ class LatentConfig(PluginConfig):
     sigma_max: PositiveFloat = Field(2.0, description="soft cap on σ (σ = σ_max·tanh(softplus(ρ)/σ_max))")
     sigma_lr: PositiveFloat = Field(1.0, description="clients' learning rate for the noise parameters ρ (and μ)")
     mean_shift: bool = Field(False, description="also learn a latent shift μ")
-    lam: NonNegativeFloat = Field(0.5, description="λ: weight of the privacy term −λ·MSE(D(z'), x) (initial λ with utility_target)")
+    lam: NonNegativeFloat = Field(
+        0.5, description="λ: weight of the privacy term −λ·MSE(D(z'), x) (initial λ with utility_target)"
+    )
     utility_target: float | None = Field(
         None, gt=0.0, lt=1.0,
         description="cohort training accuracy to hold by adapting λ as a dual variable; unset: λ fixed",
@@ -204,6 +210,8 @@ class LatentConfig(PluginConfig):
 
 @DEFENCES.register(LatentConfig)
 class LatentDefence(Defence):
+    """``latent``: learnable latent noise trained against a decoder (see the module docstring)."""
+
     client_figures: ClassVar[dict[str, tuple[str, ...]]] = {"decoder_mse": ("mean",)}
     round_figures: ClassVar[tuple[str, ...]] = ("lam", "sigma_mean", "sigma_min", "sigma_max", "decoder_mse_server")
 
@@ -216,9 +224,11 @@ class LatentDefence(Defence):
 
     @classmethod
     def naive_is_exact(cls, attacks: Any) -> bool:
+        """Never: a naive attacker drops the noise layer and the privacy term."""
         return False
 
     def build(self, model: SplitNet) -> SplitNet:
+        """Put the learnable noise layer in the model's latent slot."""
         k = self.cfg
         model.latent = LatentNoise(model.latent_dim, k.sigma_init, k.sigma_max, k.mean_shift)
         self.latent_dim = model.latent_dim
@@ -236,6 +246,7 @@ class LatentDefence(Defence):
     # ------------------------------------------------------------ client side
 
     def receive(self, broadcast: dict[str, Any], device: torch.device) -> None:
+        """Load the round's decoder (frozen, eval mode) and λ."""
         decoder = self._decoder(device)
         decoder.requires_grad_(False)  # clients never compute D's gradient
         decoder.eval()
@@ -243,6 +254,7 @@ class LatentDefence(Defence):
         self.lam = float(broadcast["lam"])
 
     def begin(self, model: SplitNet, generator: torch.Generator) -> None:
+        """Draw the latent noise from the client's generator."""
         model.latent.generator = generator
 
     def optimizer(
@@ -262,6 +274,7 @@ class LatentDefence(Defence):
     def objective(
         self, model: SplitNet, module: nn.Module, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """CE − λ·MSE(D(z'), x) with D frozen; logs the reconstruction error."""
         if self.decoder is None:
             raise RuntimeError("latent defence: no decoder received from the coordinator yet")
         perturbed = model.features(x)
@@ -319,6 +332,7 @@ class LatentDefence(Defence):
                 "sigma_max": float(sigma.max())}
 
     def server_round(self, round_: int, model: SplitNet, client_rows: list[dict]) -> dict[str, float]:
+        """Move λ towards the utility target (when set), then train D one round on the new global model."""
         target = self.cfg.utility_target
         if target is not None and client_rows:
             n = sum(row["samples"] for row in client_rows)
@@ -329,13 +343,16 @@ class LatentDefence(Defence):
         return figures
 
     def broadcast(self) -> dict[str, Any]:
+        """D's weights and λ, for the clients' privacy term."""
         return {"decoder": self.decoder_flat.snapshot().cpu(), "lam": self.lam}
 
     def server_state(self) -> dict[str, Any]:
+        """D's weights, its optimiser state and λ."""
         return {"decoder": self.decoder_flat.snapshot().cpu(), "optimizer": self.decoder_optimizer.state_dict(),
                 "lam": self.lam}
 
     def load_server_state(self, state: dict[str, Any]) -> None:
+        """Restore D, its optimiser and λ from :meth:`server_state`."""
         self.decoder_flat.load(state["decoder"])
         self.decoder_optimizer.load_state_dict(state["optimizer"])
         self.lam = float(state["lam"])
@@ -359,4 +376,5 @@ class LatentDefence(Defence):
                           loss_fn=partial(known_objective, copies=samples, lam=lam))
 
     def naive_view(self) -> Disclosure:
+        """The model with the noise layer switched off (an identity)."""
         return Disclosure(model_wrapper=latent_off)
