@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -99,7 +100,7 @@ def _eval_rows(run_dir: Path, held: dict[str, bool]) -> list[dict]:
         return rows
     clients = clients[clients["round"] == clients["round"].max()].copy()
     clients["held_out"] = clients["population"].map(held).fillna(False).astype(bool)
-    groups = [((p,), g) for p, g in clients.groupby("population")]
+    groups: list[tuple[tuple[Any, ...], pd.DataFrame]] = [((p,), g) for p, g in clients.groupby("population")]
     groups += [((None, h), g) for h, g in clients.groupby("held_out")]
     for key, g in groups:
         population = key[0]
@@ -324,7 +325,7 @@ def _relative_changes(rows: list[dict], at: dict, context: str, knowledge: str, 
         if not means:
             continue
         pick = min if MORE_PRIVATE[metric] == "min" else max
-        best = pick(means, key=means.get)
+        best = pick(means, key=lambda b: means[b])
         mine, theirs = at[(proposed, metric)], at[(best, metric)]
         rel = np.array([(mine[s] - theirs[s]) / abs(theirs[s]) * 100 for s in mine
                         if s in theirs and theirs[s] != 0], dtype=float)
@@ -392,7 +393,7 @@ def by_population(cells: pd.DataFrame, metrics: pd.DataFrame, points: pd.DataFra
         sel = final[final["cell"].isin(mine["cell"])]
         for population, g in sel.groupby("population", sort=True):
             held = bool(g["held_out"].dropna().iloc[0]) if g["held_out"].notna().any() else False
-            specs = [("local_val_accuracy", None), ("test_accuracy", None)]
+            specs: list[tuple[str, tuple[str, str] | None]] = [("local_val_accuracy", None), ("test_accuracy", None)]
             specs += [(f"{metric}:{k}", (metric, k))
                       for k in knowledges(metrics) for metric in ("attacker_acc", "psnr")]
             for name, attack_spec in specs:
@@ -417,7 +418,8 @@ def population_gaps(cells: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     populations' test sets. Privacy: the worst attack per knowledge, on
     training victims vs held-out probes (``attacks.held_out_victims``).
     """
-    specs = [("local_val_accuracy", None, None), ("test_accuracy", None, None)]
+    specs: list[tuple[str, str | None, str | None]] = [("local_val_accuracy", None, None),
+                                                        ("test_accuracy", None, None)]
     specs += [(metric, "worst", k) for k in knowledges(metrics) for metric in ("attacker_acc", "psnr", "mse")]
     final = metrics[metrics["round"].isna()]
     rows = []

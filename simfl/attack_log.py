@@ -48,8 +48,8 @@ class AttackLog:
         self.rows: dict[int, list[dict]] = {}  # finished rows of rounds with jobs left
         self.grid: dict[int, tuple[int, dict]] = {}  # per round: the grids of its lowest-client job
         purge = None
+        rerun_rounds = rerun_rounds or set()
         if resumed_round is not None:
-            rerun_rounds = rerun_rounds or set()
             purge = min(rerun_rounds | {resumed_round + 1})
         self.tb = SummaryWriter(str(self.run_dir / "tensorboard" / "attacks"), purge_step=purge)
         if purge is not None:

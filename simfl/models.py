@@ -90,7 +90,7 @@ class SplitNet(nn.Module):
     def __init__(self, encoder: nn.Module, latent_dim: int, num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.latent = nn.Identity()
+        self.latent: nn.Module = nn.Identity()  # a defence may swap in its own layer
         self.head = nn.Linear(latent_dim, num_classes)
         self.latent_dim = latent_dim
 

@@ -149,7 +149,7 @@ def population_section(frame: pd.DataFrame, pngs: dict[str, Path | None], gaps: 
 
 def reconstruction_png(run_dir: Path) -> tuple[str, Path] | None:
     """The earliest round's saved grid, from the strongest attacker there is (adaptive first)."""
-    found = {}
+    found: dict[str, list[tuple[int, int, Path]]] = {}
     for png in sorted((run_dir / "reconstructions").glob("round*_client*.png")):
         m = re.fullmatch(r"round(\d+)_(.+)_client(\d+)\.png", png.name)
         if m:
@@ -223,9 +223,9 @@ def reconstruction_section(done: pd.DataFrame, points: pd.DataFrame, fig_dir: Pa
         items.append((f"{p.defence} ({p.setting}, {p.context}) · {what} · cell {first['cell']}", png))
         rows.append([p.context, p.defence, p.setting, first["cell"], what, f"`{png}`"])
     out = ["## Example reconstructions", ""]
-    png = figures.reconstruction_grid(items, fig_dir / "reconstructions.png")
-    if png is not None:
-        out += [f"![reconstructions]({png.parent.name}/{png.name})", ""]
+    grid = figures.reconstruction_grid(items, fig_dir / "reconstructions.png")
+    if grid is not None:
+        out += [f"![reconstructions]({grid.parent.name}/{grid.name})", ""]
     return out + table(["context", "defence", "setting", "cell", "attack", "file"], rows) + [""]
 
 

@@ -116,6 +116,7 @@ def load_study(path: str | Path) -> tuple[StudyConfig, dict[str, Any]]:
         if not isinstance(base, dict):
             raise UserError(f"study: base: {base_path} must hold a YAML mapping at the top level")
     else:
+        assert study.scenario is not None  # StudyConfig requires base or scenario
         base = dict(study.scenario)
     return study, base
 

@@ -174,6 +174,7 @@ def train_client(
     optimizer = defence.optimizer(model, cfg, generator, len(y))
     defence.begin(model, generator)
     mu = cfg.algorithm.mu if cfg.algorithm.kind == "fedprox" else 0.0
+    assert mu is not None  # AlgorithmConfig requires mu for fedprox
     anchor = global_weights.to(device)[flat.trainable] if mu else None
     # Running sums stay on the device: one host sync per client, not several per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -30,6 +30,12 @@ class GradientSharer(Protocol):
         ...
 
 
+def chw_shape(images: torch.Tensor) -> tuple[int, int, int]:
+    """(C, H, W) of a batch of images (B, C, H, W)."""
+    channels, height, width = images.shape[1:]
+    return channels, height, width
+
+
 @dataclass(frozen=True)
 class Observation:
     """One victim's shared vector and what the attacker knows about how it was made.
@@ -119,7 +125,7 @@ def observe_gradient(
         shared=shared.detach(),
         view="gradient",
         batch_size=len(y),
-        image_shape=tuple(x.shape[1:]),
+        image_shape=chw_shape(x),
         labels=y.detach().clone(),
     )
 
@@ -162,7 +168,7 @@ def observe_update(
         shared=shared.detach().clone(),
         view="update",
         batch_size=len(y),
-        image_shape=tuple(x.shape[1:]),
+        image_shape=chw_shape(x),
         labels=y.detach().clone(),
         lr=lr,
         local_steps=local_steps,

@@ -112,10 +112,17 @@ class Decoder(nn.Module):
         return out[..., : self.size, : self.size]
 
 
+def noise_layer(model: nn.Module) -> LatentNoise:
+    """The model's latent noise layer (:meth:`LatentDefence.build` put it in the latent slot)."""
+    layer = model.latent
+    assert isinstance(layer, LatentNoise), f"not a latent-defended model: its latent layer is {type(layer).__name__}"
+    return layer
+
+
 def latent_off(model: nn.Module) -> nn.Module:
     """Naive attacker: the architecture without the defence (the latent layer an identity)."""
     module = copy.deepcopy(model)
-    module.latent.mode = "off"
+    noise_layer(module).mode = "off"
     return module
 
 
@@ -131,8 +138,9 @@ class KnownVictim(nn.Module):
 
     def __init__(self, model: SplitNet, draws: torch.Tensor, decoder: Decoder | None) -> None:
         super().__init__()
-        self.encoder, self.latent, self.head = model.encoder, model.latent, model.head
-        self.latent.draws = draws
+        latent = noise_layer(model)
+        self.encoder, self.latent, self.head = model.encoder, latent, model.head
+        latent.draws = draws
         self.copies = len(draws)
         self.decoder = [decoder]  # in a list: not a submodule, so never among the differentiated weights
 
@@ -148,7 +156,7 @@ class KnownVictim(nn.Module):
         return torch.cat([logits, error], dim=1)
 
 
-def known_victim(model: nn.Module, draws: torch.Tensor, decoder: Decoder | None) -> nn.Module:
+def known_victim(model: SplitNet, draws: torch.Tensor, decoder: Decoder | None) -> nn.Module:
     """Adaptive attacker's module (a ``Disclosure.model_wrapper``): a copy of ``model`` as the victim ran it."""
     device = next(model.parameters()).device
     return KnownVictim(copy.deepcopy(model), draws, decoder.to(device) if decoder is not None else None)
@@ -243,6 +251,11 @@ class LatentDefence(Defence):
             self.decoder_flat = FlatWeights(self.decoder)
         return self.decoder
 
+    def _decoder_weights(self) -> FlatWeights:
+        """D's weights as one vector; D exists from ``server_setup`` (coordinator) or the first ``receive``."""
+        assert self.decoder_flat is not None, "latent defence: no decoder yet"
+        return self.decoder_flat
+
     # ------------------------------------------------------------ client side
 
     def receive(self, broadcast: dict[str, Any], device: torch.device) -> None:
@@ -250,15 +263,15 @@ class LatentDefence(Defence):
         decoder = self._decoder(device)
         decoder.requires_grad_(False)  # clients never compute D's gradient
         decoder.eval()
-        self.decoder_flat.load(broadcast["decoder"].to(device))
+        self._decoder_weights().load(broadcast["decoder"].to(device))
         self.lam = float(broadcast["lam"])
 
-    def begin(self, model: SplitNet, generator: torch.Generator) -> None:
+    def begin(self, model: nn.Module, generator: torch.Generator) -> None:
         """Draw the latent noise from the client's generator."""
-        model.latent.generator = generator
+        noise_layer(model).generator = generator
 
     def optimizer(
-        self, model: SplitNet, cfg: TrainingConfig, generator: torch.Generator, n: int
+        self, model: nn.Module, cfg: TrainingConfig, generator: torch.Generator, n: int
     ) -> torch.optim.Optimizer:
         """The client's optimiser, with the noise parameters at their own learning rate ``sigma_lr``.
 
@@ -266,17 +279,18 @@ class LatentDefence(Defence):
         smaller than the weights'; at the weights' learning rate σ would not move
         within a run, and the knob would be a constant.
         """
-        noise = list(model.latent.parameters())
+        noise = list(noise_layer(model).parameters())
         rest = [p for p in model.parameters() if all(p is not q for q in noise)]
         return make_optimizer(model, cfg, [{"params": rest},
                                            {"params": noise, "lr": self.cfg.sigma_lr, "weight_decay": 0.0}])
 
     def objective(
-        self, model: SplitNet, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+        self, model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """CE − λ·MSE(D(z'), x) with D frozen; logs the reconstruction error."""
         if self.decoder is None:
             raise RuntimeError("latent defence: no decoder received from the coordinator yet")
+        assert isinstance(model, SplitNet)  # the model build() made
         perturbed = model.features(x)
         logits = model.head(perturbed)
         ce = F.cross_entropy(logits, y)
@@ -303,7 +317,7 @@ class LatentDefence(Defence):
         was = model.training
         model.eval()
         model.latent.train()
-        model.latent.generator = generator
+        noise_layer(model).generator = generator
         try:
             with torch.no_grad():
                 return model.features(x)
@@ -314,20 +328,22 @@ class LatentDefence(Defence):
         device = next(model.parameters()).device
         gen = torch_generator(self.seed, "decoder-train", round_)
         batch = min(self.cfg.decoder_batch, len(self.aux_train))
-        self.decoder.train()
+        decoder = self.decoder
+        assert decoder is not None  # made in server_setup
+        decoder.train()
         for _ in range(self.cfg.decoder_steps):
             idx = torch.randperm(len(self.aux_train), generator=gen)[:batch]
             x = to_input(self.aux_train[idx], device)
-            loss = F.mse_loss(self.decoder(self._perturbed(model, x, gen)), x)
+            loss = F.mse_loss(decoder(self._perturbed(model, x, gen)), x)
             self.decoder_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.decoder_optimizer.step()
-        self.decoder.eval()
+        decoder.eval()
         x = to_input(self.aux_held, device)
         held_gen = torch_generator(self.seed, "decoder-held")  # the same noise every round: comparable figures
         with torch.no_grad():
-            mse = float(F.mse_loss(self.decoder(self._perturbed(model, x, held_gen)), x))
-            sigma = model.latent.sigma()
+            mse = float(F.mse_loss(decoder(self._perturbed(model, x, held_gen)), x))
+            sigma = noise_layer(model).sigma()
         return {"decoder_mse_server": mse, "sigma_mean": float(sigma.mean()), "sigma_min": float(sigma.min()),
                 "sigma_max": float(sigma.max())}
 
@@ -344,16 +360,16 @@ class LatentDefence(Defence):
 
     def broadcast(self) -> dict[str, Any]:
         """D's weights and λ, for the clients' privacy term."""
-        return {"decoder": self.decoder_flat.snapshot().cpu(), "lam": self.lam}
+        return {"decoder": self._decoder_weights().snapshot().cpu(), "lam": self.lam}
 
     def server_state(self) -> dict[str, Any]:
         """D's weights, its optimiser state and λ."""
-        return {"decoder": self.decoder_flat.snapshot().cpu(), "optimizer": self.decoder_optimizer.state_dict(),
+        return {"decoder": self._decoder_weights().snapshot().cpu(), "optimizer": self.decoder_optimizer.state_dict(),
                 "lam": self.lam}
 
     def load_server_state(self, state: dict[str, Any]) -> None:
         """Restore D, its optimiser and λ from :meth:`server_state`."""
-        self.decoder_flat.load(state["decoder"])
+        self._decoder_weights().load(state["decoder"])
         self.decoder_optimizer.load_state_dict(state["optimizer"])
         self.lam = float(state["lam"])
 
