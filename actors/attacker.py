@@ -14,20 +14,21 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 from ray.exceptions import RayActorError
 
-from simfl.attacks import adapt, build_attack
 from simfl.attack_log import attack_label
+from simfl.attacks import Attack, adapt, build_attack
 from simfl.attacks.victim import Victim
 from simfl.config import AttackPoolConfig
 from simfl.data import Dataset
+from simfl.defences import defended_model
 from simfl.evaluator import Evaluator
 from simfl.metrics import score_batch
-from simfl.defences import defended_model
 from simfl.resources import actor_device, torch_threads, within_gpu_share
 from simfl.scenario import Scenario
 from simfl.seeding import derive_seed, torch_generator
@@ -51,6 +52,7 @@ class AttackerKnowledge:
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, evaluator: Evaluator) -> AttackerKnowledge:
+        """What an attacker holds of ``dataset``: image shape, class count, and the validation split's mean image."""
         # uint8 summed in float64 by numpy: no float copy of the whole split (GBs at 224 px).
         mean = torch.from_numpy(dataset.val_x.mean(axis=0, dtype=np.float64) / 255.0).permute(2, 0, 1).float()
         return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, evaluator)
@@ -58,10 +60,15 @@ class AttackerKnowledge:
 
 @ray.remote
 class Attacker:
+    """An attacker actor: runs every configured attack on a round's victims and scores the reconstructions."""
+
     def __init__(self, scenario: dict, index: int, knowledge: AttackerKnowledge) -> None:
         # Stateless between jobs and built from small by-value arguments, so Ray can restart it alone.
         self.sc = Scenario.model_validate(scenario)
-        pool = self.sc.attacks.pool
+        attacks = self.sc.attacks
+        assert attacks is not None  # attacker actors exist only for scenarios that attack
+        self.attacks = attacks
+        pool = attacks.pool
         torch.set_num_threads(torch_threads(pool.cpus_per_actor))
         self.device = actor_device(pool.gpus_per_actor)
         self.index = index
@@ -72,12 +79,12 @@ class Attacker:
         self.model = model.to(self.device)
         self.flat = FlatWeights(self.model)
         self.classifier = self.evaluator.model(*knowledge.shape, self.device)
-        self.methods = {m.kind: build_attack(m) for m in self.sc.attacks.methods}
+        self.methods = {m.kind: build_attack(m) for m in attacks.methods}
 
-    def _attacks(self, context: dict | None) -> dict[tuple[str, str], object]:
+    def _attacks(self, context: dict | None) -> dict[tuple[str, str], Attack]:
         """Every attack naive; and adaptive too when the defence discloses anything (given the round's broadcast)."""
         naive, adaptive = self.defence.naive_view(), self.defence.disclosure(context)
-        attacks = {}
+        attacks: dict[tuple[str, str], Attack] = {}
         for kind, attack in self.methods.items():
             attacks[(kind, "naive")] = adapt(attack, naive)
             if adaptive is not None:
@@ -89,7 +96,7 @@ class Attacker:
 
         ``context``: the defence's broadcast of the victims' round, which an adaptive attacker uses.
         """
-        with within_gpu_share("attacks.pool.gpus_per_actor", self.sc.attacks.pool.gpus_per_actor,
+        with within_gpu_share("attacks.pool.gpus_per_actor", self.attacks.pool.gpus_per_actor,
                               f"attacker {self.index}"):
             return self._attack(victims, context)
 
@@ -106,13 +113,13 @@ class Attacker:
                 recon = result.images[i].detach().cpu()
                 orig = v.images
                 gen = torch_generator(self.sc.seed, "attack-baseline", v.client_id, v.round)
-                scored = score_batch(recon, orig, v.labels, result.labels[i].cpu(), self.classifier,
-                                     self.mean_image, gen)
+                scored: list[dict[str, Any]] = score_batch(recon, orig, v.labels, result.labels[i].cpu(),
+                                                           self.classifier, self.mean_image, gen)
                 for row in scored:
                     row.update(
                         round=v.round, client_id=v.client_id, attack=kind, knowledge=knowledge,
                         defence=self.sc.defence.kind, view=v.observation.view,
-                        labels=self.sc.attacks.labels, batch_size=v.observation.batch_size,
+                        labels=self.attacks.labels, batch_size=v.observation.batch_size,
                         iterations=int(result.iterations[i]), objective=float(result.objective[i]),
                         evaluator_test_accuracy=self.evaluator.test_accuracy, victims_in_job=len(victims),
                         attacker=self.index, attack_s=result.seconds, finished_at=finished,
@@ -139,9 +146,11 @@ class AttackPool:
         cls, scenario: dict, knowledge: AttackerKnowledge, run_tag: str, on_done: Callable[[dict, dict], None]
     ) -> AttackPool:
         """Start the scenario's attacker actors (named ``<run_tag>/attacker-<i>``)."""
-        pool = Scenario.model_validate(scenario).attacks.pool
+        attacks = Scenario.model_validate(scenario).attacks
+        assert attacks is not None  # a pool starts only for scenarios that attack
+        pool = attacks.pool
         actors = [
-            Attacker.options(
+            Attacker.options(  # type: ignore[attr-defined]  # Ray's decorator adds .options
                 num_cpus=pool.cpus_per_actor,
                 num_gpus=pool.gpus_per_actor,
                 max_restarts=-1,
@@ -213,5 +222,6 @@ class AttackPool:
         return sorted((job for _, job in self.pending.values()), key=lambda j: j["submitted_at"])
 
     def stop(self) -> None:
+        """Kill the attacker actors; jobs still pending are abandoned."""
         for actor in self.actors:
             ray.kill(actor)

@@ -24,6 +24,8 @@ class ShardNotAttached(RuntimeError):
 
 @ray.remote
 class ClientShard:
+    """A client actor: a :class:`~simfl.client_worker.ClientWorker` behind Ray, refusing calls until attached."""
+
     def __init__(self, scenario: dict, shard: int, client_ids: list[int]) -> None:
         sc = Scenario.model_validate(scenario)
         torch.set_num_threads(torch_threads(sc.resources.cpus_per_actor))
@@ -44,7 +46,9 @@ class ClientShard:
         return self.worker
 
     def train(self, task: TrainTask, weights: np.ndarray, broadcast: dict | None = None) -> list[ClientReply]:
+        """Train the task's clients (see :meth:`ClientWorker.train <simfl.client_worker.ClientWorker.train>`)."""
         return self._attached().train(task, weights, broadcast)
 
     def evaluate(self, round_: int, weights: np.ndarray, clients: list[int]) -> list[EvalReply]:
+        """Evaluate the global model on the clients' local validation splits."""
         return self._attached().evaluate(round_, weights, clients)

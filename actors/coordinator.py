@@ -43,6 +43,8 @@ from simfl.weights import FlatWeights
 
 @ray.remote
 class Coordinator:
+    """The run's coordinator actor (see the module docstring): ``run_round`` until it returns None, then ``finish``."""
+
     def __init__(self, scenario: dict, run_dir: str, refs: dict, n_actors: int, resume: bool) -> None:
         # ``refs`` wraps the dataset and partition object refs, so Ray hands them to us
         # unresolved and each client actor fetches them from the object store itself.

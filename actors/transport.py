@@ -104,12 +104,15 @@ class RayTransport:
         return [reply for reply, _, _ in replies], reruns
 
     def evaluate(self, round_: int, weights: torch.Tensor, clients: np.ndarray) -> list[EvalReply]:
+        """The global model on each client's local validation split, sorted by client id."""
         weights_ref = ray.put(weights.numpy())
         replies, _ = self._dispatch("evaluate", round_, clients,
                                     lambda shard, chunk: self.actors[shard].evaluate.remote(round_, weights_ref, chunk))
         return [reply for reply, _, _ in replies]
 
-    def _dispatch(self, what: str, round_: int, clients: np.ndarray, call: Any) -> tuple[list[tuple[Any, int, int]], int]:
+    def _dispatch(
+        self, what: str, round_: int, clients: np.ndarray, call: Any
+    ) -> tuple[list[tuple[Any, int, int]], int]:
         """Run ``call(shard, chunk)`` over the actors until every client is done; re-run the chunks of dead actors.
 
         Returns (reply, shard, incarnation) per client sorted by client id, and how many chunks were re-run.
@@ -164,5 +167,6 @@ class RayTransport:
         return done, reruns
 
     def stop(self) -> None:
+        """Kill the client actors."""
         for actor in self.actors:
             ray.kill(actor)

@@ -35,6 +35,7 @@ import torch
 from simfl.attacks import InvertingGradients, Observation, observe_gradient
 from simfl.config import ModelConfig
 from simfl.models import build_model
+from simfl.run import main as run
 from simfl.weights import FlatWeights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +85,10 @@ def batched_vs_single(args: argparse.Namespace) -> dict:
     for case, shared in (("shared weights", True), ("different weights", False)):
         model, flat, observations = smoke_victims(args.victims, shared)
 
-        def batched() -> None:
+        def batched(model=model, flat=flat, observations=observations) -> None:
             attack(model, flat, observations, seeds)
 
-        def single() -> None:
+        def single(model=model, flat=flat, observations=observations) -> None:
             for obs, seed in zip(observations, seeds, strict=True):
                 attack(model, flat, [obs], [seed])
 
@@ -112,8 +113,6 @@ def training_slowdown(args: argparse.Namespace) -> dict:
     Returns the two medians, their ratio, how many victims were sent and
     dropped, and how many attack jobs finished while training was still going.
     """
-    from simfl.run import main as run
-
     rounds = 4 if args.quick else 16
     out = Path(tempfile.mkdtemp(prefix="simfl-bench-attacks-"))
     common = [
@@ -123,9 +122,9 @@ def training_slowdown(args: argparse.Namespace) -> dict:
     ]
     if args.quick:  # a small validation split: the evaluation classifier trains in seconds
         common += ["--set", "data.synthetic.val_size=200", "--set", f"data.root={out / 'data'}"]
-    attacks = "{methods: [{kind: ig, iterations: %d}], victims: 4, every: 2, pool: {max_pending: 2, when_full: drop}}" % (
-        20 if args.quick else 300
-    )
+    iterations = 20 if args.quick else 300
+    attacks = (f"{{methods: [{{kind: ig, iterations: {iterations}}}], victims: 4, every: 2, "
+               "pool: {max_pending: 2, when_full: drop}}")
     runs = {}
     for name, setting in (("without", "attacks=null"), ("with", f"attacks={attacks}")):
         if run([*common, "--set", f"output.name={name}-attacks", "--set", setting]) != 0:

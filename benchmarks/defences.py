@@ -51,7 +51,8 @@ def server_data(n: int) -> Dataset:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
     y = rng.integers(0, SHAPE[2], n)
-    return Dataset.from_splits("bench", [str(c) for c in range(SHAPE[2])], {s: (x, y) for s in ("train", "val", "test")})
+    splits = {s: (x, y) for s in ("train", "val", "test")}
+    return Dataset.from_splits("bench", [str(c) for c in range(SHAPE[2])], splits)
 
 
 def time_training(kind: str, data: list, cfg: TrainingConfig) -> tuple[float, float]:

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from simfl.client_data import client_data
-from simfl.scenario import parse_scenario
 from simfl.models import build_model
-from simfl.run import Prepared, prepare, start_coordinator, write_run_header
 from simfl.round import sample_cohort
+from simfl.run import Prepared, prepare, start_coordinator, write_run_header
+from simfl.scenario import parse_scenario
 from simfl.seeding import torch_generator
 from simfl.training import batch_order
 

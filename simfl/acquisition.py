@@ -128,9 +128,9 @@ def apply_shift(images: np.ndarray, shift: ShiftConfig, devices: Devices, noise_
         raise ValueError(
             f"devices have {len(devices)} rows x {devices.gain.shape[1]} channels; images are {n} x {c}"
         )
-    mh, mw = _spatial_matrix(h, shift), _spatial_matrix(w, shift)
-    mh = None if mh is None else torch.tensor(mh, dtype=torch.float32)
-    mw_t = None if mw is None else torch.tensor(mw.T, dtype=torch.float32)
+    mh_np, mw_np = _spatial_matrix(h, shift), _spatial_matrix(w, shift)
+    mh = None if mh_np is None else torch.tensor(mh_np, dtype=torch.float32)
+    mw_t = None if mw_np is None else torch.tensor(mw_np.T, dtype=torch.float32)
     gen = torch.Generator().manual_seed(noise_seed)
     noise = torch.empty((min(n, _CHUNK), c, h, w)) if shift.noise > 0 else None
     out = np.empty_like(images)

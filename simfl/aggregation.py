@@ -57,8 +57,10 @@ class ServerOptimizer:
         return new
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The FedAdam/FedYogi moment estimates (copies), for a checkpoint."""
         return {"m": self.m.clone(), "v": self.v.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the moment estimates of :meth:`state_dict`."""
         self.m.copy_(state["m"])
         self.v.copy_(state["v"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -99,7 +100,7 @@ def _eval_rows(run_dir: Path, held: dict[str, bool]) -> list[dict]:
         return rows
     clients = clients[clients["round"] == clients["round"].max()].copy()
     clients["held_out"] = clients["population"].map(held).fillna(False).astype(bool)
-    groups = [((p,), g) for p, g in clients.groupby("population")]
+    groups: list[tuple[tuple[Any, ...], pd.DataFrame]] = [((p,), g) for p, g in clients.groupby("population")]
     groups += [((None, h), g) for h, g in clients.groupby("held_out")]
     for key, g in groups:
         population = key[0]
@@ -144,8 +145,9 @@ def _attack_rows(attacks: pd.DataFrame) -> list[dict]:
 def cell_entry(name: str, run_dir: Path, labels: dict[str, str]) -> dict:
     """One row of the cells table: what a cell is (its axes' labels, defence, knobs, seed) and where."""
     sc = load_scenario(Path(run_dir) / "scenario.yaml")
-    return {"cell": name, "status": cell_status(run_dir), "run_dir": str(run_dir), "seed": sc.seed, "defence": sc.defence.kind,
-            "knobs": json.dumps(sc.defence.knobs(), sort_keys=True), "_defence_cfg": sc.defence.model_dump_json(),
+    return {"cell": name, "status": cell_status(run_dir), "run_dir": str(run_dir), "seed": sc.seed,
+            "defence": sc.defence.kind, "knobs": json.dumps(sc.defence.knobs(), sort_keys=True),
+            "_defence_cfg": sc.defence.model_dump_json(),
             **{f"axis.{a}": lab for a, lab in labels.items()}}
 
 
@@ -192,6 +194,7 @@ def study_metrics(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def cell_status(run_dir: Path) -> str:
+    """``finished`` (final weights saved), ``incomplete`` (rounds written) or ``not run``."""
     if (Path(run_dir) / "final_weights.pt").is_file():
         return "finished"
     return "incomplete" if (Path(run_dir) / "rounds").is_dir() else "not run"
@@ -300,7 +303,8 @@ def matched_utility(cells: pd.DataFrame, metrics: pd.DataFrame, target: float, u
                     at[(defence, metric)] = per_seed
                     mean, low, high = seed_interval(np.array(list(per_seed.values())), metric)
                     reached = int(np.sum(~np.isnan(list(per_seed.values()))))
-                    u = seed_interval(g.groupby("seed")["utility"].mean().to_numpy())[0] if defence == "none" else target
+                    u = (seed_interval(g.groupby("seed")["utility"].mean().to_numpy())[0] if defence == "none"
+                         else target)
                     span = (float(np.nanmin(g["utility"])), float(np.nanmax(g["utility"])))
                     rows.append({"context": context, "knowledge": knowledge, "defence": defence, "metric": metric,
                                  "utility": u, "utility_range": span, "value": mean, "low": low, "high": high,
@@ -321,7 +325,7 @@ def _relative_changes(rows: list[dict], at: dict, context: str, knowledge: str, 
         if not means:
             continue
         pick = min if MORE_PRIVATE[metric] == "min" else max
-        best = pick(means, key=means.get)
+        best = pick(means, key=lambda b: means[b])
         mine, theirs = at[(proposed, metric)], at[(best, metric)]
         rel = np.array([(mine[s] - theirs[s]) / abs(theirs[s]) * 100 for s in mine
                         if s in theirs and theirs[s] != 0], dtype=float)
@@ -332,7 +336,8 @@ def _relative_changes(rows: list[dict], at: dict, context: str, knowledge: str, 
             ours = seed_interval(np.array(list(mine.values())))[0]
             mean, low, high = (ours - means[best]) / abs(means[best]) * 100 if means[best] else np.nan, np.nan, np.nan
         for row in rows:
-            if (row["context"], row["knowledge"], row["defence"], row["metric"]) == (context, knowledge, proposed, metric):
+            key = (row["context"], row["knowledge"], row["defence"], row["metric"])
+            if key == (context, knowledge, proposed, metric):
                 row.update(baseline=best, relative_change=mean, relative_low=low, relative_high=high,
                            relative_paired=paired)
 
@@ -364,7 +369,8 @@ def attack_by_round(cells: pd.DataFrame, metrics: pd.DataFrame, points: pd.DataF
     m = metrics[metrics["round"].notna() & (metrics["attack"] == "worst") & metrics["population"].isna()
                 & (metrics["held_out"] == False)]  # noqa: E712 (nullable boolean)
     for p in points.itertuples():
-        mine = cells[(cells["context"] == p.context) & (cells["defence"] == p.defence) & (cells["setting"] == p.setting)]
+        mine = cells[(cells["context"] == p.context) & (cells["defence"] == p.defence)
+                     & (cells["setting"] == p.setting)]
         sel = m[m["cell"].isin(mine["cell"])]
         for (metric, knowledge, r), g in sel.groupby(["metric", "knowledge", "round"]):
             if metric not in metric_names:
@@ -382,17 +388,20 @@ def by_population(cells: pd.DataFrame, metrics: pd.DataFrame, points: pd.DataFra
     rows = []
     final = metrics[metrics["round"].isna() & metrics["population"].notna()]
     for p in points.itertuples():
-        mine = cells[(cells["context"] == p.context) & (cells["defence"] == p.defence) & (cells["setting"] == p.setting)]
+        mine = cells[(cells["context"] == p.context) & (cells["defence"] == p.defence)
+                     & (cells["setting"] == p.setting)]
         sel = final[final["cell"].isin(mine["cell"])]
         for population, g in sel.groupby("population", sort=True):
             held = bool(g["held_out"].dropna().iloc[0]) if g["held_out"].notna().any() else False
-            specs = [("local_val_accuracy", None), ("test_accuracy", None)]
-            specs += [(f"{metric}:{k}", (metric, k)) for k in knowledges(metrics) for metric in ("attacker_acc", "psnr")]
+            specs: list[tuple[str, tuple[str, str] | None]] = [("local_val_accuracy", None), ("test_accuracy", None)]
+            specs += [(f"{metric}:{k}", (metric, k))
+                      for k in knowledges(metrics) for metric in ("attacker_acc", "psnr")]
             for name, attack_spec in specs:
                 if attack_spec is None:
                     rs = g[(g["metric"] == name) & g["attack"].isna()]
                 else:
-                    rs = g[(g["metric"] == attack_spec[0]) & (g["attack"] == "worst") & (g["knowledge"] == attack_spec[1])]
+                    rs = g[(g["metric"] == attack_spec[0]) & (g["attack"] == "worst")
+                           & (g["knowledge"] == attack_spec[1])]
                 if not len(rs):
                     continue
                 mean, low, high, over = over_seeds(mine, rs)
@@ -409,7 +418,8 @@ def population_gaps(cells: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     populations' test sets. Privacy: the worst attack per knowledge, on
     training victims vs held-out probes (``attacks.held_out_victims``).
     """
-    specs = [("local_val_accuracy", None, None), ("test_accuracy", None, None)]
+    specs: list[tuple[str, str | None, str | None]] = [("local_val_accuracy", None, None),
+                                                        ("test_accuracy", None, None)]
     specs += [(metric, "worst", k) for k in knowledges(metrics) for metric in ("attacker_acc", "psnr", "mse")]
     final = metrics[metrics["round"].isna()]
     rows = []

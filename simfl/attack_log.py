@@ -30,6 +30,8 @@ def attack_label(kind: str, knowledge: str) -> str:
 
 
 class AttackLog:
+    """Where finished attack jobs go: the attacks table, per-round TensorBoard means, reconstruction grids."""
+
     def __init__(
         self,
         run_dir: Path,
@@ -46,8 +48,8 @@ class AttackLog:
         self.rows: dict[int, list[dict]] = {}  # finished rows of rounds with jobs left
         self.grid: dict[int, tuple[int, dict]] = {}  # per round: the grids of its lowest-client job
         purge = None
+        rerun_rounds = rerun_rounds or set()
         if resumed_round is not None:
-            rerun_rounds = rerun_rounds or set()
             purge = min(rerun_rounds | {resumed_round + 1})
         self.tb = SummaryWriter(str(self.run_dir / "tensorboard" / "attacks"), purge_step=purge)
         if purge is not None:
@@ -118,7 +120,9 @@ class AttackLog:
             self.tb.add_scalar(f"attack/{kind}/label_accuracy", label, r)
 
     def flush(self) -> None:
+        """Write pending TensorBoard events to disk."""
         self.tb.flush()
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
         self.tb.close()

@@ -39,8 +39,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         return []
-    found = (p for p in directory.iterdir() if _NAME.fullmatch(p.name))
-    return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))  # round 1000000 sorts last
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found, key=lambda item: item[0])]  # round 1000000 sorts last
 
 
 def load_latest(run_dir: Path) -> dict[str, Any] | None:

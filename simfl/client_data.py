@@ -20,6 +20,8 @@ from simfl.seeding import derive_seed
 
 @dataclass(frozen=True)
 class ClientData:
+    """One client's images and labels as its acquisition device shows them: train and local validation splits."""
+
     x: torch.Tensor  # (n_train, H, W, C) uint8
     y: torch.Tensor  # (n_train,) int64
     val_x: torch.Tensor
@@ -32,7 +34,9 @@ def _shifted(images: np.ndarray, shift: ShiftConfig, devices: Devices, noise_see
     return apply_shift(images, shift, devices, noise_seed)
 
 
-def client_data(dataset: Dataset, partition: Partition, shifts: list[ShiftConfig], seed: int, client: int) -> ClientData:
+def client_data(
+    dataset: Dataset, partition: Partition, shifts: list[ShiftConfig], seed: int, client: int
+) -> ClientData:
     """Gather client ``client``'s samples and pass them through its own acquisition device."""
     shift = shifts[int(partition.client_population[client])]
     lo, hi = partition.offsets[client], partition.offsets[client + 1]
@@ -51,7 +55,9 @@ def client_data(dataset: Dataset, partition: Partition, shifts: list[ShiftConfig
     return ClientData(x=x[:n_train], y=y[:n_train], val_x=x[n_train:], val_y=y[n_train:])
 
 
-def population_test_set(dataset: Dataset, shift: ShiftConfig, seed: int, population: int) -> tuple[torch.Tensor, torch.Tensor]:
+def population_test_set(
+    dataset: Dataset, shift: ShiftConfig, seed: int, population: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split as seen through a population's devices: one device drawn per test image."""
     n = len(dataset.test_y)
     devices = draw_devices(shift, seed, f"test-device-{population}", np.arange(n), dataset.channels)

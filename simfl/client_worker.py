@@ -74,6 +74,7 @@ class ClientWorker:
 
     @property
     def attached(self) -> bool:
+        """Whether :meth:`attach` has run (a restarted actor's worker has not)."""
         return hasattr(self, "flat")
 
     def _data(self, client: int) -> ClientData:

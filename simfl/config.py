@@ -82,6 +82,7 @@ class ShiftConfig(Strict):
 
     @property
     def is_identity(self) -> bool:
+        """Whether the shift leaves images unchanged (all knobs at their defaults)."""
         return self == ShiftConfig()
 
 
@@ -208,6 +209,7 @@ class TrainingConfig(Strict):
         return self
 
     def cohort_size(self, eligible: int) -> int:
+        """Clients per round out of ``eligible``: ``fraction`` of them (at least one), else ``clients_per_round``."""
         if self.fraction is not None:
             return max(1, min(eligible, math.ceil(self.fraction * eligible)))
         return min(eligible, self.clients_per_round or 10)

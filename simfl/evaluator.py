@@ -49,6 +49,7 @@ class Evaluator:
     key: str
 
     def model(self, channels: int, image_size: int, num_classes: int, device: torch.device | str = "cpu") -> nn.Module:
+        """The classifier as an eval-mode module on ``device``."""
         model = build_model(ARCH, channels, image_size, num_classes).to(device)
         FlatWeights(model).load(self.weights.to(device))
         return model.eval()
@@ -58,7 +59,7 @@ def cache_key(dataset: Dataset) -> str:
     """Content hash of what the classifier is trained and tested on, and of how."""
     h = hashlib.sha256()
     for part in (dataset.val_x, dataset.val_y, dataset.test_x, dataset.test_y):
-        h.update(memoryview(np.ascontiguousarray(part)))
+        h.update(np.ascontiguousarray(part).data)
     recipe = [RECIPE_VERSION, ARCH.model_dump_json(), RECIPE.model_dump_json(), *(a.model_dump_json() for a in AUGMENT)]
     h.update("|".join(map(str, recipe)).encode())
     return f"{dataset.name}_{dataset.image_size}px_{h.hexdigest()[:16]}"

@@ -32,6 +32,7 @@ MARKERS = {"none": "*", "dpsgd": "s", "bido": "^", "latent": "o"}
 
 
 def label(name: str) -> str:
+    """Axis label for a metric name (``metric`` or ``metric:knowledge``)."""
     metric, _, knowledge = name.partition(":")
     text = LABELS.get(metric, metric)
     return f"{text}, {knowledge} attacker" if knowledge else text

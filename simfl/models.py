@@ -63,6 +63,7 @@ class AvgPoolTo(nn.Module):
         self.output_size = output_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Average-pool the last two dims of ``x`` to ``output_size`` square."""
         out = self.output_size
         h, w = x.shape[-2:]
         if out == 1:
@@ -79,6 +80,7 @@ class AvgPoolTo(nn.Module):
         return F.avg_pool2d(x, kernel, stride)
 
     def extra_repr(self) -> str:
+        """Shown in the module's repr."""
         return f"output_size={self.output_size}"
 
 
@@ -88,14 +90,16 @@ class SplitNet(nn.Module):
     def __init__(self, encoder: nn.Module, latent_dim: int, num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.latent = nn.Identity()
+        self.latent: nn.Module = nn.Identity()  # a defence may swap in its own layer
         self.head = nn.Linear(latent_dim, num_classes)
         self.latent_dim = latent_dim
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The (perturbed) latent the head sees: ``latent(encoder(x))``."""
         return self.latent(self.encoder(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits: ``head(latent(encoder(x)))``."""
         return self.head(self.features(x))
 
 

@@ -33,6 +33,7 @@ class Partition:
 
     @property
     def num_clients(self) -> int:
+        """Number of clients, over all populations."""
         return int(len(self.client_population))
 
     @property
@@ -41,9 +42,11 @@ class Partition:
         return np.diff(self.offsets)
 
     def train_indices(self, c: int) -> np.ndarray:
+        """Dataset train-split indices of client ``c``'s training samples."""
         return self.indices[self.offsets[c] : self.offsets[c + 1] - self.n_val[c]]
 
     def val_indices(self, c: int) -> np.ndarray:
+        """Dataset train-split indices of client ``c``'s local validation samples."""
         return self.indices[self.offsets[c + 1] - self.n_val[c] : self.offsets[c + 1]]
 
     def to_table(self) -> pa.Table:
@@ -98,6 +101,7 @@ def _label_probs(pop: PopulationConfig, index: int, prior: np.ndarray, g: np.ran
         return np.broadcast_to(prior, (n, k))
     if skew.kind == "dirichlet":
         return g.dirichlet(np.full(k, skew.alpha), size=n)
+    assert skew.classes is not None  # LabelSkew requires classes for shards
     if skew.classes > k:
         raise UserError(
             f"populations.{index}.label_skew.classes: {skew.classes} classes per client, "
@@ -176,16 +180,16 @@ def make_partition(
     supply = np.bincount(labels, minlength=num_classes).astype(np.int64)
     prior = supply / supply.sum()
 
-    probs, counts, start = [], [], 0
+    probs, count_parts, start = [], [], 0
     for i, pop in enumerate(populations):
         g = rng(seed, "labels", i)
         p = _label_probs(pop, i, prior, g)
         p = p / p.sum(axis=1, keepdims=True)
         probs.append(p)
-        counts.append(g.multinomial(sizes[start : start + pop.clients], p))
+        count_parts.append(g.multinomial(sizes[start : start + pop.clients], p))
         start += pop.clients
     counts = _repair_supply(
-        np.concatenate(counts).astype(np.int64), np.concatenate(probs), supply, rng(seed, "repair")
+        np.concatenate(count_parts).astype(np.int64), np.concatenate(probs), supply, rng(seed, "repair")
     )
 
     # Deal each class's shuffled indices to clients in client order, then shuffle within clients.

@@ -76,6 +76,7 @@ class Registry(Generic[P]):
         return add
 
     def kinds(self) -> list[str]:
+        """Registered kinds, in registration order."""
         return list(self.plugins)
 
     def __getitem__(self, kind: str) -> P:

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from simfl import analysis, figures
-from simfl.scenario import load_scenario
 from simfl.errors import UserError
 from simfl.markdown import DIGITS, fmt, fmt_interval, table
+from simfl.scenario import load_scenario
 from simfl.study_spec import ComparisonConfig, load_study, study_cells
 
 EXIT_USER_ERROR = 2
@@ -34,7 +34,8 @@ def load_source(path: Path) -> tuple[str, pd.DataFrame, dict]:
         raise UserError(f"{path}: not a run, arms or study directory (no scenario.yaml or study.yaml)")
     sc = load_scenario(path / "scenario.yaml")
     if sc.arms is not None:
-        entries = [analysis.cell_entry(a, path / a, {"arm": a}) for a in sc.arms if (path / a / "scenario.yaml").is_file()]
+        entries = [analysis.cell_entry(a, path / a, {"arm": a})
+                   for a in sc.arms if (path / a / "scenario.yaml").is_file()]
         if not entries:
             raise UserError(f"{path}: no arm of this scenario has started yet")
         return f"arms of {sc.name}", analysis.cells_frame(entries), ComparisonConfig().model_dump()
@@ -45,6 +46,7 @@ def load_source(path: Path) -> tuple[str, pd.DataFrame, dict]:
 
 
 def matched_section(matched: pd.DataFrame, cmp: dict) -> list[str]:
+    """The report's matched-utility section: text and table."""
     out = [f"## Matched-utility comparison (utility {cmp['utility']} = {cmp['target_accuracy']:g})", "",
            "Privacy of each defence at the target utility, interpolated along each seed's privacy-utility curve "
            "(its knob settings), then averaged over seeds with a 95 % t-interval. A defence whose curve does not "
@@ -102,6 +104,7 @@ def per_context(frame: pd.DataFrame, fig_dir: Path, stem: str, draw) -> dict[str
 
 
 def curve_section(curve: pd.DataFrame, pngs: dict[str, Path | None], cmp: dict) -> list[str]:
+    """The report's privacy-utility section: figures and the points behind them."""
     out = ["## Privacy-utility curves", ""] + _images("privacy-utility curves", pngs)
     rows = []
     for r in curve[curve["metric"].isin(["attacker_acc", "mse", "psnr"])].itertuples():
@@ -113,6 +116,7 @@ def curve_section(curve: pd.DataFrame, pngs: dict[str, Path | None], cmp: dict) 
 
 
 def round_section(frame: pd.DataFrame, pngs: dict[str, Path | None]) -> list[str]:
+    """The report's attack-by-round section: figures and table."""
     out = ["## Attack success by round", "",
            "Each defence at its operating point (the setting nearest the target utility). Early rounds leak most.", ""]
     out += _images("attack by round", pngs)
@@ -124,6 +128,7 @@ def round_section(frame: pd.DataFrame, pngs: dict[str, Path | None]) -> list[str
 
 
 def population_section(frame: pd.DataFrame, pngs: dict[str, Path | None], gaps: pd.DataFrame) -> list[str]:
+    """The report's per-population section: figures, table and generalisation gaps."""
     out = ["## Populations", "",
            "Per population at each defence's operating point. Held-out populations never train; their attack "
            "figures come from held-out clients probed as if they joined (`attacks.held_out_victims`). Intervals are "
@@ -144,7 +149,7 @@ def population_section(frame: pd.DataFrame, pngs: dict[str, Path | None], gaps: 
 
 def reconstruction_png(run_dir: Path) -> tuple[str, Path] | None:
     """The earliest round's saved grid, from the strongest attacker there is (adaptive first)."""
-    found = {}
+    found: dict[str, list[tuple[int, int, Path]]] = {}
     for png in sorted((run_dir / "reconstructions").glob("round*_client*.png")):
         m = re.fullmatch(r"round(\d+)_(.+)_client(\d+)\.png", png.name)
         if m:
@@ -206,6 +211,7 @@ def write_report(path: Path, target: float | None = None, utility_kind: str | No
 
 
 def reconstruction_section(done: pd.DataFrame, points: pd.DataFrame, fig_dir: Path) -> list[str]:
+    """The report's reconstructions: one grid per defence operating point, from its first seed's cell."""
     items, rows = [], []
     for p in points.itertuples():
         mine = done[(done["context"] == p.context) & (done["defence"] == p.defence) & (done["setting"] == p.setting)]
@@ -217,25 +223,28 @@ def reconstruction_section(done: pd.DataFrame, points: pd.DataFrame, fig_dir: Pa
         items.append((f"{p.defence} ({p.setting}, {p.context}) · {what} · cell {first['cell']}", png))
         rows.append([p.context, p.defence, p.setting, first["cell"], what, f"`{png}`"])
     out = ["## Example reconstructions", ""]
-    png = figures.reconstruction_grid(items, fig_dir / "reconstructions.png")
-    if png is not None:
-        out += [f"![reconstructions]({png.parent.name}/{png.name})", ""]
+    grid = figures.reconstruction_grid(items, fig_dir / "reconstructions.png")
+    if grid is not None:
+        out += [f"![reconstructions]({grid.parent.name}/{grid.name})", ""]
     return out + table(["context", "defence", "setting", "cell", "attack", "file"], rows) + [""]
 
 
 def cells_section(cells: pd.DataFrame, metrics: pd.DataFrame, kind: str) -> list[str]:
+    """The report's table of every cell: status, setting, utility, test accuracy, ε and knobs."""
     util = dict(zip(cells["cell"], analysis.utility(cells, metrics, kind))) if len(metrics) else {}
     test = analysis.final_values(metrics, "test_accuracy") if len(metrics) else pd.DataFrame(columns=["cell", "value"])
     test = dict(zip(test["cell"], test["value"]))
     eps = analysis.final_values(metrics, "dp_epsilon_max") if len(metrics) else pd.DataFrame(columns=["cell", "value"])
     eps = dict(zip(eps["cell"], eps["value"]))
     rows = [[r.cell, r.status, r.defence, r.setting, r.context, str(r.seed), fmt(util.get(r.cell, np.nan)),
-             fmt(test.get(r.cell, np.nan)), fmt(eps.get(r.cell, np.nan), 2), f"`{r.knobs}`"] for r in cells.itertuples()]
+             fmt(test.get(r.cell, np.nan)), fmt(eps.get(r.cell, np.nan), 2), f"`{r.knobs}`"]
+            for r in cells.itertuples()]
     return ["## Cells", ""] + table(["cell", "status", "defence", "setting", "context", "seed", f"utility ({kind})",
                                      "test acc", "ε (max)", "knobs"], rows) + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for a user error, reported in one line)."""
     p = argparse.ArgumentParser(prog="python -m simfl.report", description=__doc__.splitlines()[0])
     p.add_argument("directory", help="a run, a scenario's arms, or a study directory")
     p.add_argument("--target", type=float, help="utility to match defences at (default: the study's, else 0.9)")

@@ -138,6 +138,7 @@ class Rounds:
         self.held_out_clients = np.flatnonzero(held)
 
     def plan(self, round_: int) -> RoundPlan:
+        """The round's cohort, victims and held-out probes (drawn from seed and round), broadcast, and evaluation."""
         cohort = sample_cohort(self.sc, self.train_clients, round_)
         return RoundPlan(
             round=round_,
@@ -249,6 +250,7 @@ class InProcessTransport:
         self.owner = owner
 
     def train(self, task: TrainTask, weights: torch.Tensor, broadcast: dict[str, Any]) -> tuple[list[ClientReply], int]:
+        """Each worker trains the task's clients it owns; replies sorted by client id, never a re-run."""
         replies: list[ClientReply] = []
         for shard, worker in enumerate(self.workers):
             mine = [int(c) for c in task.clients if self.owner[c] == shard]
@@ -258,6 +260,7 @@ class InProcessTransport:
         return sorted(replies, key=lambda r: r.client_id), 0
 
     def evaluate(self, round_: int, weights: torch.Tensor, clients: np.ndarray) -> list[EvalReply]:
+        """Each worker evaluates the clients it owns; replies sorted by client id."""
         replies = [reply for shard, worker in enumerate(self.workers)
                    for reply in worker.evaluate(round_, weights.numpy(), [int(c) for c in clients
                                                                           if self.owner[c] == shard])]

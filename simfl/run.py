@@ -14,15 +14,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from simfl.scenario import Scenario, deep_merge, load_scenario, scenario_to_yaml
+import pyarrow.parquet as pq
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm import tqdm
+
+from actors.coordinator import Coordinator
+from simfl.checkpoint import list_checkpoints, load_latest
+from simfl.data import Dataset, load_dataset
 from simfl.errors import UserError
-from simfl.resources import GpuShareExceeded
+from simfl.evaluator import Evaluator, load_or_train
+from simfl.partition import Partition, client_sizes, make_partition
+from simfl.resources import GpuShareExceeded, plan_actors
+from simfl.scenario import Scenario, deep_merge, load_scenario, scenario_to_yaml
+from simfl.summary import arms_table
 
 EXIT_USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m simfl.run``."""
     p = argparse.ArgumentParser(prog="python -m simfl.run", description=__doc__.splitlines()[0])
     p.add_argument("scenario", nargs="?", help="scenario YAML file (omit with --resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -35,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     """Where to run: the same flags for a run and for a study."""
-    p.add_argument("--address", help="Ray cluster to join ('auto' for the local cluster started by `ray start`/`ray up`); "
-                   "default: start a private local Ray instance")
+    p.add_argument("--address",
+                   help="Ray cluster to join ('auto' for the local cluster started by `ray start`/`ray up`); "
+                        "default: start a private local Ray instance")
     p.add_argument("--num-cpus", type=int, help="CPUs for the private local Ray instance (default: all)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start Ray's dashboard (local instance only)")
     p.add_argument("--dashboard-host", default="127.0.0.1",
@@ -45,16 +59,16 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Prepared:
+    """What a run needs before it starts: the scenario, its data and clients, and the evaluation classifier."""
+
     scenario: Scenario
-    dataset: object
-    partition: object
-    evaluator: object = None  # the attacker-accuracy classifier, when the scenario attacks
+    dataset: Dataset
+    partition: Partition
+    evaluator: Evaluator | None = None  # the attacker-accuracy classifier, when the scenario attacks
 
 
 def prepare_evaluator(prepared: Prepared, quiet: bool) -> None:
     """Load (or train once and cache) the evaluation classifier attacker accuracy needs."""
-    from simfl.evaluator import load_or_train
-
     if prepared.scenario.attacks is None:
         return
     cache = prepared.scenario.data.root_path / "evaluators"
@@ -70,28 +84,27 @@ def prepare_evaluator(prepared: Prepared, quiet: bool) -> None:
 
 def prepare(scenario: Scenario) -> Prepared:
     """Load the data and partition the clients: pure, deterministic, and fails before any side effect."""
-    from simfl.data import load_dataset
-    from simfl.partition import client_sizes, make_partition
-
     sizes = client_sizes(scenario.populations, scenario.seed)
     dataset = load_dataset(scenario.data, int(sizes.sum()), scenario.seed)
     partition = make_partition(
-        scenario.populations, dataset.train_y, dataset.num_classes, scenario.seed, scenario.evaluation.local_val_fraction
+        scenario.populations, dataset.train_y, dataset.num_classes, scenario.seed,
+        scenario.evaluation.local_val_fraction,
     )
     return Prepared(scenario, dataset, partition)
 
 
 def connect_ray(args: argparse.Namespace) -> None:
-    import ray
-
+    """Join the cluster at ``--address``, or start a private local Ray instance; reuse one already running."""
     if ray.is_initialized():  # embedded use (tests, notebooks): reuse the caller's instance
         return
-    kwargs = {"logging_level": logging.WARNING, "configure_logging": True}
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
     if args.address:
         try:
             ray.init(address=args.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--address {args.address}: cannot join a Ray cluster there ({str(exc).splitlines()[0]})") from None
+            raise UserError(
+                f"--address {args.address}: cannot join a Ray cluster there ({str(exc).splitlines()[0]})"
+            ) from None
         return
     ray.init(
         num_cpus=args.num_cpus,
@@ -102,6 +115,7 @@ def connect_ray(args: argparse.Namespace) -> None:
 
 
 def new_run_dir(scenario: Scenario) -> Path:
+    """A not yet existing directory for the scenario's run, where its ``output`` section puts it."""
     return fresh_dir(scenario.output.dir, scenario.output.name, scenario.name)
 
 
@@ -118,8 +132,7 @@ def fresh_dir(parent: str, name: str | None, default: str) -> Path:
 
 
 def write_run_header(run_dir: Path, prepared: Prepared) -> None:
-    import pyarrow.parquet as pq
-
+    """Create ``run_dir`` (failing if it exists) holding the scenario and the partition it runs."""
     run_dir.mkdir(parents=True)
     (run_dir / "scenario.yaml").write_text(scenario_to_yaml(prepared.scenario))
     pq.write_table(prepared.partition.to_table(), run_dir / "partition.parquet")
@@ -140,8 +153,6 @@ def create_run_dir(prepared: Prepared) -> Path:
 
 def check_resumable(run_dir: Path) -> None:
     """Fail in one line, before anything starts, if the run has no readable checkpoint."""
-    from simfl.checkpoint import list_checkpoints, load_latest
-
     if not (run_dir / "scenario.yaml").is_file():
         raise UserError(f"--resume {run_dir}: not a run directory (no scenario.yaml)")
     found = list_checkpoints(run_dir)
@@ -155,8 +166,6 @@ def check_resumable(run_dir: Path) -> None:
 
 def check_same_partition(run_dir: Path, prepared: Prepared) -> None:
     """A resumed run must see the clients it started with: a replaced dataset file would change them."""
-    import pyarrow.parquet as pq
-
     saved = pq.read_table(run_dir / "partition.parquet")
     if not saved.equals(prepared.partition.to_table()):
         raise UserError(
@@ -166,10 +175,10 @@ def check_same_partition(run_dir: Path, prepared: Prepared) -> None:
 
 
 def plan(prepared: Prepared, elastic: bool) -> int:
-    import ray
+    """Number of client actors (:func:`~simfl.resources.plan_actors`) on what the attacker pool leaves of the cluster.
 
-    from simfl.resources import plan_actors
-
+    On an ``elastic`` cluster an attacker pool that does not fit yet is not an error: the autoscaler may add nodes.
+    """
     sc = prepared.scenario
     totals = ray.cluster_resources()
     cpus, gpus = totals.get("CPU", 0.0), totals.get("GPU", 0.0)
@@ -192,26 +201,18 @@ def plan(prepared: Prepared, elastic: bool) -> int:
 
 def start_coordinator(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool):
     """The coordinator actor, pinned to this node (it writes the run directory), with the data in the object store."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from actors.coordinator import Coordinator
-
     sc = prepared.scenario
     refs = {"dataset": ray.put(prepared.dataset), "partition": ray.put(prepared.partition)}
     if prepared.evaluator is not None:
         refs["evaluator"] = ray.put(prepared.evaluator)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Coordinator.options(num_cpus=sc.resources.coordinator_cpus, scheduling_strategy=here).remote(
-        sc.model_dump(mode="json"), str(run_dir), refs, n_actors, resume
-    )
+    return Coordinator.options(  # type: ignore[attr-defined]  # Ray's decorator adds .options
+        num_cpus=sc.resources.coordinator_cpus, scheduling_strategy=here
+    ).remote(sc.model_dump(mode="json"), str(run_dir), refs, n_actors, resume)
 
 
 def execute(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool, quiet: bool) -> dict:
     """Start the coordinator and drive it round by round, with a progress bar."""
-    import ray
-    from tqdm import tqdm
-
     sc = prepared.scenario
     coordinator = start_coordinator(run_dir, prepared, n_actors, resume)
     info_ref = coordinator.info.remote()
@@ -219,7 +220,8 @@ def execute(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool, quie
     while not ray.wait([info_ref], timeout=30)[0]:
         waited += 30
         print(f"simfl: still waiting for resources for {n_actors} client actors after {waited} s "
-              f"(each asks {sc.resources.cpus_per_actor:g} CPU, {sc.resources.gpus_per_actor:g} GPU)", file=sys.stderr)
+              f"(each asks {sc.resources.cpus_per_actor:g} CPU, {sc.resources.gpus_per_actor:g} GPU)",
+              file=sys.stderr)
     info = ray.get(info_ref)
     bar = tqdm(total=sc.training.rounds, initial=info["round"], unit="round", disable=quiet, dynamic_ncols=True,
                desc=f"{sc.name} · {info['clients']} clients · {n_actors} actors")
@@ -240,6 +242,7 @@ def execute(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool, quie
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for a user error, reported in one line)."""
     args = build_parser().parse_args(argv)
     try:
         if args.resume:
@@ -262,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simfl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except GpuShareExceeded as exc:  # raised in an actor: Ray wraps it, possibly twice (client -> coordinator)
-        while getattr(exc, "cause", None) is not None:
-            exc = exc.cause
+        while (cause := getattr(exc, "cause", None)) is not None:
+            exc = cause
         print(f"simfl: error: {exc}", file=sys.stderr)
         return 1
     acc = f", test accuracy {last['test_accuracy']:.4f}" if "test_accuracy" in last else ""
@@ -290,6 +293,7 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, resume: Path | No
         if resume is None:
             run_dir = create_run_dir(prepared)
             created = True
+        assert run_dir is not None  # resumed, or just created
         last = execute(run_dir, prepared, n_actors, resume=resume is not None, quiet=args.quiet)
     except BaseException:
         _discard(run_dir, created)
@@ -326,8 +330,6 @@ def run_arms(args: argparse.Namespace, scenario: Scenario, resume: Path | None) 
         if resume is None and not any(p.is_dir() for p in parent.iterdir()):
             shutil.rmtree(parent, ignore_errors=True)  # no arm got as far as a run directory
         raise
-    from simfl.summary import arms_table
-
     table = arms_table(parent)
     (parent / "summary.md").write_text(table + "\n")
     print(table)
@@ -368,8 +370,6 @@ def run_in(args: argparse.Namespace, run_dir: Path, prep: Prepared, n_actors: in
     Finished (final weights saved): nothing to do, returns None. Checkpointed:
     resumed. Started but never checkpointed: discarded and started again.
     """
-    from simfl.checkpoint import list_checkpoints
-
     if (run_dir / "final_weights.pt").is_file():
         return None
     if run_dir.is_dir() and not list_checkpoints(run_dir):
@@ -387,8 +387,6 @@ def same_data(a: Scenario, b: Scenario) -> bool:
 
 def _discard(run_dir: Path | None, created: bool) -> None:
     """Leave no half-written run behind: a new run with no checkpoint and no round written is removed."""
-    from simfl.checkpoint import list_checkpoints
-
     if not created or run_dir is None:
         return
     if not list_checkpoints(run_dir) and not any((run_dir / "rounds").glob("part-*.parquet")):

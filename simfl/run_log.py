@@ -49,6 +49,7 @@ class RunLog:
         return {**figures, "defence": kind, "defence_knobs": json.dumps(knobs, sort_keys=True)}
 
     def evaluation(self, round_: int, central: list[dict], per_client: list[dict], per_population: list[dict]) -> None:
+        """Log an evaluation: central and per-population scalars, and the evals and client_evals rows."""
         for row in central:
             self.tb.add_scalar(f"test_accuracy/{row['population']}", row["accuracy"], round_)
             self.tb.add_scalar(f"test_loss/{row['population']}", row["loss"], round_)
@@ -59,13 +60,16 @@ class RunLog:
         self.tables.append("evals", central + per_population)
 
     def round(self, row: dict[str, Any]) -> None:
+        """Log a round's row and its duration."""
         self.tables.append("rounds", [row])
         self.tb.add_scalar("time/round_s", row["round_time_s"], row["round"])
 
     def flush(self) -> None:
+        """Write buffered table rows and TensorBoard events."""
         self.tables.flush()
         self.tb.flush()
 
     def close(self) -> None:
+        """Write buffered table rows and close TensorBoard."""
         self.tables.flush()
         self.tb.close()

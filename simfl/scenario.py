@@ -121,9 +121,11 @@ class AttacksConfig(Strict):
         return self
 
     def attacked(self, round_: int) -> bool:
+        """Whether round ``round_`` is attacked (listed in ``rounds``, else every ``every``-th)."""
         return round_ in self.rounds if self.rounds is not None else round_ % self.every == 0
 
     def victim_count(self, cohort: int) -> int:
+        """Victims per attacked round: ``victim_fraction`` of the cohort (at least one), else ``victims``."""
         if self.victim_fraction is not None:
             return max(1, min(cohort, math.ceil(self.victim_fraction * cohort)))
         return min(cohort, self.victims or 1)
@@ -224,6 +226,7 @@ class Scenario(Strict):
 
     @property
     def num_clients(self) -> int:
+        """Clients over all populations."""
         return sum(p.clients for p in self.populations)
 
     def arm_scenarios(self) -> dict[str, Scenario]:
@@ -300,6 +303,10 @@ def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_scenario(raw: Any, overrides: list[str] | None = None, name: str | None = None) -> Scenario:
+    """Validate a scenario mapping after ``--set`` overrides; ``name`` is the default name.
+
+    Raises :class:`~simfl.errors.UserError` with one line naming the key to fix.
+    """
     if not isinstance(raw, dict):
         raise UserError("scenario: the file must hold a YAML mapping at the top level")
     raw = apply_overrides(raw, overrides or [])
@@ -331,9 +338,11 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"scenario file {path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        problem = getattr(exc, "problem", None) or exc
+        raise UserError(f"scenario file {path}{where}: not valid YAML ({problem})") from None
     return parse_scenario(raw, overrides, name=path.stem)
 
 
 def scenario_to_yaml(scenario: Scenario) -> str:
+    """The scenario as YAML with every key, defaults included, in declaration order."""
     return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)

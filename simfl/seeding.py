@@ -30,6 +30,7 @@ def derive_seed(seed: int, purpose: str, *keys: int) -> int:
 
 
 def torch_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
+    """A torch CPU generator seeded with :func:`derive_seed` ``(seed, purpose, *keys)``."""
     gen = torch.Generator()
     gen.manual_seed(derive_seed(seed, purpose, *keys))
     return gen

@@ -35,11 +35,13 @@ from simfl.study_spec import StudyConfig, expand, load_study, study_cells
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m simfl.study``."""
     p = argparse.ArgumentParser(prog="python -m simfl.study", description=__doc__.splitlines()[0])
     p.add_argument("study", nargs="?", help="study YAML file (omit with --resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a key of the base scenario in every cell, e.g. --set data.name=synthetic")
-    p.add_argument("--out", metavar="STUDY_DIR", help="the study directory to create (default: output.dir/<name>-<time>)")
+    p.add_argument("--out", metavar="STUDY_DIR",
+                   help="the study directory to create (default: output.dir/<name>-<time>)")
     p.add_argument("--resume", metavar="STUDY_DIR", help="continue a killed study: finished cells are skipped")
     add_ray_arguments(p)
     p.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
@@ -126,11 +128,14 @@ def run_cells(args: argparse.Namespace, quiet: argparse.Namespace, cells_dir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for a user error, reported in one line)."""
     args = build_parser().parse_args(argv)
     try:
         if args.resume:
             if args.study or args.overrides or args.out:
-                raise UserError("--resume: a resumed study uses its saved study.yaml; drop the study file, --set and --out")
+                raise UserError(
+                    "--resume: a resumed study uses its saved study.yaml; drop the study file, --set and --out"
+                )
             study_dir = Path(args.resume)
             if not (study_dir / "study.yaml").is_file():
                 raise UserError(f"--resume {study_dir}: not a study directory (no study.yaml)")

@@ -22,9 +22,9 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from simfl.analysis import cell_entry, cells_frame
+from simfl.errors import UserError
 from simfl.scenario import Scenario, deep_merge, parse_scenario, set_keys
 from simfl.validation import NAME_PATTERN, Strict, format_validation_error
-from simfl.errors import UserError
 
 LEAVE_ONE_OUT = "leave_one_population_out"
 CELL_SEPARATOR = "__"
@@ -116,6 +116,7 @@ def load_study(path: str | Path) -> tuple[StudyConfig, dict[str, Any]]:
         if not isinstance(base, dict):
             raise UserError(f"study: base: {base_path} must hold a YAML mapping at the top level")
     else:
+        assert study.scenario is not None  # StudyConfig requires base or scenario
         base = dict(study.scenario)
     return study, base
 

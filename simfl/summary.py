@@ -69,7 +69,9 @@ def arms_table(parent: Path) -> str:
     also the adaptive one ("naive = adaptive").
     """
     parent = Path(parent)
-    arms = [a for a in load_scenario(parent / "scenario.yaml").arms if (parent / a / "rounds").is_dir()]
+    planned = load_scenario(parent / "scenario.yaml").arms
+    assert planned is not None  # a parent directory holds a scenario with arms
+    arms = [a for a in planned if (parent / a / "rounds").is_dir()]
     rows, worst, probes = [], [], False
     for arm in arms:
         scenario = load_scenario(parent / arm / "scenario.yaml")

@@ -134,12 +134,15 @@ class PartWriter:
         self.next_part = len(self.parts())
 
     def parts(self) -> list[str]:
+        """The part files already written, in order."""
         return sorted(p.name for p in self.directory.glob("part-*.parquet"))
 
     def append(self, rows: list[dict]) -> None:
+        """Buffer rows until the next :meth:`flush`."""
         self.rows.extend(rows)
 
     def flush(self) -> None:
+        """Write buffered rows as the next part file (atomically: written aside, then renamed)."""
         if not self.rows:
             return
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
@@ -180,17 +183,21 @@ class RunTables:
         self.writers[table].append(rows)
 
     def maybe_flush(self) -> None:
+        """Flush if ``flush_seconds`` have passed since the last flush."""
         if time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
+        """Flush every table."""
         for writer in self.writers.values():
             writer.flush()
         self.last_flush = time.monotonic()
 
     def manifest(self) -> dict[str, list[str]]:
+        """The part files of every table: what a checkpoint records."""
         return {name: writer.parts() for name, writer in self.writers.items()}
 
     def truncate_to(self, manifest: dict[str, list[str]]) -> None:
+        """Delete every table's parts not in ``manifest`` (written after the checkpoint a resumed run starts from)."""
         for name, writer in self.writers.items():
             writer.truncate_to(manifest.get(name, []))

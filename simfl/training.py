@@ -33,6 +33,8 @@ def to_input(x: torch.Tensor, device: torch.device | None = None) -> torch.Tenso
 
 @dataclass
 class LocalResult:
+    """What one client's local training produced."""
+
     delta: torch.Tensor  # what the client shares: local minus global weights (as the defence transforms it)
     samples: int
     steps: int
@@ -67,25 +69,41 @@ def batch_order(n: int, cfg: TrainingConfig, generator: torch.Generator) -> list
 class LocalTraining(Protocol):
     """What :func:`train_client` asks of a client's training recipe (a defence, or :class:`PlainTraining`)."""
 
-    def training_module(self, model: nn.Module) -> nn.Module: ...
+    def training_module(self, model: nn.Module) -> nn.Module:
+        """The module local training calls."""
+        ...
 
-    def batches(self, n: int, cfg: TrainingConfig, generator: torch.Generator) -> list[torch.Tensor]: ...
+    def batches(self, n: int, cfg: TrainingConfig, generator: torch.Generator) -> list[torch.Tensor]:
+        """The local steps' batches, as index tensors into the client's ``n`` samples."""
+        ...
 
     def optimizer(
         self, model: nn.Module, cfg: TrainingConfig, generator: torch.Generator, n: int
-    ) -> torch.optim.Optimizer: ...
+    ) -> torch.optim.Optimizer:
+        """The client's optimiser for this local training."""
+        ...
 
-    def begin(self, model: nn.Module, generator: torch.Generator) -> None: ...
+    def begin(self, model: nn.Module, generator: torch.Generator) -> None:
+        """Before one client's local training; ``generator`` is that client's (seed, client, round) RNG."""
+        ...
 
     def objective(
         self, model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(objective to minimise, cross-entropy, logits, detached terms to log) for one batch."""
+        ...
 
-    def empty_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def empty_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """A local step whose (sampled) batch is empty."""
+        ...
 
-    def share(self, delta: torch.Tensor) -> torch.Tensor: ...
+    def share(self, delta: torch.Tensor) -> torch.Tensor:
+        """The update the client sends, from its true local − global delta."""
+        ...
 
-    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]: ...
+    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]:
+        """After a client trained ``steps`` steps on ``n`` samples: update its state, return what to log."""
+        ...
 
 
 class PlainTraining:
@@ -96,11 +114,13 @@ class PlainTraining:
         return model
 
     def batches(self, n: int, cfg: TrainingConfig, generator: torch.Generator) -> list[torch.Tensor]:
+        """Shuffled batch index order for ``n`` samples (:func:`batch_order`)."""
         return batch_order(n, cfg, generator)
 
     def optimizer(
         self, model: nn.Module, cfg: TrainingConfig, generator: torch.Generator, n: int
     ) -> torch.optim.Optimizer:
+        """The configured optimiser over the model's parameters."""
         return make_optimizer(model, cfg)
 
     def begin(self, model: nn.Module, generator: torch.Generator) -> None:
@@ -154,6 +174,7 @@ def train_client(
     optimizer = defence.optimizer(model, cfg, generator, len(y))
     defence.begin(model, generator)
     mu = cfg.algorithm.mu if cfg.algorithm.kind == "fedprox" else 0.0
+    assert mu is not None  # AlgorithmConfig requires mu for fedprox
     anchor = global_weights.to(device)[flat.trainable] if mu else None
     # Running sums stay on the device: one host sync per client, not several per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

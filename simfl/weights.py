@@ -46,9 +46,11 @@ class FlatWeights:
             offset += n
 
     def load(self, vector: torch.Tensor) -> None:
+        """Copy ``vector`` into the model's weights."""
         self.vector.copy_(vector)
 
     def snapshot(self) -> torch.Tensor:
+        """A detached copy of the current weights."""
         return self.vector.detach().clone()
 
     def as_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:

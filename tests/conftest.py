@@ -8,8 +8,17 @@ start it themselves.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+import ray
 import torch
+import yaml
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -24,8 +33,6 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    import ray
-
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
@@ -61,15 +68,6 @@ def tiny_study(tmp_path_factory):
 
     Shared by the study and report tests (a study costs minutes here).
     """
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import yaml
-
     root = Path(__file__).resolve().parents[1]
     tmp = tmp_path_factory.mktemp("study")
     spec = dict(TINY_STUDY, base=str(root / "scenarios" / "defences_smoke.yaml"), output={"dir": str(tmp), "name": "s"})

@@ -28,7 +28,8 @@ SMOKE_FAST = [
 
 def run_smoke(out: Path, name: str, *extra: str) -> Path:
     """Run scenarios/smoke.yaml in this process (on the session's Ray instance); return the run dir."""
-    code = main(["scenarios/smoke.yaml", "--set", f"output.dir={out}", "--set", f"output.name={name}", *SMOKE_FAST, *extra])
+    code = main(["scenarios/smoke.yaml", "--set", f"output.dir={out}", "--set", f"output.name={name}",
+                 *SMOKE_FAST, *extra])
     assert code == 0
     return out / name
 

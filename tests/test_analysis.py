@@ -13,8 +13,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
 from analysis_helpers import attack_row, make_run, naive_attacks, t_half
+
 from simfl import analysis
 from simfl.analysis import (
     TIDY_COLUMNS,

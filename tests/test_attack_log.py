@@ -17,7 +17,8 @@ def job(r, first):
 
 def out(r, client, psnr):
     row = {f.name: 0 for f in SCHEMAS["attacks"]}
-    row.update({"round": r, "client_id": client, "attack": "ig", "knowledge": "naive", "defence": "none", "psnr": psnr, "attacker_correct": True,
+    row.update({"round": r, "client_id": client, "attack": "ig", "knowledge": "naive", "defence": "none",
+                "psnr": psnr, "attacker_correct": True,
                 "random_attacker_correct": False, "mean_attacker_correct": False, "view": "gradient",
                 "labels": "known", "evaluator_on_original": True})
     del row["population"], row["submitted_at"]  # the log fills them in

@@ -55,7 +55,8 @@ def test_defence_benchmark_quick_prints_its_figures():
     assert re.search(r"server step per round [0-9.]+ s", proc.stdout), proc.stdout
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the one-line answer is for machines without")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="this machine has CUDA: the one-line answer is for machines without")
 def test_gpu_check_without_cuda_says_so_in_one_line():
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from simfl.config import AlgorithmConfig, TrainingConfig
-from simfl.scenario import Scenario, apply_overrides, load_scenario, parse_scenario, scenario_to_yaml
 from simfl.errors import UserError
+from simfl.scenario import Scenario, apply_overrides, load_scenario, parse_scenario, scenario_to_yaml
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 
@@ -190,7 +190,8 @@ def test_reserved_population_name_global():
 
 
 def test_all_populations_held_out():
-    raw = {"populations": [{"name": "a", "clients": 2, "held_out": True}, {"name": "b", "clients": 2, "held_out": True}]}
+    raw = {"populations": [{"name": "a", "clients": 2, "held_out": True},
+                           {"name": "b", "clients": 2, "held_out": True}]}
     msg = error_of(raw)
     assert msg.startswith("scenario: populations:"), msg
     assert "held_out" in msg
@@ -228,7 +229,8 @@ def test_override_list_index():
 
 @pytest.mark.parametrize(
     "text, value",
-    [("3", 3), ("0.5", 0.5), ("true", True), ("[1, 2]", [1, 2]), ("[1,2]", [1, 2]), ("abc", "abc"), ("", None), ("a=b", "a=b")],
+    [("3", 3), ("0.5", 0.5), ("true", True), ("[1, 2]", [1, 2]), ("[1,2]", [1, 2]), ("abc", "abc"), ("", None),
+     ("a=b", "a=b")],
 )
 def test_override_values_are_yaml_typed(text, value):
     out = apply_overrides({}, [f"x.y={text}"])

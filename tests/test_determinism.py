@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import with_adaptive_pooling
 from torch import nn
 
-from model_helpers import with_adaptive_pooling
 from simfl.attacks import adapt, get_attack, observe_gradient, observe_update
 from simfl.config import ModelConfig, TrainingConfig
 from simfl.data import Dataset

@@ -38,7 +38,8 @@ def test_an_unreadable_cache_file_is_replaced(dataset, tmp_path):
     (tmp_path / f"{cache_key(dataset)}.pt").write_bytes(b"not a checkpoint")
     evaluator, cached = load_or_train(dataset, tmp_path)
     assert not cached
-    assert torch.load(tmp_path / f"{cache_key(dataset)}.pt", weights_only=True)["test_accuracy"] == evaluator.test_accuracy
+    saved = torch.load(tmp_path / f"{cache_key(dataset)}.pt", weights_only=True)
+    assert saved["test_accuracy"] == evaluator.test_accuracy
 
 
 def test_the_key_follows_the_data_it_was_trained_on(dataset):

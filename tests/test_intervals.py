@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from analysis_helpers import t_half
 from scipy import stats
 
-from analysis_helpers import t_half
 from simfl.intervals import bounds, mean_interval, seed_interval, weighted_interval, wilson
 
 approx = pytest.approx

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from simfl.scenario import load_scenario
 from simfl.knowledge import naive_attacker_is_exact, naive_first
+from simfl.scenario import load_scenario
 
 SMOKE = Path(__file__).resolve().parents[1] / "scenarios" / "defences_smoke.yaml"
 

@@ -16,6 +16,7 @@ from simfl.metrics import (
     mse,
     psnr,
     score,
+    score_batch,
     ssim,
 )
 
@@ -327,8 +328,6 @@ class _Oracle(torch.nn.Module):
 
 
 def test_score_batch_scores_each_image_and_both_baselines_the_same_way():
-    from simfl.metrics import score_batch
-
     gen = torch.Generator().manual_seed(0)
     orig = torch.rand(3, 3, 16, 16, generator=gen)
     labels = torch.tensor([0, 2, 3])

@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import with_adaptive_pooling
 from torch import nn
 from torch.func import functional_call, grad
 
 from simfl.config import ModelConfig
-from model_helpers import with_adaptive_pooling
 from simfl.models import DEFAULT_LATENT, AvgPoolTo, SplitNet, build_model, norm_layer
 
 COMBOS = [

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from attack_helpers import assert_batched_equals_single, victims
+
 from simfl.attacks import ATTACKS, adapt, build_attack, observe_gradient
 from simfl.config import ModelConfig, TrainingConfig
 from simfl.data import Dataset
@@ -188,4 +188,5 @@ def test_adapting_changes_what_the_attack_differentiates(kind):
 
 def test_generators_for_contract_runs_are_seeded():
     # The contracts above compare runs; they rely on (seed, purpose, keys) generators being reproducible.
-    assert torch.equal(torch.rand(3, generator=torch_generator(0, "x", 1)), torch.rand(3, generator=torch_generator(0, "x", 1)))
+    assert torch.equal(torch.rand(3, generator=torch_generator(0, "x", 1)),
+                       torch.rand(3, generator=torch_generator(0, "x", 1)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,12 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from matplotlib.figure import Figure
 
 from simfl import figures
 from simfl.report import main, write_report
+from simfl.study import main as study_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +67,6 @@ def test_report_cli_rewrites_a_study_report_with_another_target(tiny_study):
 def test_report_on_a_single_run_and_on_arms(tiny_study, tmp_path):
     run_dir = tiny_study["dir"] / "cells" / "dp_lo__seed-0"
     copy = tmp_path / "run"
-    import shutil
-
     shutil.copytree(run_dir, copy)
     report = write_report(copy)
     names = {p.name for p in images_in(report)}
@@ -74,8 +76,6 @@ def test_report_on_a_single_run_and_on_arms(tiny_study, tmp_path):
     assert "| dp_lo__seed-0 |" not in report.read_text() and "| run | finished | dpsgd |" in report.read_text()
 
     # Arms: a parent directory as `simfl.run` writes for a scenario with arms.
-    import yaml
-
     parent = tmp_path / "arms"
     parent.mkdir()
     scenario = yaml.safe_load((run_dir / "scenario.yaml").read_text())
@@ -105,33 +105,27 @@ def test_figures_skip_empty_data_rather_than_draw_empty_panels(tmp_path):
 
 @pytest.mark.parametrize("n_metrics", [1, 4])
 def test_population_bars_lay_out_only_as_many_panels_as_metrics(tmp_path, n_metrics):
-    import matplotlib.pyplot as plt
-
     rows = [{"context": "all", "defence": d, "setting": d, "population": p, "held_out": p == "b", "metric": f"m{k}",
              "value": 0.5, "low": 0.4, "high": 0.6, "interval": "seeds"}
             for d in ("none", "dpsgd") for p in ("a", "b") for k in range(n_metrics)]
     drawn = []
-    original = plt.Figure.savefig
+    original = Figure.savefig
 
     def spy(fig, *args, **kwargs):
         drawn.extend(len(ax.patches) for ax in fig.axes)
         return original(fig, *args, **kwargs)
 
-    plt.Figure.savefig = spy
+    Figure.savefig = spy
     try:
         figures.population_bars(pd.DataFrame(rows), tmp_path / "p.png", "title")
     finally:
-        plt.Figure.savefig = original
+        Figure.savefig = original
     assert drawn == [4] * n_metrics  # 2 defences x 2 populations per panel, no empty panel
 
 
 @pytest.mark.timeout(600)
 def test_leave_one_population_out_study_reports_each_split(ray_local, tmp_path):
     """Each population held out in turn: one context per split, its own population figure and gaps."""
-    import yaml
-
-    from simfl.study import main as study_main
-
     spec = {
         "name": "lopo",
         "base": str(ROOT / "scenarios" / "defences_smoke.yaml"),

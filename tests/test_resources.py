@@ -38,7 +38,8 @@ def test_auto_from_cpus():
 def test_auto_subtracts_coordinator_cpus():
     assert plan_actors(res(coordinator_cpus=1), cluster_cpus=8, cluster_gpus=0, num_clients=100) == 7
     assert plan_actors(res(coordinator_cpus=1, cpus_per_actor=2), cluster_cpus=8, cluster_gpus=0, num_clients=100) == 3
-    assert plan_actors(res(coordinator_cpus=0.5, cpus_per_actor=0.5), cluster_cpus=4, cluster_gpus=0, num_clients=100) == 7
+    assert plan_actors(res(coordinator_cpus=0.5, cpus_per_actor=0.5), cluster_cpus=4, cluster_gpus=0,
+                       num_clients=100) == 7
 
 
 def test_auto_capped_by_clients():
@@ -48,7 +49,8 @@ def test_auto_capped_by_clients():
 def test_auto_tolerates_float_rounding():
     # 3.0 / 0.1 == 29.999999999999996 in floating point
     assert plan_actors(res(cpus_per_actor=0.1), cluster_cpus=3.0, cluster_gpus=0, num_clients=100) == 30
-    assert plan_actors(res(cpus_per_actor=0.3, coordinator_cpus=0.3), cluster_cpus=0.9, cluster_gpus=0, num_clients=9) == 2
+    assert plan_actors(res(cpus_per_actor=0.3, coordinator_cpus=0.3), cluster_cpus=0.9, cluster_gpus=0,
+                       num_clients=9) == 2
 
 
 def test_auto_gpu_bound():

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from engine_helpers import SMOKE_FAST, assert_same_results, kill_at_checkpoint, run_smoke
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine_helpers import SMOKE_FAST, assert_same_results, kill_at_checkpoint, run_smoke
 from simfl.data.synthetic import make_dataset
-from simfl.run import main
+from simfl.run import main, prepare, write_run_header
+from simfl.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,9 +114,6 @@ def test_sigkilled_run_resumes_to_the_same_results(ray_local, tmp_path):
 
 def make_resumable_looking_dir(tmp_path: Path, seed: int) -> Path:
     """A run directory as a real run writes it, from the smoke scenario with ``seed``."""
-    from simfl.scenario import load_scenario
-    from simfl.run import prepare, write_run_header
-
     run_dir = tmp_path / "run"
     write_run_header(run_dir, prepare(load_scenario(ROOT / "scenarios/smoke.yaml", [f"seed={seed}"])))
     (run_dir / "checkpoints").mkdir()
@@ -131,8 +130,6 @@ def test_resume_refuses_an_unreadable_checkpoint(tmp_path):
 
 
 def test_resume_refuses_when_the_data_changed(tmp_path):
-    import torch
-
     run_dir = make_resumable_looking_dir(tmp_path, seed=0)
     torch.save({"round": 1}, run_dir / "checkpoints" / "round_000001.pt")
     # The saved scenario now says seed 1: its data and partition differ from partition.parquet.

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from engine_helpers import assert_same_results, kill_at_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine_helpers import assert_same_results, kill_at_checkpoint
 from simfl.defences import defended_model
 from simfl.defences.dpsgd import epsilon, sample_rate
 from simfl.run import main
@@ -92,7 +92,8 @@ def test_dp_epsilon_per_client_is_the_accountants_for_its_steps(arms_run):
 @pytest.mark.timeout(900)
 def test_each_defence_logs_its_state_per_round(arms_run):
     latent = pd.read_parquet(arms_run / "latent" / "rounds")
-    assert latent[["lam", "sigma_mean", "sigma_min", "sigma_max", "decoder_mse_server", "decoder_mse"]].notna().all().all()
+    knobs = ["lam", "sigma_mean", "sigma_min", "sigma_max", "decoder_mse_server", "decoder_mse"]
+    assert latent[knobs].notna().all().all()
     bido = pd.read_parquet(arms_run / "bido" / "clients")
     assert bido[["hsic_xz", "hsic_yz"]].notna().all().all() and (bido["hsic_xz"] > 0).all()
     none = pd.read_parquet(arms_run / "none" / "rounds")

@@ -72,7 +72,8 @@ def test_stable_across_processes():
 
 
 def test_derive_seed_fits_63_bits():
-    values = [derive_seed(s, p, *ks) for s in (0, 1, 2**32 - 1) for p in ("", "p", "x" * 100) for ks in ((), (0,), (2**31, 5))]
+    values = [derive_seed(s, p, *ks)
+              for s in (0, 1, 2**32 - 1) for p in ("", "p", "x" * 100) for ks in ((), (0,), (2**31, 5))]
     values += [derive_seed(0, "bulk", i) for i in range(2000)]
     for v in values:
         assert isinstance(v, int)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-
 from test_study_spec import study_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from simfl.errors import UserError
 from simfl.study_spec import StudyConfig, expand, load_study
@@ -111,9 +112,9 @@ def test_bad_studies_are_named_by_key(tmp_path, spec, message):
 
 
 def test_study_config_is_strict():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         StudyConfig.model_validate({"base": "x.yaml", "scenario": {}, "grid": {"seed": [0]}})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         StudyConfig.model_validate({"base": "x.yaml", "grid": {"seed": [0]}, "concurency": 2})
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from analysis_helpers import SMOKE, attack_row, make_run, naive_attacks
+
 from simfl.summary import arms_table
 
 # Arm none: the hand-written run of analysis_helpers (naive attacks only, training population A plus a

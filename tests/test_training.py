@@ -14,7 +14,8 @@ SIZE = 8
 
 def make(norm="group", seed=0, classes=2):
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(arch="convnet", norm=norm, width=4), channels=1, image_size=SIZE, num_classes=classes)
+    model = build_model(ModelConfig(arch="convnet", norm=norm, width=4), channels=1, image_size=SIZE,
+                        num_classes=classes)
     return model, FlatWeights(model)
 
 
@@ -182,7 +183,8 @@ def test_learns_separable_toy_problem():
     global_w = flat.snapshot()
     x, y = toy(n=64)
     loss0, correct0, n0 = evaluate(model, x, y, batch_size=32)
-    res = train_client(model, flat, global_w, x, y, cfg(local_epochs=6, optimizer={"kind": "sgd", "lr": 0.2, "momentum": 0.9}), gen())
+    sgd = {"kind": "sgd", "lr": 0.2, "momentum": 0.9}
+    res = train_client(model, flat, global_w, x, y, cfg(local_epochs=6, optimizer=sgd), gen())
     loss1, correct1, n1 = evaluate(model, x, y, batch_size=32)
     assert n0 == n1 == 64
     assert loss1 / n1 < 0.5 * (loss0 / n0)

@@ -1,11 +1,11 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vmap
 
 from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.weights import FlatWeights
-
 
 
 def make(norm="batch", seed=0):
@@ -112,7 +112,8 @@ def test_adam_and_momentum_optimizers_also_write_through():
             F.cross_entropy(model(x), y).backward()
             opt.step()
             assert not torch.equal(flat.vector[flat.trainable], start[flat.trainable])
-            assert torch.equal(flat.vector[flat.trainable], torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+            params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            assert torch.equal(flat.vector[flat.trainable], params)
 
 
 def test_batchnorm_running_stats_live_in_vector():
@@ -178,8 +179,6 @@ def test_snapshot_detached():
 
 
 def test_as_dict_names_views_of_any_vector_for_functional_call():
-    from torch.func import functional_call, vmap
-
     model = make("batch").eval()
     flat = FlatWeights(model)
     named = flat.as_dict(flat.vector)

@@ -24,6 +24,8 @@ from simfl.weights import FlatWeights
 
 @dataclass
 class AttackResult:
+    """What an attack returns for V victims of batch size B."""
+
     images: torch.Tensor  # (V, B, C, H, W) in [0, 1]
     labels: torch.Tensor  # (V, B) the attacker's labels (given, recovered or learned)
     objective: torch.Tensor  # (V,) the attack's objective at the returned images

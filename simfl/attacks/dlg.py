@@ -82,7 +82,7 @@ class DLG(Adaptable):
         n_pixels = batch * int(torch.Size(shape).numel())
         parts = [draw(generators, (n_pixels,), device)]
         with attacker_module(model, self.model_wrapper) as module:
-            num_classes = int(module.get_submodule("head").weight.shape[0])
+            num_classes = int(module.get_submodule("head").weight.shape[0])  # type: ignore[index]
             simulate = victim_simulator(module, flat, stacked, self.loss_fn, self.clip_norm)
             if learn:
                 parts.append(draw(generators, (batch * num_classes,), device, normal=True))
@@ -112,6 +112,7 @@ class DLG(Adaptable):
         images = z[:, :n_pixels].reshape(stacked.victims, batch, *shape)
         if learn:
             labels = z[:, n_pixels:].reshape(stacked.victims, batch, num_classes).argmax(-1)
+        assert labels is not None  # recovered, or learned above
         return AttackResult(images, labels, final, iterations.cpu(), time.perf_counter() - start)
 
 

@@ -60,6 +60,7 @@ class Stacked:
 
     @property
     def victims(self) -> int:
+        """V, the number of victims stacked."""
         return self.weights.shape[0]
 
     @property

@@ -36,6 +36,7 @@ def head_gradient(flat: FlatWeights, obs: Observation, head: str = "head") -> tu
     named = flat.as_dict(obs.shared)
     weight, bias = named[f"{head}.weight"], named[f"{head}.bias"]
     if obs.view == "update":
+        assert obs.lr is not None  # Observation requires lr > 0 for updates
         scale = -1.0 / (obs.lr * momentum_steps(obs.local_steps, obs.momentum))
         return weight * scale, bias * scale
     return weight, bias

@@ -25,7 +25,15 @@ class GradientSharer(Protocol):
 
     def shared_gradient(
         self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """The gradient the client would share for the batch (x, y), over all ``flat`` entries."""
+        ...
+
+
+def chw_shape(images: torch.Tensor) -> tuple[int, int, int]:
+    """(C, H, W) of a batch of images (B, C, H, W)."""
+    channels, height, width = images.shape[1:]
+    return channels, height, width
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,7 @@ def observe_gradient(
         shared=shared.detach(),
         view="gradient",
         batch_size=len(y),
-        image_shape=tuple(x.shape[1:]),
+        image_shape=chw_shape(x),
         labels=y.detach().clone(),
     )
 
@@ -160,7 +168,7 @@ def observe_update(
         shared=shared.detach().clone(),
         view="update",
         batch_size=len(y),
-        image_shape=tuple(x.shape[1:]),
+        image_shape=chw_shape(x),
         labels=y.detach().clone(),
         lr=lr,
         local_steps=local_steps,

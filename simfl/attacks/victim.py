@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
-from simfl.attacks.observation import GradientSharer, Observation, observe_gradient
+from simfl.attacks.observation import GradientSharer, Observation, chw_shape, observe_gradient
 from simfl.config import TrainingConfig
 from simfl.scenario import AttacksConfig
 from simfl.seeding import torch_generator
@@ -87,7 +87,7 @@ def capture(
             shared=local.delta.detach().cpu().clone(),
             view="update",
             batch_size=len(y),
-            image_shape=tuple(images.shape[1:]),
+            image_shape=chw_shape(images),
             labels=y.clone(),
             lr=opt.lr,
             local_steps=local.steps,
@@ -152,4 +152,5 @@ def victim_state(victim: Victim) -> dict:
 
 
 def victim_from_state(state: dict) -> Victim:
+    """The :class:`Victim` that :func:`victim_state` saved."""
     return Victim(**{**state, "observation": Observation(**state["observation"])})

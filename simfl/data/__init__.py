@@ -67,6 +67,7 @@ class DataConfig(Strict):
 
     @property
     def root_path(self) -> Path:
+        """``root`` with ``~`` expanded."""
         return Path(self.root).expanduser()
 
 

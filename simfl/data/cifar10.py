@@ -49,7 +49,7 @@ def split_val(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
 
-def _explain(cifar: type, root: Path, download: bool, err: Exception) -> str:
+def _explain(cifar: type[CIFAR10], root: Path, download: bool, err: Exception) -> str:
     """One line saying what is wrong with ``root`` and how to fix it."""
     folder = root / cifar.base_folder
     expected = [*cifar.train_list, *cifar.test_list, [cifar.meta["filename"], cifar.meta["md5"]]]

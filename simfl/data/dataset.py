@@ -13,6 +13,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Dataset:
+    """A dataset in memory: train, validation and test splits of uint8 (N, H, W, C) images with int64 labels."""
+
     name: str
     num_classes: int
     label_names: list[str]
@@ -24,7 +26,9 @@ class Dataset:
     test_y: np.ndarray
 
     @classmethod
-    def from_splits(cls, name: str, label_names: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Dataset:
+    def from_splits(
+        cls, name: str, label_names: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    ) -> Dataset:
         """Build from ``{"train": (x, y), "val": (x, y), "test": (x, y)}``, the shape every loader has."""
         return cls(
             name=name,
@@ -40,8 +44,10 @@ class Dataset:
 
     @property
     def channels(self) -> int:
+        """Colour channels per image."""
         return int(self.train_x.shape[-1])
 
     @property
     def image_size(self) -> int:
+        """Height (= width) of the square images, in pixels."""
         return int(self.train_x.shape[1])

@@ -89,11 +89,16 @@ def cell_types(num_classes: int) -> list[CellType]:
                 base,
                 body_r=base.body_r * float(r.uniform(0.8, 1.2)),
                 nuc_size=base.nuc_size * float(r.uniform(0.85, 1.15)),
-                cyto_rgb=tuple(float(v) for v in r.uniform(0.65, 1.0, 3)),
-                gran_rgb=tuple(float(v) for v in r.uniform(0.3, 0.95, 3)),
+                cyto_rgb=_rgb(r.uniform(0.65, 1.0, 3)),
+                gran_rgb=_rgb(r.uniform(0.3, 0.95, 3)),
             )
         )
     return types
+
+
+def _rgb(values: np.ndarray) -> tuple[float, float, float]:
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
 
 
 def make_dataset(
@@ -268,7 +273,9 @@ class _Pose:
     cos: np.ndarray
     sin: np.ndarray
 
-    def place(self, dx: np.ndarray, dy: np.ndarray, s: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    def place(
+        self, dx: np.ndarray, dy: np.ndarray, s: np.ndarray, w: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         r, c, s_ = self.radius[:, None], self.cos[:, None], self.sin[:, None]
         x = self.x[:, None] + r * (dx * c - dy * s_)
         y = self.y[:, None] + r * (dx * s_ + dy * c)

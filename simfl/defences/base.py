@@ -39,6 +39,7 @@ from simfl.plugins import PluginConfig, Registry
 from simfl.training import PlainTraining
 from simfl.weights import FlatWeights, flat_gradient
 
+
 class NoDefenceConfig(PluginConfig):
     """``none``: plain training, the reference arm."""
 
@@ -124,6 +125,7 @@ class Defence(PlainTraining):
         return {}
 
     def load_server_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`server_state` saved (on resume)."""
         pass
 
     # ------------------------------------------------------------ attackers

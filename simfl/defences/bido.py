@@ -90,7 +90,7 @@ class BiDO(Defence):
         """The modules whose outputs are the Z_j, in forward order."""
         encoder = model.encoder
         if self.layers == "all" and isinstance(encoder, nn.Sequential):
-            relus = [m for m in encoder.children() if isinstance(m, nn.ReLU)]
+            relus: list[nn.Module] = [m for m in encoder.children() if isinstance(m, nn.ReLU)]
             if relus:
                 return relus
         return [encoder]
@@ -105,7 +105,7 @@ class BiDO(Defence):
     # ------------------------------------------------------------ client side
 
     def objective(
-        self, model: SplitNet, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+        self, model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """CE + a1·Σ nHSIC(X, Z_j) − a2·Σ nHSIC(Y, Z_j); logs both sums (the training signal BiDO moves)."""
         self._records = []

@@ -108,6 +108,7 @@ class HostNoiseDPOptimizer(DPOptimizer):
     """
 
     def add_noise(self) -> None:
+        """Add N(0, (σC)²) noise drawn on the CPU to each summed, clipped gradient and set it as ``p.grad``."""
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
@@ -123,8 +124,8 @@ class HostNoiseDPOptimizer(DPOptimizer):
 def _clear(model: nn.Module) -> None:
     """Drop per-sample and clipped-sum gradients (ExpandedWeights refuses to add to stale ones)."""
     for p in model.parameters():
-        p.grad_sample = None
-        p.summed_grad = None
+        p.grad_sample = None  # type: ignore[attr-defined]  # Opacus's attributes on torch Parameters
+        p.summed_grad = None  # type: ignore[attr-defined]
 
 
 def _release_grad_samples(optimizer: DPOptimizer) -> None:
@@ -176,7 +177,7 @@ class DPSGD(Defence):
 
     # ------------------------------------------------------------ client side
 
-    def training_module(self, model: SplitNet) -> GradSampleModuleExpandedWeights:
+    def training_module(self, model: nn.Module) -> GradSampleModuleExpandedWeights:
         """The model's per-sample-gradient wrapper, built on first use and reused for every later client."""
         module = model.__dict__.get(_GSM_ATTR)
         if module is None:
@@ -201,7 +202,7 @@ class DPSGD(Defence):
         return [torch.tensor(idx, dtype=torch.long) for idx in sampler]
 
     def optimizer(
-        self, model: SplitNet, cfg: TrainingConfig, generator: torch.Generator, n: int
+        self, model: nn.Module, cfg: TrainingConfig, generator: torch.Generator, n: int
     ) -> torch.optim.Optimizer:
         """The client's optimiser wrapped in a DPOptimizer (clip, noise from ``generator``, ÷ expected batch)."""
         optimizer = HostNoiseDPOptimizer(
@@ -217,14 +218,14 @@ class DPSGD(Defence):
         optimizer.attach_step_hook(_release_grad_samples)
         return optimizer
 
-    def empty_step(self, model: SplitNet, optimizer: torch.optim.Optimizer) -> None:
+    def empty_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """An empty Poisson batch still releases noise: Opacus's empty-batch step (zero per-sample gradients)."""
         optimizer.zero_grad(set_to_none=True)
         for p in model.parameters():
-            p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
+            p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
         optimizer.step()
 
-    def begin(self, model: SplitNet, generator: torch.Generator) -> None:
+    def begin(self, model: nn.Module, generator: torch.Generator) -> None:
         """Start the client from clean per-sample gradients (an interrupted one may have left some)."""
         _clear(model)
 
@@ -243,7 +244,7 @@ class DPSGD(Defence):
         return {"dp_epsilon": eps, "dp_steps": float(total)}
 
     def shared_gradient(
-        self, model: SplitNet, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
         """What a DP client releases for the batch (x, y): Σ clip(g_i) + N(0, (σC)²), divided by len(y).
 
@@ -284,6 +285,7 @@ class DPSGD(Defence):
 
     @classmethod
     def naive_is_exact(cls, attacks: Any) -> bool:
+        """Never: a naive attacker ignores the clipping and the noise."""
         return False
 
     def disclosure(self, context: dict[str, Any] | None = None) -> Disclosure:

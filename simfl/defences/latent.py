@@ -72,9 +72,11 @@ class LatentNoise(nn.Module):
         self.draws: torch.Tensor | None = None
 
     def sigma(self) -> torch.Tensor:
+        """σ per latent unit, in (0, σ_max)."""
         return self.sigma_max * torch.tanh(F.softplus(self.rho) / self.sigma_max)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z' for the current mode: z when ``off``; else z + μ, plus σ ⊙ ε in training or for each of ``draws``."""
         if self.mode == "off":
             return z
         mean = z + self.shift if self.shift is not None else z
@@ -105,14 +107,22 @@ class Decoder(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, size, size) in [0, 1] from latents (B, D)."""
         out = self.up(self.fc(z).view(-1, 2 * self.width, self.base, self.base))
         return out[..., : self.size, : self.size]
+
+
+def noise_layer(model: nn.Module) -> LatentNoise:
+    """The model's latent noise layer (:meth:`LatentDefence.build` put it in the latent slot)."""
+    layer = model.latent
+    assert isinstance(layer, LatentNoise), f"not a latent-defended model: its latent layer is {type(layer).__name__}"
+    return layer
 
 
 def latent_off(model: nn.Module) -> nn.Module:
     """Naive attacker: the architecture without the defence (the latent layer an identity)."""
     module = copy.deepcopy(model)
-    module.latent.mode = "off"
+    noise_layer(module).mode = "off"
     return module
 
 
@@ -128,12 +138,14 @@ class KnownVictim(nn.Module):
 
     def __init__(self, model: SplitNet, draws: torch.Tensor, decoder: Decoder | None) -> None:
         super().__init__()
-        self.encoder, self.latent, self.head = model.encoder, model.latent, model.head
-        self.latent.draws = draws
+        latent = noise_layer(model)
+        self.encoder, self.latent, self.head = model.encoder, latent, model.head
+        latent.draws = draws
         self.copies = len(draws)
         self.decoder = [decoder]  # in a list: not a submodule, so never among the differentiated weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, with each copy's reconstruction error as a last column when the decoder is known."""
         perturbed = self.latent(self.encoder(x))
         logits = self.head(perturbed)
         decoder = self.decoder[0]
@@ -144,7 +156,7 @@ class KnownVictim(nn.Module):
         return torch.cat([logits, error], dim=1)
 
 
-def known_victim(model: nn.Module, draws: torch.Tensor, decoder: Decoder | None) -> nn.Module:
+def known_victim(model: SplitNet, draws: torch.Tensor, decoder: Decoder | None) -> nn.Module:
     """Adaptive attacker's module (a ``Disclosure.model_wrapper``): a copy of ``model`` as the victim ran it."""
     device = next(model.parameters()).device
     return KnownVictim(copy.deepcopy(model), draws, decoder.to(device) if decoder is not None else None)
@@ -177,7 +189,9 @@ class LatentConfig(PluginConfig):
     sigma_max: PositiveFloat = Field(2.0, description="soft cap on σ (σ = σ_max·tanh(softplus(ρ)/σ_max))")
     sigma_lr: PositiveFloat = Field(1.0, description="clients' learning rate for the noise parameters ρ (and μ)")
     mean_shift: bool = Field(False, description="also learn a latent shift μ")
-    lam: NonNegativeFloat = Field(0.5, description="λ: weight of the privacy term −λ·MSE(D(z'), x) (initial λ with utility_target)")
+    lam: NonNegativeFloat = Field(
+        0.5, description="λ: weight of the privacy term −λ·MSE(D(z'), x) (initial λ with utility_target)"
+    )
     utility_target: float | None = Field(
         None, gt=0.0, lt=1.0,
         description="cohort training accuracy to hold by adapting λ as a dual variable; unset: λ fixed",
@@ -204,6 +218,8 @@ class LatentConfig(PluginConfig):
 
 @DEFENCES.register(LatentConfig)
 class LatentDefence(Defence):
+    """``latent``: learnable latent noise trained against a decoder (see the module docstring)."""
+
     client_figures: ClassVar[dict[str, tuple[str, ...]]] = {"decoder_mse": ("mean",)}
     round_figures: ClassVar[tuple[str, ...]] = ("lam", "sigma_mean", "sigma_min", "sigma_max", "decoder_mse_server")
 
@@ -216,9 +232,11 @@ class LatentDefence(Defence):
 
     @classmethod
     def naive_is_exact(cls, attacks: Any) -> bool:
+        """Never: a naive attacker drops the noise layer and the privacy term."""
         return False
 
     def build(self, model: SplitNet) -> SplitNet:
+        """Put the learnable noise layer in the model's latent slot."""
         k = self.cfg
         model.latent = LatentNoise(model.latent_dim, k.sigma_init, k.sigma_max, k.mean_shift)
         self.latent_dim = model.latent_dim
@@ -233,20 +251,27 @@ class LatentDefence(Defence):
             self.decoder_flat = FlatWeights(self.decoder)
         return self.decoder
 
+    def _decoder_weights(self) -> FlatWeights:
+        """D's weights as one vector; D exists from ``server_setup`` (coordinator) or the first ``receive``."""
+        assert self.decoder_flat is not None, "latent defence: no decoder yet"
+        return self.decoder_flat
+
     # ------------------------------------------------------------ client side
 
     def receive(self, broadcast: dict[str, Any], device: torch.device) -> None:
+        """Load the round's decoder (frozen, eval mode) and λ."""
         decoder = self._decoder(device)
         decoder.requires_grad_(False)  # clients never compute D's gradient
         decoder.eval()
-        self.decoder_flat.load(broadcast["decoder"].to(device))
+        self._decoder_weights().load(broadcast["decoder"].to(device))
         self.lam = float(broadcast["lam"])
 
-    def begin(self, model: SplitNet, generator: torch.Generator) -> None:
-        model.latent.generator = generator
+    def begin(self, model: nn.Module, generator: torch.Generator) -> None:
+        """Draw the latent noise from the client's generator."""
+        noise_layer(model).generator = generator
 
     def optimizer(
-        self, model: SplitNet, cfg: TrainingConfig, generator: torch.Generator, n: int
+        self, model: nn.Module, cfg: TrainingConfig, generator: torch.Generator, n: int
     ) -> torch.optim.Optimizer:
         """The client's optimiser, with the noise parameters at their own learning rate ``sigma_lr``.
 
@@ -254,16 +279,18 @@ class LatentDefence(Defence):
         smaller than the weights'; at the weights' learning rate σ would not move
         within a run, and the knob would be a constant.
         """
-        noise = list(model.latent.parameters())
+        noise = list(noise_layer(model).parameters())
         rest = [p for p in model.parameters() if all(p is not q for q in noise)]
         return make_optimizer(model, cfg, [{"params": rest},
                                            {"params": noise, "lr": self.cfg.sigma_lr, "weight_decay": 0.0}])
 
     def objective(
-        self, model: SplitNet, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+        self, model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """CE − λ·MSE(D(z'), x) with D frozen; logs the reconstruction error."""
         if self.decoder is None:
             raise RuntimeError("latent defence: no decoder received from the coordinator yet")
+        assert isinstance(model, SplitNet)  # the model build() made
         perturbed = model.features(x)
         logits = model.head(perturbed)
         ce = F.cross_entropy(logits, y)
@@ -290,7 +317,7 @@ class LatentDefence(Defence):
         was = model.training
         model.eval()
         model.latent.train()
-        model.latent.generator = generator
+        noise_layer(model).generator = generator
         try:
             with torch.no_grad():
                 return model.features(x)
@@ -301,24 +328,27 @@ class LatentDefence(Defence):
         device = next(model.parameters()).device
         gen = torch_generator(self.seed, "decoder-train", round_)
         batch = min(self.cfg.decoder_batch, len(self.aux_train))
-        self.decoder.train()
+        decoder = self.decoder
+        assert decoder is not None  # made in server_setup
+        decoder.train()
         for _ in range(self.cfg.decoder_steps):
             idx = torch.randperm(len(self.aux_train), generator=gen)[:batch]
             x = to_input(self.aux_train[idx], device)
-            loss = F.mse_loss(self.decoder(self._perturbed(model, x, gen)), x)
+            loss = F.mse_loss(decoder(self._perturbed(model, x, gen)), x)
             self.decoder_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.decoder_optimizer.step()
-        self.decoder.eval()
+        decoder.eval()
         x = to_input(self.aux_held, device)
         held_gen = torch_generator(self.seed, "decoder-held")  # the same noise every round: comparable figures
         with torch.no_grad():
-            mse = float(F.mse_loss(self.decoder(self._perturbed(model, x, held_gen)), x))
-            sigma = model.latent.sigma()
+            mse = float(F.mse_loss(decoder(self._perturbed(model, x, held_gen)), x))
+            sigma = noise_layer(model).sigma()
         return {"decoder_mse_server": mse, "sigma_mean": float(sigma.mean()), "sigma_min": float(sigma.min()),
                 "sigma_max": float(sigma.max())}
 
     def server_round(self, round_: int, model: SplitNet, client_rows: list[dict]) -> dict[str, float]:
+        """Move λ towards the utility target (when set), then train D one round on the new global model."""
         target = self.cfg.utility_target
         if target is not None and client_rows:
             n = sum(row["samples"] for row in client_rows)
@@ -329,14 +359,17 @@ class LatentDefence(Defence):
         return figures
 
     def broadcast(self) -> dict[str, Any]:
-        return {"decoder": self.decoder_flat.snapshot().cpu(), "lam": self.lam}
+        """D's weights and λ, for the clients' privacy term."""
+        return {"decoder": self._decoder_weights().snapshot().cpu(), "lam": self.lam}
 
     def server_state(self) -> dict[str, Any]:
-        return {"decoder": self.decoder_flat.snapshot().cpu(), "optimizer": self.decoder_optimizer.state_dict(),
+        """D's weights, its optimiser state and λ."""
+        return {"decoder": self._decoder_weights().snapshot().cpu(), "optimizer": self.decoder_optimizer.state_dict(),
                 "lam": self.lam}
 
     def load_server_state(self, state: dict[str, Any]) -> None:
-        self.decoder_flat.load(state["decoder"])
+        """Restore D, its optimiser and λ from :meth:`server_state`."""
+        self._decoder_weights().load(state["decoder"])
         self.decoder_optimizer.load_state_dict(state["optimizer"])
         self.lam = float(state["lam"])
 
@@ -359,4 +392,5 @@ class LatentDefence(Defence):
                           loss_fn=partial(known_objective, copies=samples, lam=lam))
 
     def naive_view(self) -> Disclosure:
+        """The model with the noise layer switched off (an identity)."""
         return Disclosure(model_wrapper=latent_off)

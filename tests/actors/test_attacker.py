@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import ray
 import torch
+from engine_helpers import SMOKE_FAST, final_weights, kill_at_checkpoint, run_smoke, table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine_helpers import SMOKE_FAST, final_weights, kill_at_checkpoint, run_smoke, table
 from actors.attacker import AttackPool
 from simfl.config import AttackPoolConfig
 from simfl.round import sample_held_out_victims
@@ -92,7 +92,8 @@ def assert_means_match_table(run_dir: Path) -> None:
     events = EventAccumulator(str(run_dir / "tensorboard" / "attacks"))
     events.Reload()
     rows = pd.read_parquet(run_dir / "attacks")
-    for name, column in (("psnr", "psnr"), ("psnr_mean_baseline", "mean_psnr"), ("attacker_accuracy", "attacker_correct")):
+    for name, column in (("psnr", "psnr"), ("psnr_mean_baseline", "mean_psnr"),
+                         ("attacker_accuracy", "attacker_correct")):
         logged = events.Scalars(f"attack/ig/{name}")
         expected = rows[rows.attack == "ig"].groupby("round")[column].mean()
         assert [e.step for e in logged] == expected.index.tolist(), name
@@ -169,7 +170,7 @@ def test_a_full_pool_waits_or_drops_as_configured(ray_local):
     for policy, accepted in (("drop", False), ("wait", True)):
         done = []
         pool = AttackPool(AttackPoolConfig(max_pending=1, when_full=policy), [FakeAttacker(delay=1.0)],
-                          lambda job, out: done.append(job["round"]))
+                          lambda job, out, done=done: done.append(job["round"]))
         assert pool.submit({"round": 1, "victims": []})
         assert pool.submit({"round": 2, "victims": []}) is accepted
         # wait: round 2 went in only once round 1 was collected

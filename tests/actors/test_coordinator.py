@@ -8,8 +8,8 @@ import time
 import pandas as pd
 import pytest
 import ray
-
 from engine_helpers import assert_same_results, final_weights, run_smoke, table
+
 from simfl.resources import assign_clients
 
 

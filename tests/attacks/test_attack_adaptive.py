@@ -5,10 +5,9 @@ import copy
 import torch
 from torch import nn
 
-from simfl.attacks import InvertingGradients, get_attack, observe_gradient
-from simfl.attacks import adapt
-from simfl.disclosure import Disclosure
+from simfl.attacks import InvertingGradients, adapt, get_attack, observe_gradient
 from simfl.config import ModelConfig
+from simfl.disclosure import Disclosure
 from simfl.metrics import psnr
 from simfl.models import build_model
 from simfl.weights import FlatWeights

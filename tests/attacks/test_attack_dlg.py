@@ -1,14 +1,13 @@
 import pytest
 import torch
+from attack_helpers import assert_batched_equals_single, blind
+from attack_helpers import victims as shared_victims
 
 from simfl.attacks import DLG, IDLG
 from simfl.attacks.functional import stack
 from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.weights import FlatWeights
-
-from attack_helpers import assert_batched_equals_single, blind
-from attack_helpers import victims as shared_victims
 
 
 def victims(model, flat, view, batch=2, count=3):

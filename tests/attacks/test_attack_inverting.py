@@ -1,15 +1,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from attack_helpers import assert_batched_equals_single, blind
+from attack_helpers import victims as shared_victims
 
 from simfl.attacks import InvertingGradients, observe_gradient
 from simfl.attacks.functional import stack, total_variation
 from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.weights import FlatWeights
-
-from attack_helpers import assert_batched_equals_single, blind
-from attack_helpers import victims as shared_victims
 
 
 def victims(model, flat, view, batch=2, count=3):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from simfl.attacks import observe_gradient, observe_update, recover_labels
-from simfl.attacks.labels import head_gradient, llg_labels
+from simfl.attacks.labels import head_gradient, llg_labels, momentum_steps
 from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.weights import FlatWeights
@@ -76,8 +76,6 @@ def test_batch_label_multiset_is_usually_exact_on_fresh_models():
 
 
 def test_momentum_steps_counts_the_gradients_an_update_sums():
-    from simfl.attacks.labels import momentum_steps
-
     assert momentum_steps(4, 0.0) == 4.0
     assert momentum_steps(1, 0.9) == pytest.approx(1.0)
     assert momentum_steps(2, 0.5) == pytest.approx(1.0 + 1.5)

@@ -27,7 +27,7 @@ def test_each_row_follows_torch_lbfgs_without_line_search():
         opt = torch.optim.LBFGS([p], lr=1.0, max_iter=10, max_eval=10**6, history_size=5)
         visited = []
 
-        def closure():
+        def closure(opt=opt, p=p, visited=visited):
             opt.zero_grad()
             loss = rosenbrock(p)
             loss.backward()

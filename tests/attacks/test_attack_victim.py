@@ -9,8 +9,8 @@ from simfl.attacks.labels import recover_labels
 from simfl.attacks.observation import observe_gradient
 from simfl.attacks.victim import batch_statistics, capture, victim_from_state, victim_state
 from simfl.config import ModelConfig, TrainingConfig
-from simfl.scenario import AttacksConfig
 from simfl.models import build_model
+from simfl.scenario import AttacksConfig
 from simfl.seeding import torch_generator
 from simfl.training import to_input, train_client
 from simfl.weights import FlatWeights

@@ -166,7 +166,8 @@ def test_build_keeps_the_weight_layout_and_draws_no_random_numbers():
     assert torch.equal(after_plain, after_built)
     a, b = FlatWeights(plain), FlatWeights(built)
     assert len(a) == len(b)
-    assert [(name, off, shape) for name, off, shape in a.layout] == [(name, off, shape) for name, off, shape in b.layout]
+    assert ([(name, off, shape) for name, off, shape in a.layout]
+            == [(name, off, shape) for name, off, shape in b.layout])
     assert torch.equal(a.vector, b.vector)
     assert list(plain.state_dict()) == list(built.state_dict())
 

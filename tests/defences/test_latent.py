@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from simfl.attacks.functional import stack, victim_simulator
+from simfl.attacks.observation import observe_gradient
 from simfl.config import ModelConfig, TrainingConfig
 from simfl.data import Dataset
 from simfl.defences import defended_model
-from simfl.attacks.functional import stack, victim_simulator
-from simfl.attacks.observation import observe_gradient
 from simfl.defences.latent import LatentConfig, LatentNoise, antithetic_draws, known_objective, known_victim, latent_off
 from simfl.training import train_client
 from simfl.weights import FlatWeights
