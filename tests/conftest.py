@@ -20,6 +20,16 @@ import ray
 import torch
 import yaml
 
+# Tests that start Ray (directly, or through a fixture that does) are engine tests: `pytest -m "not engine"`
+# is the quick loop. Subprocess benchmarks and the two-node cluster mark themselves.
+ENGINE_FIXTURES = {"ray_local", "tiny_study"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.engine  # whole benchmarks or clusters in subprocesses: minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -26,30 +26,48 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize(
-    ("overrides", "key"),
-    [
-        (["training.rounds=ten"], "training.rounds"),
-        (["training.lr=0.1"], "training.lr: unknown key"),
-        (["populations.0.label_skew.alpha=0"], "populations.0.label_skew.alpha"),
-        (["populations.0.label_skew.alpha=-1"], "populations.0.label_skew.alpha"),
-        (["populations.1.clients=-5"], "populations.1.clients"),
-        (["populations.1.label_skew.classes=40"], "populations.1.label_skew.classes"),
-        (["resources.gpus_per_actor=0.5"], "resources.gpus_per_actor"),
-        (["resources.client_actors=64"], "resources.client_actors"),
-        (["populations.0.held_out='yes'"], "populations.0.held_out"),
-        (["data.name=bloodmnist"], "data: synthetic: only applies to name: synthetic"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, overrides, key):
-    out = tmp_path / "runs"
-    sets = [item for o in overrides for item in ("--set", o.format(tmp=tmp_path))]
-    proc = cli("scenarios/smoke.yaml", "--set", f"output.dir={out}", "--no-dashboard", "--num-cpus", "1", *sets)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+BAD_INPUT = [
+    (["training.rounds=ten"], "training.rounds"),
+    (["training.lr=0.1"], "training.lr: unknown key"),
+    (["populations.0.label_skew.alpha=0"], "populations.0.label_skew.alpha"),
+    (["populations.0.label_skew.alpha=-1"], "populations.0.label_skew.alpha"),
+    (["populations.1.clients=-5"], "populations.1.clients"),
+    (["populations.1.label_skew.classes=40"], "populations.1.label_skew.classes"),
+    (["populations.0.held_out='yes'"], "populations.0.held_out"),
+    (["data.name=bloodmnist"], "data: synthetic: only applies to name: synthetic"),
+    (["defence={kind: dpsgd, lam: 1}"], "defence.lam: unknown key (not a setting of dpsgd)"),
+    (["attacks={methods: [{kind: ig, iterations: 0}]}"], "attacks.methods.0.iterations"),
+]
+# The cluster's size is Ray's to say: these start a local instance before they fail.
+BAD_FOR_THE_CLUSTER = [
+    (["resources.gpus_per_actor=0.5"], "resources.gpus_per_actor"),
+    (["resources.client_actors=64"], "resources.client_actors"),
+]
+
+
+def _assert_one_line_and_nothing_written(code: int, stderr: str, key: str, out: Path) -> None:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("simfl: error: ") and key in lines[0], lines[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_INPUT)
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, capsys, overrides, key):
+    out = tmp_path / "runs"
+    sets = [item for o in overrides for item in ("--set", o)]
+    code = main(["scenarios/smoke.yaml", "--set", f"output.dir={out}", "--no-dashboard", *sets])
+    _assert_one_line_and_nothing_written(code, capsys.readouterr().err, key, out)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(("overrides", "key"), BAD_FOR_THE_CLUSTER)
+def test_a_plan_the_cluster_cannot_hold_is_one_line_exit_2_and_no_run_dir(tmp_path, overrides, key):
+    out = tmp_path / "runs"
+    sets = [item for o in overrides for item in ("--set", o)]
+    proc = cli("scenarios/smoke.yaml", "--set", f"output.dir={out}", "--no-dashboard", "--num-cpus", "1", *sets)
+    _assert_one_line_and_nothing_written(proc.returncode, proc.stderr, key, out)
 
 
 def test_missing_dataset_offline_is_one_line_naming_the_file_and_where_to_put_it(tmp_path):
@@ -71,17 +89,18 @@ def test_missing_dataset_offline_is_one_line_naming_the_file_and_where_to_put_it
         ("populations: [{name: a, clients: 2, label_skew: {kind: dirichlet}}]\n", "populations.0.label_skew"),
     ],
 )
-def test_malformed_scenario_files(tmp_path, text, key):
+def test_malformed_scenario_files(tmp_path, capsys, text, key):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    proc = cli(str(path))
-    assert proc.returncode == 2
-    assert key in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_missing_scenario_file():
+def test_missing_scenario_file_through_the_real_command_line():
     proc = cli("scenarios/does_not_exist.yaml")
-    assert proc.returncode == 2 and "does_not_exist.yaml" in proc.stderr
+    assert proc.returncode == 2 and "does_not_exist.yaml" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 SIGKILL_RUN = ["--set", "training.rounds=6", "--set", "resources.client_actors=2"]
@@ -120,24 +139,22 @@ def make_resumable_looking_dir(tmp_path: Path, seed: int) -> Path:
     return run_dir
 
 
-def test_resume_refuses_an_unreadable_checkpoint(tmp_path):
+def test_resume_refuses_an_unreadable_checkpoint(tmp_path, capsys):
     run_dir = make_resumable_looking_dir(tmp_path, seed=0)
     (run_dir / "checkpoints" / "round_000001.pt").write_bytes(b"not a checkpoint")
-    proc = cli("--resume", str(run_dir))
-    assert proc.returncode == 2
-    (line,) = proc.stderr.strip().splitlines()
+    assert main(["--resume", str(run_dir)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
     assert "round_000001.pt cannot be read" in line
 
 
-def test_resume_refuses_when_the_data_changed(tmp_path):
+def test_resume_refuses_when_the_data_changed(tmp_path, capsys):
     run_dir = make_resumable_looking_dir(tmp_path, seed=0)
     torch.save({"round": 1}, run_dir / "checkpoints" / "round_000001.pt")
     # The saved scenario now says seed 1: its data and partition differ from partition.parquet.
     text = (run_dir / "scenario.yaml").read_text().replace("seed: 0", "seed: 1", 1)
     (run_dir / "scenario.yaml").write_text(text)
-    proc = cli("--resume", str(run_dir))
-    assert proc.returncode == 2
-    assert "no longer give the saved partition.parquet" in proc.stderr
+    assert main(["--resume", str(run_dir)]) == 2
+    assert "no longer give the saved partition.parquet" in capsys.readouterr().err
 
 
 def write_fake_bloodmnist(root: Path, train: int) -> None:

@@ -31,6 +31,8 @@ import pandas as pd
 import psutil
 import pytest
 
+pytestmark = pytest.mark.engine  # whole benchmarks or clusters in subprocesses: minutes
+
 REPO = Path(__file__).resolve().parents[1]
 # The `ray` CLI of the interpreter running the tests, so cluster and engine share one Ray.
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
