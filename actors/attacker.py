@@ -23,6 +23,7 @@ from ray.exceptions import RayActorError
 
 from simfl.attack_log import attack_label
 from simfl.attacks import Attack, adapt, build_attack
+from simfl.attacks.base import AuxData
 from simfl.attacks.victim import Victim
 from simfl.config import AttackPoolConfig
 from simfl.data import Dataset
@@ -40,6 +41,8 @@ GRID_IMAGES = 16
 WAIT_REPORT_S = 60
 # Times one job is re-sent after its attacker actor died before the run fails.
 MAX_JOB_RETRIES = 2
+# Server images a learned attack trains on (the validation split's first ones): bounds memory at large sizes.
+AUX_IMAGES = 2000
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,16 @@ class AttackerKnowledge:
     shape: tuple[int, int, int]  # channels, image size, classes
     mean_image: torch.Tensor  # (C, H, W): the mean-image baseline, over the validation split
     evaluator: Evaluator
+    aux: AuxData  # the server's own images (the validation split, at most AUX_IMAGES): what learned attacks train on
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, evaluator: Evaluator) -> AttackerKnowledge:
-        """What an attacker holds of ``dataset``: image shape, class count, and the validation split's mean image."""
+    def from_dataset(cls, dataset: Dataset, evaluator: Evaluator, seed: int) -> AttackerKnowledge:
+        """What an attacker holds of ``dataset``: image shape, class count, the validation split and its mean image."""
         # uint8 summed in float64 by numpy: no float copy of the whole split (GBs at 224 px).
         mean = torch.from_numpy(dataset.val_x.mean(axis=0, dtype=np.float64) / 255.0).permute(2, 0, 1).float()
-        return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, evaluator)
+        aux = AuxData(torch.from_numpy(np.array(dataset.val_x[:AUX_IMAGES])),
+                      torch.from_numpy(np.array(dataset.val_y[:AUX_IMAGES], dtype=np.int64)), seed)
+        return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, evaluator, aux)
 
 
 @ray.remote
@@ -79,16 +85,24 @@ class Attacker:
         self.model = model.to(self.device)
         self.flat = FlatWeights(self.model)
         self.classifier = self.evaluator.model(*knowledge.shape, self.device)
-        self.methods = {m.kind: build_attack(m) for m in attacks.methods}
+        self.methods = {m.kind: build_attack(m, knowledge.aux) for m in attacks.methods}
 
     def _attacks(self, context: dict | None) -> dict[tuple[str, str], Attack]:
-        """Every attack naive; and adaptive too when the defence discloses anything (given the round's broadcast)."""
+        """Every attack naive; and adaptive too when the defence discloses anything (given the round's broadcast).
+
+        The attacker's own copy of the defence takes the round's broadcast first, as a
+        client does, so that it can compute what a victim shares. An attack that does
+        not apply (e.g. the server decoder without a defence that trains one) is left out.
+        """
+        if context:
+            self.defence.receive(context, self.device)
         naive, adaptive = self.defence.naive_view(), self.defence.disclosure(context)
         attacks: dict[tuple[str, str], Attack] = {}
         for kind, attack in self.methods.items():
-            attacks[(kind, "naive")] = adapt(attack, naive)
+            told = {"naive": adapt(attack, naive)}
             if adaptive is not None:
-                attacks[(kind, "adaptive")] = adapt(attack, adaptive)
+                told["adaptive"] = adapt(attack, adaptive)
+            attacks.update({(kind, know): a for know, a in told.items() if a.applies()})
         return attacks
 
     def attack(self, victims: list[Victim], context: dict | None = None) -> dict:
@@ -108,6 +122,8 @@ class Attacker:
         for (kind, knowledge), attack in self._attacks(context).items():
             result = attack(self.model, self.flat, observations, seeds)
             finished = time.time()
+            # Convergence check: the objective at the true images beside its value at the found ones.
+            at_truth = attack.objective_at(self.model, self.flat, observations, torch.stack([v.images for v in victims]))
             shown_orig, shown_recon = [], []
             for i, v in enumerate(victims):
                 recon = result.images[i].detach().cpu()
@@ -121,6 +137,7 @@ class Attacker:
                         defence=self.sc.defence.kind, view=v.observation.view,
                         labels=self.attacks.labels, batch_size=v.observation.batch_size,
                         iterations=int(result.iterations[i]), objective=float(result.objective[i]),
+                        objective_at_truth=float(at_truth[i]),
                         evaluator_test_accuracy=self.evaluator.test_accuracy, victims_in_job=len(victims),
                         attacker=self.index, attack_s=result.seconds, finished_at=finished,
                     )

@@ -102,7 +102,7 @@ class Coordinator:
             self.run_dir, self.log.tables, lambda c: names[pop[c]],
             resumed_round=self.round if resume else None, rerun_rounds={job["round"] for job in restored_jobs},
         )
-        knowledge = AttackerKnowledge.from_dataset(dataset, ray.get(refs["evaluator"]))
+        knowledge = AttackerKnowledge.from_dataset(dataset, ray.get(refs["evaluator"]), self.sc.seed)
         pool = AttackPool.start(self.sc.model_dump(mode="json"), knowledge, run_tag, self.attack_log.done)
         # In flight at the checkpoint we resume from: run them again (waiting for room, never dropped).
         for job in self.attack_log.expect(restored_jobs):

@@ -99,6 +99,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("true_label", pa.int32()),
             ("iterations", pa.int32()),
             ("objective", pa.float64()),
+            ("objective_at_truth", pa.float64()),  # the same objective at the true images: convergence check
             ("label_accuracy", pa.float64()),
             ("mse", pa.float64()),
             ("psnr", pa.float64()),

@@ -47,6 +47,7 @@ def assert_batched_equals_single(attack, model, flat, observations, seeds, objec
         alone = attack(model, flat, [obs], [seed])
         # equal up to float rounding of the vmapped convolutions (not bitwise)
         assert torch.allclose(together.images[v], alone.images[0], atol=images_atol, rtol=0), v
-        assert torch.allclose(together.objective[v], alone.objective[0], atol=1e-5, rtol=objective_rtol), v
+        assert torch.allclose(together.objective[v], alone.objective[0], atol=1e-5, rtol=objective_rtol,
+                              equal_nan=True), v
         assert torch.equal(together.labels[v], alone.labels[0]), v
         assert together.iterations[v] == alone.iterations[0], v

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from attack_helpers import assert_batched_equals_single, victims
 
 from simfl.attacks import ATTACKS, adapt, build_attack, observe_gradient
+from simfl.attacks.base import AuxData
 from simfl.config import ModelConfig, TrainingConfig
 from simfl.data import Dataset
+from simfl.decoders import Decoder
 from simfl.defences import DEFENCES, defended_model
 from simfl.disclosure import Disclosure
 from simfl.models import build_model
@@ -150,9 +152,25 @@ def test_what_an_attacker_is_told_is_well_formed(kind):
 # ---------------------------------------------------------------- attacks
 
 
+AUX = AuxData(torch.randint(0, 256, (40, 8, 8, 3), dtype=torch.uint8), torch.arange(40) % 4, seed=0)
+
+
 def _small(kind: str):
+    """The attack at a small budget, with the server's data, made applicable where it needs a disclosure."""
     config = ATTACKS.configs[kind]
-    return config(iterations=3) if "iterations" in config.model_fields else config()
+    budget = {k: 3 for k in ("iterations", "steps") if k in config.model_fields}
+    attack = build_attack(config(**budget), AUX)
+    if not attack.applies():  # e.g. the server's decoder: only where the defence discloses one
+        torch.manual_seed(0)
+        attack = adapt(attack, Disclosure(decoder=Decoder(128, 3, 8)))
+    assert attack.applies(), kind
+    return attack
+
+
+def _small_model():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="convnet", width=4), 3, 8, 4)
+    return model, FlatWeights(model)
 
 
 @pytest.mark.parametrize("kind", ATTACK_KINDS)
@@ -165,25 +183,41 @@ def test_an_attack_is_built_from_its_config_and_its_defaults_are_real(kind):
 
 @pytest.mark.parametrize("kind", ATTACK_KINDS)
 def test_batched_attack_equals_the_same_attack_alone(kind):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="convnet", width=4), 3, 8, 4)
-    flat = FlatWeights(model)
+    model, flat = _small_model()
     observations = victims(model, flat, "gradient", batch=1, count=3)
-    assert_batched_equals_single(build_attack(_small(kind)), model, flat, observations, [1, 2, 3])
+    assert_batched_equals_single(_small(kind), model, flat, observations, [1, 2, 3])
 
 
 @pytest.mark.parametrize("kind", ATTACK_KINDS)
-def test_adapting_changes_what_the_attack_differentiates(kind):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="convnet", width=4), 3, 8, 4)
-    flat = FlatWeights(model)
-    obs = victims(model, flat, "gradient", batch=1, count=1)
-    attack = build_attack(_small(kind))
-    # Label smoothing changes the gradient's direction too (a mere rescaling would not move a cosine attack).
-    smoothed = adapt(attack, Disclosure(loss_fn=lambda logits, t: F.cross_entropy(logits, t, label_smoothing=0.5)))
+def test_adapting_takes_every_disclosed_part_the_attack_has(kind):
+    attack = _small(kind)
     assert adapt(attack, None) is attack
-    plain, adapted = attack(model, flat, obs, [0]), smoothed(model, flat, obs, [0])
-    assert not torch.allclose(plain.objective, adapted.objective)
+    told = Disclosure(loss_fn=lambda logits, t: F.cross_entropy(logits, t, label_smoothing=0.5), clip_norm=0.5,
+                      decoder=Decoder(128, 3, 8))
+    adapted = adapt(attack, told)
+    for name in {f.name for f in dataclasses.fields(attack)} & {f.name for f in dataclasses.fields(told)}:
+        if name != "knows_defence":
+            assert getattr(adapted, name) is getattr(told, name), name
+    if hasattr(attack, "informed"):
+        assert adapted.informed and not adapt(attack, dataclasses.replace(told, knows_defence=False)).informed
+    if hasattr(attack, "loss_fn"):  # a gradient-matching attack then differentiates what it was told
+        model, flat = _small_model()
+        obs = victims(model, flat, "gradient", batch=1, count=1)
+        smoothed = adapt(attack, Disclosure(loss_fn=told.loss_fn))
+        assert not torch.allclose(attack(model, flat, obs, [0]).objective, smoothed(model, flat, obs, [0]).objective)
+
+
+@pytest.mark.parametrize("kind", ATTACK_KINDS)
+def test_the_objective_at_the_true_images_is_finite_or_declared_absent(kind):
+    model, flat = _small_model()
+    observations = victims(model, flat, "gradient", batch=1, count=2)
+    attack = _small(kind)
+    at_found = attack(model, flat, observations, [0, 1])
+    truth = torch.rand(2, 1, 3, 8, 8)
+    at_truth = attack.objective_at(model, flat, observations, truth)
+    assert at_truth.shape == (2,)
+    # Both are numbers, or both absent (NaN) for attacks without an objective over images.
+    assert torch.equal(torch.isnan(at_truth), torch.isnan(at_found.objective.cpu()))
 
 
 def test_generators_for_contract_runs_are_seeded():

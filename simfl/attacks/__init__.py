@@ -7,7 +7,7 @@ in its module; importing this package registers them all (one line each).
 
 from __future__ import annotations
 
-from simfl.attacks import dlg, inverting  # noqa: F401  (registers the attacks)
+from simfl.attacks import dlg, inverting, learned, lti, priors  # noqa: F401  (registers the attacks)
 from simfl.attacks.base import ATTACKS, Attack, AttackConfig, AttackResult, adapt, build_attack, get_attack
 from simfl.attacks.dlg import DLG, IDLG
 from simfl.attacks.inverting import InvertingGradients

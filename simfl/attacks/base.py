@@ -9,6 +9,7 @@ be adapted to a defence's :class:`~simfl.disclosure.Disclosure`. Its config
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +34,24 @@ class AttackResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class AuxData:
+    """What the attacking server holds besides the victims' shares: data disjoint from every client's.
+
+    The validation split (server-held: it trains the attack evaluator and the
+    latent defence's decoder too), as uint8 NHWC images with their labels, and
+    the scenario's seed, from which a learned attack seeds its training.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    seed: int = 0
+
+    def inputs(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The images as model inputs: (N, C, H, W) float in [0, 1]."""
+        return self.images.to(device).permute(0, 3, 1, 2).float().div(255.0)
+
+
 class Attack(Protocol):
     """What every attack is: a batched reconstruction that can be told how a defence works."""
 
@@ -46,6 +65,16 @@ class Attack(Protocol):
         """The same attack, aware of the defence: the module, loss and clipping the victim really used."""
         ...
 
+    def applies(self) -> bool:
+        """Whether it can run as it stands (an attack on a defence's own part needs that defence)."""
+        ...
+
+    def objective_at(
+        self, model: nn.Module, flat: FlatWeights, observations: Sequence[Observation], images: torch.Tensor
+    ) -> torch.Tensor:
+        """(V,) its objective at given images: at the true ones, the check that the found ones converged."""
+        ...
+
 
 class AttackConfig(PluginConfig):
     """Base of every attack's config (``attacks.methods`` entries): its ``kind`` and options."""
@@ -54,9 +83,11 @@ class AttackConfig(PluginConfig):
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
-def build_attack(cfg: PluginConfig) -> Attack:
-    """The attack a scenario's ``attacks.methods`` entry describes."""
-    return ATTACKS[cfg.kind](**cfg.knobs())
+def build_attack(cfg: PluginConfig, aux: AuxData | None = None) -> Attack:
+    """The attack a scenario's ``attacks.methods`` entry describes; learned attacks also get the server's data."""
+    cls = ATTACKS[cfg.kind]
+    extra = {"aux": aux} if aux is not None and "aux" in {f.name for f in dataclasses.fields(cls)} else {}
+    return cls(**cfg.knobs(), **extra)
 
 
 def get_attack(kind: str, **options: object) -> Attack:

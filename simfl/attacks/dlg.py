@@ -20,7 +20,7 @@ from torch.func import grad_and_value, vmap
 
 from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult
 from simfl.attacks.functional import (
-    Adaptable,
+    AttackBase,
     attacker_module,
     draw,
     stack,
@@ -55,7 +55,7 @@ class IDLGConfig(AttackConfig):
 
 @ATTACKS.register(DLGConfig)
 @dataclass
-class DLG(Adaptable):
+class DLG(AttackBase):
     """DLG; ``iterations`` counts L-BFGS iterations, one objective evaluation each."""
 
     iterations: int = 300
@@ -114,6 +114,24 @@ class DLG(Adaptable):
             labels = z[:, n_pixels:].reshape(stacked.victims, batch, num_classes).argmax(-1)
         assert labels is not None  # recovered, or learned above
         return AttackResult(images, labels, final, iterations.cpu(), time.perf_counter() - start)
+
+    def objective_at(
+        self, model: nn.Module, flat: FlatWeights, observations: Sequence[Observation], images: torch.Tensor
+    ) -> torch.Tensor:
+        """(V,) the L2 gradient mismatch at ``images`` with the analytic labels (the true images' own score)."""
+        stacked = stack(observations, flat)
+        device = flat.vector.device
+        labels = torch.stack([recover_labels(flat, o) for o in observations]).to(device)
+        with attacker_module(model, self.model_wrapper) as module:
+            simulate = victim_simulator(module, flat, stacked, self.loss_fn, self.clip_norm)
+
+            def mismatch(x: torch.Tensor, w: torch.Tensor, sgd: torch.Tensor, target: torch.Tensor,
+                         y: torch.Tensor) -> torch.Tensor:
+                return (simulate(w, sgd, x, y) - target).pow(2).sum()
+
+            weights, weight_dim = stacked.weight_arg
+            value = vmap(mismatch, in_dims=(0, weight_dim, 0, 0, 0))
+            return value(images.to(device), weights, stacked.sgd, stacked.target, labels).detach().cpu()
 
 
 @ATTACKS.register(IDLGConfig)

@@ -31,17 +31,39 @@ from simfl.disclosure import Disclosure, LossFn, ModelWrapper
 from simfl.weights import FlatWeights
 
 
-class Adaptable:
-    """Mixin for an attack dataclass with a field per :class:`Disclosure` field: adapting replaces them."""
+class AttackBase:
+    """Base of the attack dataclasses: adapting to a :class:`Disclosure`, applicability, the objective at given images.
+
+    Adapting replaces every field the attack has and the disclosure sets (the
+    victim's module, loss, clipping, the server's own decoder, how the victim
+    computes what it shares), and sets ``informed`` where the attack has it
+    (true unless the disclosure is a naive attacker's view).
+    """
 
     def adapted(self, disclosure: Disclosure) -> Self:
-        """A copy with every field the disclosure sets (the victim's module, loss, clipping) replaced."""
-        changes = {
+        """A copy that knows the defence as the disclosure describes it."""
+        mine = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        changes: dict[str, object] = {
             f.name: getattr(disclosure, f.name)
             for f in dataclasses.fields(disclosure)
-            if getattr(disclosure, f.name) is not None
+            if getattr(disclosure, f.name) is not None and f.name in mine and f.name != "knows_defence"
         }
+        if "informed" in mine:
+            changes["informed"] = disclosure.knows_defence
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def applies(self) -> bool:
+        """Whether the attack has what it needs to run (e.g. the server decoder exists only under its defence)."""
+        return True
+
+    def objective_at(
+        self, model: nn.Module, flat: FlatWeights, observations: Sequence[Observation], images: torch.Tensor
+    ) -> torch.Tensor:
+        """(V,) the attack's objective at ``images`` (V, B, C, H, W): the true ones, to check convergence.
+
+        NaN for attacks without an objective over images (learned inversions).
+        """
+        return torch.full((len(observations),), float("nan"))
 
 
 @dataclass

@@ -21,7 +21,8 @@ from torch.func import grad, vmap
 
 from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult
 from simfl.attacks.functional import (
-    Adaptable,
+    AttackBase,
+    Stacked,
     attacker_module,
     draw,
     stack,
@@ -50,7 +51,7 @@ class InvertingGradientsConfig(AttackConfig):
 
 @ATTACKS.register(InvertingGradientsConfig)
 @dataclass
-class InvertingGradients(Adaptable):
+class InvertingGradients(AttackBase):
     """Defaults follow the paper's reference configuration (4800 iterations, TV 0.1, 1 restart)."""
 
     iterations: int = 4800
@@ -72,30 +73,60 @@ class InvertingGradients(Adaptable):
         generators = victim_generators(seeds, stacked.victims)
         labels = torch.stack([recover_labels(flat, o) for o in observations]).to(device)
         shape = (stacked.batch_size, *stacked.image_shape)
+        extra = self._extra(model, flat, observations)
         with attacker_module(model, self.model_wrapper) as module:
-            simulate = victim_simulator(module, flat, stacked, self.loss_fn, self.clip_norm)
-
-            def objective(
-                x: torch.Tensor, w: torch.Tensor, sgd: torch.Tensor, target: torch.Tensor, y: torch.Tensor
-            ) -> torch.Tensor:
-                g = simulate(w, sgd, x, y)
-                cosine = (g * target).sum() / (g.norm() * target.norm()).clamp_min(1e-12)
-                return 1.0 - cosine + self.tv_weight * total_variation(x)
-
+            objective = self._objective(module, flat, stacked)
             weights, weight_dim = stacked.weight_arg
-            args = (weights, stacked.sgd, stacked.target, labels)
-            in_dims = (0, weight_dim, 0, 0, 0)
+            args = (weights, stacked.sgd, stacked.target, labels, *extra)
+            in_dims = (0, weight_dim, 0, 0, 0, *[0] * len(extra))
             gradient, value = vmap(grad(objective), in_dims=in_dims), vmap(objective, in_dims=in_dims)
             best_x = torch.zeros(stacked.victims, *shape, device=device)
             best_f = torch.full((stacked.victims,), torch.inf, device=device)
-            for _ in range(self.restarts):
-                x = self._optimise(draw(generators, shape, device), gradient, args)
+            for restart in range(self.restarts):
+                x = self._optimise(self._start(restart, extra, generators, shape, device), gradient, args)
                 f = value(x, *args).detach()
                 better = f < best_f
                 best_x = torch.where(better.view(-1, *[1] * len(shape)), x, best_x)
                 best_f = torch.where(better, f, best_f)
         iterations = torch.full((stacked.victims,), self.iterations * self.restarts, dtype=torch.long)
         return AttackResult(best_x, labels, best_f, iterations, time.perf_counter() - start)
+
+    def _extra(self, model: nn.Module, flat: FlatWeights, observations: Sequence[Observation]
+               ) -> tuple[torch.Tensor, ...]:
+        """Per-victim tensors (V, ...) the objective takes after the labels; none for plain Inverting Gradients."""
+        return ()
+
+    def _start(self, restart: int, extra: tuple[torch.Tensor, ...], generators: list[torch.Generator],
+               shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Each restart's starting images: uniform noise from each victim's generator."""
+        return draw(generators, shape, device)
+
+    def _objective(self, module: nn.Module, flat: FlatWeights, stacked: Stacked) -> Callable[..., torch.Tensor]:
+        """One victim's objective(x, weights, sgd, target, labels): 1 − cos(simulated, observed) + TV."""
+        simulate = victim_simulator(module, flat, stacked, self.loss_fn, self.clip_norm)
+
+        def objective(
+            x: torch.Tensor, w: torch.Tensor, sgd: torch.Tensor, target: torch.Tensor, y: torch.Tensor
+        ) -> torch.Tensor:
+            g = simulate(w, sgd, x, y)
+            cosine = (g * target).sum() / (g.norm() * target.norm()).clamp_min(1e-12)
+            return 1.0 - cosine + self.tv_weight * total_variation(x)
+
+        return objective
+
+    def objective_at(
+        self, model: nn.Module, flat: FlatWeights, observations: Sequence[Observation], images: torch.Tensor
+    ) -> torch.Tensor:
+        """(V,) the objective at ``images`` (the victims' true ones: a found image should score about as low)."""
+        stacked = stack(observations, flat)
+        device = flat.vector.device
+        labels = torch.stack([recover_labels(flat, o) for o in observations]).to(device)
+        extra = self._extra(model, flat, observations)
+        with attacker_module(model, self.model_wrapper) as module:
+            objective = self._objective(module, flat, stacked)
+            weights, weight_dim = stacked.weight_arg
+            value = vmap(objective, in_dims=(0, weight_dim, 0, 0, 0, *[0] * len(extra)))
+            return value(images.to(device), weights, stacked.sgd, stacked.target, labels, *extra).detach().cpu()
 
     def _optimise(
         self, x: torch.Tensor, gradient: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]

@@ -289,5 +289,5 @@ class DPSGD(Defence):
         return False
 
     def disclosure(self, context: dict[str, Any] | None = None) -> Disclosure:
-        """The clipping bound: an adaptive attacker knows the gradient it sees is clipped to it."""
-        return Disclosure(clip_norm=self.max_grad_norm)
+        """The clipping bound, and the mechanism itself (clip and noise) to simulate victims on the server's data."""
+        return Disclosure(clip_norm=self.max_grad_norm, shared_gradient=self.shared_gradient)

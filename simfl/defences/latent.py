@@ -40,6 +40,7 @@ from torch import nn
 
 from simfl.config import TrainingConfig
 from simfl.data import Dataset
+from simfl.decoders import Decoder, seeded_decoder
 from simfl.defences.base import DEFENCES, Defence
 from simfl.disclosure import Disclosure
 from simfl.models import SplitNet
@@ -87,29 +88,6 @@ class LatentNoise(nn.Module):
             return mean
         eps = torch.randn(z.shape, generator=self.generator).to(z.device)
         return mean + self.sigma() * eps
-
-
-class Decoder(nn.Module):
-    """The adversary's proxy: latent → image in [0, 1] (two transposed convolutions from size/4)."""
-
-    def __init__(self, latent_dim: int, channels: int, size: int, width: int = 32) -> None:
-        super().__init__()
-        self.size = size
-        self.base = -(-size // 4)
-        self.width = width
-        self.fc = nn.Linear(latent_dim, 2 * width * self.base * self.base)
-        self.up = nn.Sequential(
-            nn.ReLU(),
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1),
-            nn.ReLU(),
-            nn.ConvTranspose2d(width, channels, 4, 2, 1),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, size, size) in [0, 1] from latents (B, D)."""
-        out = self.up(self.fc(z).view(-1, 2 * self.width, self.base, self.base))
-        return out[..., : self.size, : self.size]
 
 
 def noise_layer(model: nn.Module) -> LatentNoise:
@@ -245,9 +223,8 @@ class LatentDefence(Defence):
     def _decoder(self, device: torch.device) -> Decoder:
         """D, initialised from (seed): the same start in the coordinator and every client actor."""
         if self.decoder is None:
-            with torch.random.fork_rng(devices=[]):  # leaves the caller's CPU RNG as it was
-                torch.default_generator.manual_seed(torch_generator(self.seed, "decoder-init").initial_seed())
-                self.decoder = Decoder(self.latent_dim, self.shape[0], self.shape[1]).to(device)
+            self.decoder = seeded_decoder(self.latent_dim, self.shape[0], self.shape[1], self.seed, "decoder-init")
+            self.decoder = self.decoder.to(device)
             self.decoder_flat = FlatWeights(self.decoder)
         return self.decoder
 
@@ -379,7 +356,9 @@ class LatentDefence(Defence):
         """The noise layer averaged over fixed draws and, given the round's broadcast, the privacy term.
 
         The server trained and broadcast D and λ itself, so an adaptive attacker
-        simulates the victim's full objective CE − λ·MSE(D(z'), x) on its dummy images.
+        simulates the victim's full objective CE − λ·MSE(D(z'), x) on its dummy images,
+        has D itself (an inversion network z′ → x), and, once this defence has
+        :meth:`receive`-d the round's broadcast, computes what a victim shares on its own data.
         """
         samples = self.cfg.adaptive_samples
         draws = antithetic_draws(samples, self.latent_dim, self.seed)
@@ -389,8 +368,9 @@ class LatentDefence(Defence):
             FlatWeights(decoder).load(context["decoder"])
             lam = float(context["lam"])
         return Disclosure(model_wrapper=partial(known_victim, draws=draws, decoder=decoder),
-                          loss_fn=partial(known_objective, copies=samples, lam=lam))
+                          loss_fn=partial(known_objective, copies=samples, lam=lam), decoder=decoder,
+                          shared_gradient=self.shared_gradient if self.decoder is not None else None)
 
     def naive_view(self) -> Disclosure:
         """The model with the noise layer switched off (an identity)."""
-        return Disclosure(model_wrapper=latent_off)
+        return Disclosure(model_wrapper=latent_off, knows_defence=False)

@@ -1,0 +1,192 @@
+"""Learned feature inversion: decoders the server trains on its own data, applied to what the gradient gives away.
+
+At batch size 1 the shared gradient hands over the inputs of the model's
+linear layers exactly (:mod:`simfl.attacks.analytic`). These attacks turn
+them into images with a :class:`~simfl.decoders.Decoder` fitted, for the
+victims' round, on the server's auxiliary data (the validation split, never a
+client's) passed through the same global model:
+
+- ``feature_decoder``: from the input of the earliest linear layer (the
+  ConvNet's pooled features; before the latent defence's noise layer, so the
+  noise never touches them). Naive and adaptive are the same attack here.
+- ``latent_decoder``: from the head's input. Naive: z′ read off the head,
+  decoded as if it were the model's deterministic latent. Adaptive against the
+  latent defence: the victim's noise is read off the gradient too, so the
+  clean latent z = z′ − μ − σ ⊙ ε is decoded by a decoder fitted on clean latents.
+- ``server_decoder``: the latent defence's own decoder D, which the server
+  trains and broadcasts each round, applied to z′ (adaptive only: it exists
+  only under that defence).
+
+They train per attacked round (one decoder per distinct global weights) and
+are deterministic given the scenario's seed. They work at batch size 1 (the
+scenario refuses larger gradient batches for them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, PositiveFloat, PositiveInt
+from torch import nn
+from torch.func import functional_call
+
+from simfl.attacks.analytic import Recovered, linear_layers, recover
+from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult, AuxData
+from simfl.attacks.functional import AttackBase
+from simfl.attacks.labels import recover_labels
+from simfl.attacks.observation import Observation
+from simfl.decoders import decode, fit_decoder
+from simfl.weights import FlatWeights
+
+# Server images passed through the model per forward when extracting their features.
+_CHUNK = 256
+
+
+class _DecoderConfig(AttackConfig):
+    """Options every learned decoder attack shares: how long and how fast its decoder trains."""
+
+    steps: PositiveInt = Field(600, description="Adam steps fitting the decoder on the server's data, per round")
+    lr: PositiveFloat = Field(1e-3, description="the decoder's Adam learning rate")
+    batch: PositiveInt = Field(64, description="server images per decoder step")
+
+    def check(self, scenario: Any) -> None:
+        """Feature inversion reads one sample's layer inputs: batch size 1."""
+        if scenario.attacks is not None and scenario.attacks.batch_size != 1:
+            raise ValueError(f"attacks.methods: {self.kind} needs attacks.batch_size: 1 "
+                             f"(layer inputs are read off one sample's gradient)")
+
+
+class FeatureDecoderConfig(_DecoderConfig):
+    """``feature_decoder``: decode the earliest linear layer's input, read off the gradient."""
+
+    kind: Literal["feature_decoder"] = "feature_decoder"
+
+
+class LatentDecoderConfig(_DecoderConfig):
+    """``latent_decoder``: decode the head's input (adaptive: the clean latent, the latent defence's noise removed)."""
+
+    kind: Literal["latent_decoder"] = "latent_decoder"
+
+
+class ServerDecoderConfig(AttackConfig):
+    """``server_decoder``: the latent defence's own decoder D applied to the z′ read off the gradient."""
+
+    kind: Literal["server_decoder"] = "server_decoder"
+
+    def check(self, scenario: Any) -> None:
+        """D decodes one sample's z′: batch size 1."""
+        if scenario.attacks is not None and scenario.attacks.batch_size != 1:
+            raise ValueError("attacks.methods: server_decoder needs attacks.batch_size: 1")
+
+
+def layer_inputs(model: nn.Module, flat: FlatWeights, weights: torch.Tensor, images: torch.Tensor,
+                 layer: str) -> torch.Tensor:
+    """(N, D) the input of ``layer`` (a module path) for each image, the model at ``weights`` in eval mode."""
+    captured: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].detach().flatten(1)))
+    was = model.training
+    model.eval()
+    try:
+        named = flat.as_dict(weights.to(flat.vector.device))
+        with torch.no_grad():
+            for start in range(0, len(images), _CHUNK):
+                functional_call(model, named, (images[start : start + _CHUNK],))
+    finally:
+        handle.remove()
+        model.train(was)
+    return torch.cat(captured)
+
+
+@dataclass
+class _LearnedDecoder(AttackBase):
+    """Fit a decoder per round on the server's data, then decode each victim's recovered vector."""
+
+    steps: int = 600
+    lr: float = 1e-3
+    batch: int = 64
+    aux: AuxData | None = None
+    informed: bool = False  # set by adapting: the attacker knows the defence
+
+    def _source(self, model: nn.Module, recovered: Recovered) -> tuple[str, torch.Tensor]:
+        """(the layer whose input the server's images give, the victim's recovered vector for it)."""
+        raise NotImplementedError
+
+    def applies(self) -> bool:
+        """It needs the server's data."""
+        return self.aux is not None
+
+    def __call__(
+        self, model: nn.Module, flat: FlatWeights, observations: Sequence[Observation], seeds: Sequence[int]
+    ) -> AttackResult:
+        """Decode every victim's recovered vector with the decoder of its round's weights."""
+        assert self.aux is not None, f"{type(self).__name__} needs the server's data (build_attack(..., aux))"
+        start = time.perf_counter()
+        device = flat.vector.device
+        aux_x = self.aux.inputs(device)
+        decoders: dict[int, Any] = {}
+        images = []
+        for obs in observations:
+            layer, vector = self._source(model, recover(model, flat, obs))
+            key = id(obs.weights)  # the engine's victims of a round share one weights tensor
+            if key not in decoders:
+                features = layer_inputs(model, flat, obs.weights, aux_x, layer)
+                decoders[key] = fit_decoder(features, aux_x, self.steps, self.lr, self.batch, self.aux.seed,
+                                            f"attack-{type(self).__name__}")
+            images.append(decode(decoders[key], vector.float().to(device).unsqueeze(0)))
+        labels = torch.stack([recover_labels(flat, o) for o in observations])
+        steps = torch.full((len(observations),), self.steps, dtype=torch.long)
+        nan = torch.full((len(observations),), float("nan"))
+        return AttackResult(torch.stack(images), labels, nan, steps, time.perf_counter() - start)
+
+
+@ATTACKS.register(FeatureDecoderConfig)
+@dataclass
+class FeatureDecoder(_LearnedDecoder):
+    """Decode the earliest linear layer's input (noise-free under the latent defence)."""
+
+    def _source(self, model: nn.Module, recovered: Recovered) -> tuple[str, torch.Tensor]:
+        return recovered.deepest_features(linear_layers(model))
+
+
+@ATTACKS.register(LatentDecoderConfig)
+@dataclass
+class LatentDecoder(_LearnedDecoder):
+    """Decode the head's input: z′ (naive), or the clean latent once the noise is read off (adaptive)."""
+
+    def _source(self, model: nn.Module, recovered: Recovered) -> tuple[str, torch.Tensor]:
+        if self.informed and recovered.clean_latent is not None:
+            return "latent", recovered.clean_latent  # the noise layer's input: the encoder's clean latent
+        return "head", recovered.latent
+
+
+@ATTACKS.register(ServerDecoderConfig)
+@dataclass
+class ServerDecoder(AttackBase):
+    """The latent defence's decoder D (disclosed with the round's broadcast) on the recovered z′."""
+
+    decoder: nn.Module | None = None
+
+    def applies(self) -> bool:
+        """Only where the defence trains a decoder, and the attacker was told it."""
+        return self.decoder is not None
+
+    def __call__(
+        self, model: nn.Module, flat: FlatWeights, observations: Sequence[Observation], seeds: Sequence[int]
+    ) -> AttackResult:
+        """D(z′) for every victim."""
+        assert self.decoder is not None, "server_decoder runs only against a defence that discloses its decoder"
+        start = time.perf_counter()
+        device = flat.vector.device
+        decoder = self.decoder.to(device).eval()
+        with torch.no_grad():
+            images = torch.stack([decoder(recover(model, flat, o).latent.float().to(device).unsqueeze(0))
+                                  for o in observations])
+        labels = torch.stack([recover_labels(flat, o) for o in observations])
+        nan = torch.full((len(observations),), float("nan"))
+        return AttackResult(images, labels, nan, torch.zeros(len(observations), dtype=torch.long),
+                            time.perf_counter() - start)
