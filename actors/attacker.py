@@ -123,7 +123,8 @@ class Attacker:
             result = attack(self.model, self.flat, observations, seeds)
             finished = time.time()
             # Convergence check: the objective at the true images beside its value at the found ones.
-            at_truth = attack.objective_at(self.model, self.flat, observations, torch.stack([v.images for v in victims]))
+            truth = torch.stack([v.images for v in victims])
+            at_truth = attack.objective_at(self.model, self.flat, observations, truth)
             shown_orig, shown_recon = [], []
             for i, v in enumerate(victims):
                 recon = result.images[i].detach().cpu()

@@ -10,6 +10,8 @@ decoder than the defence trained against.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,5 +75,6 @@ def fit_decoder(
 
 def decode(decoder: Decoder, inputs: torch.Tensor) -> torch.Tensor:
     """Images from raw inputs, standardised as when the decoder was fitted."""
+    mean, std = cast(torch.Tensor, decoder.in_mean), cast(torch.Tensor, decoder.in_std)
     with torch.no_grad():
-        return decoder((inputs - decoder.in_mean) / decoder.in_std)
+        return decoder((inputs - mean) / std)

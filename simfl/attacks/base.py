@@ -9,7 +9,6 @@ be adapted to a defence's :class:`~simfl.disclosure.Disclosure`. Its config
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -86,7 +85,7 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 def build_attack(cfg: PluginConfig, aux: AuxData | None = None) -> Attack:
     """The attack a scenario's ``attacks.methods`` entry describes; learned attacks also get the server's data."""
     cls = ATTACKS[cfg.kind]
-    extra = {"aux": aux} if aux is not None and "aux" in {f.name for f in dataclasses.fields(cls)} else {}
+    extra = {"aux": aux} if aux is not None and "aux" in getattr(cls, "__dataclass_fields__", {}) else {}
     return cls(**cfg.knobs(), **extra)
 
 

@@ -70,4 +70,5 @@ def test_the_count_sketch_is_a_fixed_linear_map():
 
 def test_lti_needs_the_gradient_view():
     with pytest.raises(UserError, match="lti needs attacks.view: gradient"):
-        parse_scenario({"populations": [{"name": "a", "clients": 2}], "attacks": {"view": "update", "methods": ["lti"]}})
+        parse_scenario({"populations": [{"name": "a", "clients": 2}],
+                        "attacks": {"view": "update", "methods": ["lti"]}})
