@@ -119,6 +119,20 @@ def _attack_stats(rows: pd.DataFrame) -> dict[str, tuple[float, tuple[float, flo
     return out
 
 
+def worst_attack(metrics: pd.DataFrame, metric: str) -> tuple[float, str, str] | None:
+    """A run's verdict on one privacy metric: (value, attack, knowledge) of the attack that leaks most.
+
+    Over every attack and attacker knowledge, on the final figures of the
+    training populations' victims; None where nothing was attacked.
+    """
+    rows = metrics[metrics["round"].isna() & metrics["population"].isna() & (metrics["held_out"] == False)  # noqa: E712
+                   & metrics["attack"].notna() & (metrics["attack"] != "worst") & (metrics["metric"] == metric)]
+    if rows.empty:
+        return None
+    pick = rows["value"].idxmax() if PRIVACY[metric] == "max" else rows["value"].idxmin()
+    return float(rows.at[pick, "value"]), str(rows.at[pick, "attack"]), str(rows.at[pick, "knowledge"])
+
+
 def _attack_rows(attacks: pd.DataFrame) -> list[dict]:
     """Means per (round or final) x (population or held-out aggregate) x attack x knowledge, plus the worst attack."""
     rows: list[dict] = []

@@ -127,11 +127,14 @@ class ClientWorker:
         else:
             state = self.states[client]
         gen = torch_generator(self.sc.seed, "client-train", client, task.round)
+        attacked = (task.probe or client in task.victims) and self.sc.attacks is not None
+        before = copy.deepcopy(state) if attacked else state  # a victim shares from its state at the round's start
         local = train_client(self.model, self.flat, weights, data.x, data.y, self.sc.training, gen, self.defence, state)
         victim = None
-        if (task.probe or client in task.victims) and self.sc.attacks is not None:
+        if attacked:
+            assert self.sc.attacks is not None
             victim = capture(self.model, self.flat, weights, data.x, data.y, self.sc.attacks, self.sc.training,
-                             local, self.sc.seed, client, task.round, self.defence)
+                             local, self.sc.seed, client, task.round, self.defence, before)
         state["participation"] += 1
         state["last_round"] = task.round
         return ClientReply(

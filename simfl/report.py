@@ -237,10 +237,21 @@ def cells_section(cells: pd.DataFrame, metrics: pd.DataFrame, kind: str) -> list
     eps = analysis.final_values(metrics, "dp_epsilon_max") if len(metrics) else pd.DataFrame(columns=["cell", "value"])
     eps = dict(zip(eps["cell"], eps["value"]))
     rows = [[r.cell, r.status, r.defence, r.setting, r.context, str(r.seed), fmt(util.get(r.cell, np.nan)),
-             fmt(test.get(r.cell, np.nan)), fmt(eps.get(r.cell, np.nan), 2), f"`{r.knobs}`"]
+             fmt(test.get(r.cell, np.nan)), fmt(eps.get(r.cell, np.nan), 2), _verdict(metrics, r.cell), f"`{r.knobs}`"]
             for r in cells.itertuples()]
     return ["## Cells", ""] + table(["cell", "status", "defence", "setting", "context", "seed", f"utility ({kind})",
-                                     "test acc", "ε (max)", "knobs"], rows) + [""]
+                                     "test acc", "ε (max)", "worst attack (attacker acc; PSNR)", "knobs"], rows) + [""]
+
+
+def _verdict(metrics: pd.DataFrame, cell: str) -> str:
+    """A cell's worst case: the attack (and knowledge) leaking most on attacker accuracy and on PSNR."""
+    mine = metrics[metrics["cell"] == cell] if len(metrics) else metrics
+    parts = []
+    for metric, digits in (("attacker_acc", 3), ("psnr", 2)):
+        found = analysis.worst_attack(mine, metric) if len(mine) else None
+        if found is not None:
+            parts.append(f"{fmt(found[0], digits)} {found[1]} ({found[2]})")
+    return "; ".join(parts) or "–"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simfl.analysis import PRIVACY, final_values, run_metrics
+from simfl.analysis import final_values, run_metrics, worst_attack
 from simfl.knowledge import naive_attacker_is_exact
 from simfl.markdown import DIGITS, fmt, fmt_interval, table
 from simfl.scenario import load_scenario
@@ -53,11 +53,15 @@ def attack_cells(attacks: pd.DataFrame, naive_is_exact: bool) -> list[list[str]]
     return rows
 
 
-def worst_cells(attacks: pd.DataFrame) -> list[str]:
-    """Each privacy metric at its worst over attacks and attacker knowledge."""
-    worst = attacks[attacks["attack"] == "worst"]
-    return [fmt((max if PRIVACY[m] == "max" else min)(worst.loc[worst["metric"] == m, "value"]), DIGITS[m])
-            for m in WORST]
+def worst_cells(metrics: pd.DataFrame, naive_is_exact: bool) -> list[str]:
+    """Each privacy metric at its worst over attacks and attacker knowledge, naming the attack that reached it."""
+    cells = []
+    for m in WORST:
+        found = worst_attack(metrics, m)
+        assert found is not None  # only called for runs with attacks
+        value, attack, knowledge = found
+        cells.append(f"{fmt(value, DIGITS[m])} ({attack}{'' if naive_is_exact else ', ' + knowledge})")
+    return cells
 
 
 def arms_table(parent: Path) -> str:
@@ -82,7 +86,8 @@ def arms_table(parent: Path) -> str:
         rows += [head + cells for cells in attack_cells(attacks, naive_attacker_is_exact(scenario))] \
             or [head + ["–"] * 7]
         if len(attacks):
-            worst.append([arm, scenario.defence.kind, test, eps, *worst_cells(attacks)])
+            worst.append([arm, scenario.defence.kind, test, eps,
+                          *worst_cells(metrics, naive_attacker_is_exact(scenario))])
         probes |= bool((metrics["attack"].notna() & (metrics["held_out"] == True)).any())  # noqa: E712
     lines = table(["arm", "defence", "test acc", "client acc", "ε (max)", "attack", "attacker", "images",
                    "attacker acc", "MSE", "PSNR", "SSIM"], rows)
@@ -90,7 +95,8 @@ def arms_table(parent: Path) -> str:
               "normal approximation for the others)."
               + (" Held-out probes are left out here: see `python -m simfl.report`." if probes else "")]
     if worst:
-        lines += ["", "Worst case over attacks and attacker knowledge (what a defence must be judged by):", "",
+        lines += ["", "Worst case over attacks and attacker knowledge (what a defence must be judged by), "
+                  "with the attack that reached it:", "",
                   *table(["arm", "defence", "test acc", "ε (max)", "worst attacker acc", "worst PSNR", "worst SSIM",
                           "lowest MSE"], worst)]
     return "\n".join(lines)

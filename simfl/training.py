@@ -83,8 +83,8 @@ class LocalTraining(Protocol):
         """The client's optimiser for this local training."""
         ...
 
-    def begin(self, model: nn.Module, generator: torch.Generator) -> None:
-        """Before one client's local training; ``generator`` is that client's (seed, client, round) RNG."""
+    def begin(self, model: nn.Module, flat: FlatWeights, generator: torch.Generator, state: dict[str, Any]) -> None:
+        """Before one client's work at the weights ``flat`` holds; its (seed, client, round) RNG and its state."""
         ...
 
     def objective(
@@ -123,8 +123,8 @@ class PlainTraining:
         """The configured optimiser over the model's parameters."""
         return make_optimizer(model, cfg)
 
-    def begin(self, model: nn.Module, generator: torch.Generator) -> None:
-        """Before one client's local training; ``generator`` is that client's (seed, client, round) RNG."""
+    def begin(self, model: nn.Module, flat: FlatWeights, generator: torch.Generator, state: dict[str, Any]) -> None:
+        """Before one client's work at the weights ``flat`` holds; its (seed, client, round) RNG and its state."""
 
     def objective(
         self, model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor
@@ -172,7 +172,8 @@ def train_client(
     module = defence.training_module(model)
     batches = defence.batches(len(y), cfg, generator)
     optimizer = defence.optimizer(model, cfg, generator, len(y))
-    defence.begin(model, generator)
+    state = state if state is not None else {}
+    defence.begin(model, flat, generator, state)
     mu = cfg.algorithm.mu if cfg.algorithm.kind == "fedprox" else 0.0
     assert mu is not None  # AlgorithmConfig requires mu for fedprox
     anchor = global_weights.to(device)[flat.trainable] if mu else None
@@ -202,7 +203,7 @@ def train_client(
         seen += len(idx)
     delta = defence.share((flat.vector - global_weights.to(device)).detach()).cpu()
     figures = {name: float(total) / max(seen, 1) for name, total in terms.items()}
-    figures.update(defence.account(state if state is not None else {}, len(y), len(batches)))
+    figures.update(defence.account(state, len(y), len(batches)))
     return LocalResult(
         delta=delta,
         samples=len(y),

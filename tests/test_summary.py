@@ -54,9 +54,11 @@ def test_held_out_probes_are_left_out_and_said_so(table):
 
 def test_worst_case_over_attacks_and_attackers(table):
     assert table[10:] == [
-        "", "Worst case over attacks and attacker knowledge (what a defence must be judged by):", "",
+        "", "Worst case over attacks and attacker knowledge (what a defence must be judged by), with the attack that "
+        "reached it:", "",
         "| arm | defence | test acc | ε (max) | worst attacker acc | worst PSNR | worst SSIM | lowest MSE |",
         "|---|---|---|---|---|---|---|---|",
-        "| none | none | 0.750 | 2.50 | 0.750 | 25.00 | 0.500 | 0.0500 |",
-        "| latent | latent | 0.750 | 2.50 | 0.750 | 25.00 | 0.500 | 0.0500 |",
+        "| none | none | 0.750 | 2.50 | 0.750 (ig) | 25.00 (gi) | 0.500 (ig) | 0.0500 (gi) |",
+        "| latent | latent | 0.750 | 2.50 | 0.750 (ig, naive) | 25.00 (gi, naive) | 0.500 (ig, naive) "
+        "| 0.0500 (gi, naive) |",
     ]

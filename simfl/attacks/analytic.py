@@ -20,7 +20,10 @@ What this recovers, at batch size 1 in the gradient view:
   weights and the head's bias gradient δ, both known) exactly when λ = 0;
   with λ > 0 the privacy term adds a part that depends on the image, and the
   recovered ε is then an estimate (feature inversion solves for it jointly
-  with the image instead). Then the clean latent z = z′ − μ − σ ⊙ ε.
+  with the image instead). Then the clean latent z = z′ − μ − σ ⊙ ε. Where
+  the clients keep ρ (and μ) local (``shared_noise: false``) nothing of the
+  noise is sent, and neither ε nor z is recovered; z′ and the layer inputs
+  before the noise still are.
 
 At batch size B > 1 the gradients are sums over samples. For the head, a
 class that occurs exactly once in the batch dominates its row (its δ is
@@ -116,8 +119,8 @@ def recover(model: nn.Module, flat: FlatWeights, obs: Observation, lam: float = 
     inputs = {name: layer_input(grads[f"{name}.weight"], grads[f"{name}.bias"]) for name in linear_layers(model)}
     latent = inputs["head"]
     latent_layer = getattr(model, "latent", None)
-    if "latent.rho" not in grads or latent_layer is None:
-        return Recovered(inputs=inputs, latent=latent)
+    if "latent.rho" not in grads or latent_layer is None or not bool(grads["latent.rho"].any()):
+        return Recovered(inputs=inputs, latent=latent)  # no noise layer, or its parameters kept local (never sent)
     rho = weights["latent.rho"]
     shift = weights.get("latent.shift")
     if "latent.shift" in grads:

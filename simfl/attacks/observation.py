@@ -8,7 +8,7 @@ images never enter an ``Observation``; they are kept elsewhere, only to score.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,8 @@ class GradientSharer(Protocol):
     """What a defended client computes for the gradient view (``simfl.defences.Defence.shared_gradient``)."""
 
     def shared_gradient(
-        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+        state: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """The gradient the client would share for the batch (x, y), over all ``flat`` entries."""
         ...
@@ -106,11 +107,12 @@ def observe_gradient(
     y: torch.Tensor,
     defence: GradientSharer | None = None,
     generator: torch.Generator | None = None,
+    state: dict[str, Any] | None = None,
 ) -> Observation:
     """The victim shares the gradient of its batch at the global weights (model left at them).
 
     With a ``defence``, the gradient of the defended client's own objective (its
-    randomness from ``generator``); without, of plain mean cross-entropy.
+    randomness from ``generator``, its own ``state``); without, of plain mean cross-entropy.
     """
     x = _float_input(x).to(flat.vector.device)
     y = y.to(flat.vector.device)
@@ -119,7 +121,7 @@ def observe_gradient(
     if defence is None:
         shared = _trainable_grad(model, flat, x, y)
     else:
-        shared = defence.shared_gradient(model, flat, x, y, generator or torch.Generator())
+        shared = defence.shared_gradient(model, flat, x, y, generator or torch.Generator(), state)
     return Observation(
         weights=global_weights.detach().clone(),
         shared=shared.detach(),

@@ -57,6 +57,7 @@ def capture(
     client: int,
     round_: int,
     defence: GradientSharer | None = None,
+    state: dict | None = None,
 ) -> Victim:
     """The victim's shared vector under ``cfg.view``; ``local`` is its real training this round.
 
@@ -75,7 +76,8 @@ def capture(
         private, labels = x[pick], y[pick]
         images = to_input(private)
         with batch_statistics(model) as stats:
-            obs = observe_gradient(model, flat, global_weights, images.to(flat.vector.device), labels, defence, gen)
+            obs = observe_gradient(model, flat, global_weights, images.to(flat.vector.device), labels, defence, gen,
+                                   state)
         if cfg.bn_stats == "batch" and stats:
             obs = _with_batch_statistics(obs, flat, stats)
     else:

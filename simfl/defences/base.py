@@ -95,15 +95,17 @@ class Defence(PlainTraining):
         """Take the coordinator's round broadcast (once per round per client actor)."""
 
     def shared_gradient(
-        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+        state: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Gradient-view observation: the gradient of the client's own training objective on (x, y).
 
         Over ALL ``flat`` entries (zero on buffers), taken at the weights ``flat`` holds,
-        in train mode, with the defence's randomness drawn from ``generator``.
+        in train mode, with the defence's randomness drawn from ``generator`` and
+        the client's ``state`` (its own local parameters, where a defence keeps some).
         """
         model.train()
-        self.begin(model, generator)
+        self.begin(model, flat, generator, state if state is not None else {})
         module = self.training_module(model)
         return flat_gradient(self.objective(model, module, x, y)[0], model, flat)
 

@@ -225,7 +225,7 @@ class DPSGD(Defence):
             p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
         optimizer.step()
 
-    def begin(self, model: nn.Module, generator: torch.Generator) -> None:
+    def begin(self, model: nn.Module, flat: FlatWeights, generator: torch.Generator, state: dict[str, Any]) -> None:
         """Start the client from clean per-sample gradients (an interrupted one may have left some)."""
         _clear(model)
 
@@ -244,7 +244,8 @@ class DPSGD(Defence):
         return {"dp_epsilon": eps, "dp_steps": float(total)}
 
     def shared_gradient(
-        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+        state: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """What a DP client releases for the batch (x, y): Σ clip(g_i) + N(0, (σC)²), divided by len(y).
 

@@ -181,6 +181,10 @@ class LatentConfig(PluginConfig):
     adaptive_samples: PositiveInt = Field(
         8, description="noise draws the adaptive attacker averages over: 1 (ε = 0) or an even number (±ε pairs)"
     )
+    shared_noise: bool = Field(
+        True, description="true: ρ (and μ) are weights of the shared model, aggregated like any other (our reading "
+        "of the paper); false: each client keeps its own, never sent (zero in every update and shared gradient)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> LatentConfig:
@@ -207,6 +211,9 @@ class LatentDefence(Defence):
         self.lam = float(cfg.lam)
         self.decoder: Decoder | None = None
         self.decoder_flat: FlatWeights | None = None
+        # shared_noise false: the flat entries of ρ (and μ), never sent, and the current client's weights.
+        self._local: torch.Tensor | None = None
+        self._flat: FlatWeights | None = None
 
     @classmethod
     def naive_is_exact(cls, attacks: Any) -> bool:
@@ -243,9 +250,38 @@ class LatentDefence(Defence):
         self._decoder_weights().load(broadcast["decoder"].to(device))
         self.lam = float(broadcast["lam"])
 
-    def begin(self, model: nn.Module, generator: torch.Generator) -> None:
-        """Draw the latent noise from the client's generator."""
+    def begin(self, model: nn.Module, flat: FlatWeights, generator: torch.Generator, state: dict[str, Any]) -> None:
+        """Draw the latent noise from the client's generator; with local noise, start from the client's own ρ (μ)."""
         noise_layer(model).generator = generator
+        if self.cfg.shared_noise:
+            return
+        if self._local is None:
+            names = [name.startswith("latent.") for name, _, shape in flat.layout for _ in range(shape.numel())]
+            self._local = torch.tensor(names, dtype=torch.bool, device=flat.vector.device)
+        self._flat = flat
+        own = state.get("latent_noise")
+        if own is not None:  # a client that trained before: its own noise parameters, not the (never updated) global
+            flat.vector[self._local] = own.to(flat.vector.device)
+
+    def share(self, delta: torch.Tensor) -> torch.Tensor:
+        """With local noise, the noise parameters' change is never sent."""
+        if self._local is not None:
+            delta = delta.clone()
+            delta[self._local.to(delta.device)] = 0.0
+        return delta
+
+    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]:
+        """With local noise, the client keeps its trained ρ (μ) for the next round it takes part in."""
+        if self._local is not None and self._flat is not None:
+            state["latent_noise"] = self._flat.vector[self._local].detach().cpu().clone()
+        return {}
+
+    def shared_gradient(
+        self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+        state: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """The gradient of the client's objective; with local noise, without the noise parameters' entries."""
+        return self.share(super().shared_gradient(model, flat, x, y, generator, state))
 
     def optimizer(
         self, model: nn.Module, cfg: TrainingConfig, generator: torch.Generator, n: int

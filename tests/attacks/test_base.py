@@ -20,7 +20,8 @@ def setup():
 
 
 def test_registry_builds_configured_attacks():
-    assert set(ATTACKS) == {"dlg", "idlg", "ig"}
+    assert {"dlg", "idlg", "ig", "feature_decoder", "latent_decoder", "server_decoder", "lti", "feature_match",
+            "decoded_ig"} == set(ATTACKS)
     assert get_attack("dlg", iterations=5) == DLG(iterations=5)
     assert isinstance(get_attack("idlg"), IDLG) and get_attack("idlg").analytic_labels
     assert get_attack("ig", tv_weight=0.2).tv_weight == 0.2

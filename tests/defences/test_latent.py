@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from simfl.attacks.analytic import recover
 from simfl.attacks.functional import stack, victim_simulator
 from simfl.attacks.observation import observe_gradient
 from simfl.config import ModelConfig, TrainingConfig
@@ -186,3 +187,25 @@ def test_an_attacker_told_the_noise_and_the_decoder_simulates_the_victims_gradie
     # The naive attacker's model (no noise, no privacy term) does not.
     naive = victim_simulator(latent_off(model).eval(), flat, stacked, torch.nn.functional.cross_entropy)
     assert not torch.allclose(naive(stacked.weights[0], stacked.sgd[0], xf, y), stacked.target[0], atol=1e-4)
+
+
+def test_local_noise_parameters_are_never_sent_and_follow_their_client():
+    server, server_model, client, model, flat = _server_and_client(sigma_init=0.5, shared_noise=False)
+    local = torch.tensor([name.startswith("latent.") for name, _, shape in flat.layout for _ in range(shape.numel())])
+    x, y = _data(32)
+    weights = flat.snapshot()
+    state: dict = {}
+    first = train_client(model, flat, weights, x, y, TrainingConfig(batch_size=8), torch.Generator().manual_seed(0),
+                         client, state)
+    assert (first.delta[local] == 0).all() and (first.delta[~local] != 0).any()  # ρ's change is not in the update
+    own = state["latent_noise"]
+    assert not torch.equal(own, weights[local])  # the client trained its own ρ and keeps it
+    # Next round it starts from its own ρ, not from the global one (which the server never updates).
+    seen = []
+    model.latent.register_forward_pre_hook(lambda m, inputs: seen.append(m.rho.detach().clone()))
+    train_client(model, flat, weights, x, y, TrainingConfig(batch_size=8, local_steps=1),
+                 torch.Generator().manual_seed(1), client, state)
+    assert torch.equal(seen[0], own)
+    shared = observe_gradient(model, flat, weights, x[:1], y[:1], client, torch.Generator().manual_seed(2), state)
+    assert (shared.shared[local] == 0).all()
+    assert recover(model, flat, shared).noise is None  # nothing of the noise left the client
