@@ -32,8 +32,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from simfl.attacks import InvertingGradients, Observation, observe_gradient
+from simfl.attacks import ATTACKS, InvertingGradients, Observation, adapt, build_attack, observe_gradient
+from simfl.attacks.base import AuxData
 from simfl.config import ModelConfig
+from simfl.data.synthetic import make_dataset
+from simfl.decoders import Decoder
+from simfl.disclosure import Disclosure
 from simfl.models import build_model
 from simfl.run import main as run
 from simfl.weights import FlatWeights
@@ -107,6 +111,32 @@ def batched_vs_single(args: argparse.Namespace) -> dict:
     }
 
 
+def every_attack_batched(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Section 3: every registered attack, ``args.victims`` victims of one round batched vs one call each.
+
+    Small budgets (the ratio, not the attack's quality, is measured): optimisation attacks batch
+    their victims into one vmapped optimisation; learned ones fit their network once per round
+    and reuse it for every victim. The server's data: a synthetic validation split.
+    """
+    torch.set_num_threads(args.threads)
+    ds = make_dataset(train_size=10, val_size=200, test_size=10, image_size=IMAGE_SIZE, num_classes=CLASSES, seed=0)
+    aux = AuxData(torch.from_numpy(ds.val_x), torch.from_numpy(ds.val_y), seed=0)
+    model, flat, observations = smoke_victims(args.victims, shared_weights=True)
+    seeds = list(range(args.victims))
+    out = {}
+    for kind, config in ATTACKS.configs.items():
+        budget = {k: v for k, v in (("iterations", 20), ("steps", 40), ("samples", 40), ("decoder_steps", 40))
+                  if k in config.model_fields}
+        attack = build_attack(config(**budget), aux)
+        if not attack.applies():  # the server's decoder: as under the latent defence, which discloses one
+            torch.manual_seed(0)
+            attack = adapt(attack, Disclosure(decoder=Decoder(model.latent_dim, CHANNELS, IMAGE_SIZE)))
+        batched_s = seconds(lambda attack=attack: attack(model, flat, observations, seeds))
+        single_s = seconds(lambda attack=attack: [attack(model, flat, [o], [s]) for o, s in zip(observations, seeds)])
+        out[kind] = {"batched_s": batched_s, "single_s": single_s, "ratio": single_s / batched_s}
+    return out
+
+
 def training_slowdown(args: argparse.Namespace) -> dict:
     """Section 2: median training-round time with attacks beside training vs without.
 
@@ -170,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ig batched {result['victims']} victims ({case}): {r['batched_s']:.2f} s; "
               f"single x{result['victims']}: {r['single_s']:.2f} s; ratio {r['ratio']:.2f}x "
               f"(target >= {result['target']:g}x: {verdict})")
+    print(f"3. every attack, {args.victims} victims of one round batched vs one call each (small budgets)")
+    for kind, r in every_attack_batched(args).items():
+        print(f"{kind} batched {args.victims} victims: {r['batched_s']:.2f} s; single x{args.victims}: "
+              f"{r['single_s']:.2f} s; ratio {r['ratio']:.2f}x")
     print("2. training rounds with attacks beside them vs none (smoke_attacks, 1 client actor, Ray on 2 CPUs)")
     slow = training_slowdown(args)
     print(f"median round: {slow['round_s_on']:.2f} s with attacks vs {slow['round_s_off']:.2f} s without over "

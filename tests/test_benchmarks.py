@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from simfl.attacks import ATTACKS
+
 pytestmark = pytest.mark.engine  # whole benchmarks or clusters in subprocesses: minutes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +38,10 @@ def test_attack_benchmark_quick_prints_its_figures():
                          rf"ratio ([0-9.]+)x \(target >= 4x: (met|not met)\)", proc.stdout)
         assert line, proc.stdout
         assert float(line.group(1)) > 0 and float(line.group(2)) > 0 and float(line.group(3)) > 0
+    for kind in ATTACKS.kinds():  # every registered attack, batched and single
+        line = re.search(rf"^{kind} batched \d+ victims: ([0-9.]+) s; single x\d+: ([0-9.]+) s; ratio ([0-9.]+)x$",
+                         proc.stdout, re.M)
+        assert line and float(line.group(3)) > 0, (kind, proc.stdout)
     slowdown = re.search(r"median round: ([0-9.]+) s with attacks vs ([0-9.]+) s without over 4 rounds; "
                          r"slowdown ratio ([0-9.]+)", proc.stdout)
     jobs = re.search(r"attack jobs: (\d+) \((\d+) victims sampled, (\d+) dropped", proc.stdout)

@@ -20,14 +20,18 @@ from simfl.scenario import load_scenario
 from simfl.weights import FlatWeights
 
 ROOT = Path(__file__).resolve().parents[1]
+ALL_ATTACKS = {"ig", "idlg", "feature_match", "feature_decoder", "latent_decoder", "server_decoder", "decoded_ig",
+               "lti"}
 SMALL = [
     "--set", "training.rounds=2",
     "--set", "training.local_epochs=1",
     "--set", "evaluation.every=1",
     "--set", "attacks.rounds=[1, 2]",
     "--set", "attacks.victims=2",
-    "--set", "attacks.methods.0.iterations=20",
-    "--set", "attacks.methods.1.iterations=5",
+    # Every kind of attack, at tiny budgets: what is tested is that each runs against each arm, not how well.
+    "--set", "attacks.methods=[{kind: ig, iterations: 20}, {kind: idlg, iterations: 5}, "
+    "{kind: feature_match, iterations: 5}, {kind: feature_decoder, steps: 10}, {kind: latent_decoder, steps: 10}, "
+    "server_decoder, {kind: decoded_ig, iterations: 5, decoder_steps: 10}, {kind: lti, samples: 10, steps: 10}]",
     "--quiet",
 ]
 
@@ -65,9 +69,17 @@ def test_naive_and_adaptive_rows_are_marked(arms_run):
         attacks = pd.read_parquet(arms_run / arm / "attacks")
         assert set(attacks["knowledge"]) == expected, arm
         assert set(attacks["defence"]) == {arm}
-        # Every attack ran with every knowledge level on the same victims.
+        # Every attack ran with every knowledge level on the same victims; the server's decoder exists only
+        # under the latent defence, and only the adaptive attacker is told it.
         sizes = attacks.groupby(["attack", "knowledge"]).size()
-        assert sizes.nunique() == 1 and len(sizes) == 2 * len(expected)
+        pairs = {(a, k) for a in ALL_ATTACKS for k in expected} - {("server_decoder", "naive")}
+        if arm != "latent":
+            pairs -= {("server_decoder", "adaptive")}
+        assert sizes.nunique() == 1 and set(sizes.index) == pairs, arm
+        # Optimisation attacks log their objective at the true images beside the found ones; learned ones none.
+        optimised = attacks["attack"].isin(["ig", "idlg", "feature_match", "decoded_ig"])
+        assert attacks.loc[optimised, "objective_at_truth"].notna().all()
+        assert attacks.loc[~optimised, "objective_at_truth"].isna().all()
     events = EventAccumulator(str(arms_run / "latent" / "tensorboard" / "attacks"))
     events.Reload()
     assert {"attack/ig/psnr", "attack/ig_adaptive/psnr"} <= set(events.Tags()["scalars"])
