@@ -27,7 +27,7 @@ from simfl.attacks.functional import (
     victim_generators,
     victim_simulator,
 )
-from simfl.attacks.labels import recover_labels
+from simfl.attacks.labels import batch_labels
 from simfl.attacks.lbfgs import batched_lbfgs
 from simfl.attacks.observation import Observation
 from simfl.disclosure import LossFn, ModelWrapper
@@ -88,7 +88,7 @@ class DLG(AttackBase):
                 parts.append(draw(generators, (batch * num_classes,), device, normal=True))
                 labels = None
             else:
-                labels = torch.stack([recover_labels(flat, o) for o in observations]).to(device)
+                labels = batch_labels(flat, observations, device)
 
             def objective(
                 z: torch.Tensor, w: torch.Tensor, sgd: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None
@@ -121,7 +121,7 @@ class DLG(AttackBase):
         """(V,) the L2 gradient mismatch at ``images`` with the analytic labels (the true images' own score)."""
         stacked = stack(observations, flat)
         device = flat.vector.device
-        labels = torch.stack([recover_labels(flat, o) for o in observations]).to(device)
+        labels = batch_labels(flat, observations, device)
         with attacker_module(model, self.model_wrapper) as module:
             simulate = victim_simulator(module, flat, stacked, self.loss_fn, self.clip_norm)
 

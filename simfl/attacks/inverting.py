@@ -30,7 +30,7 @@ from simfl.attacks.functional import (
     victim_generators,
     victim_simulator,
 )
-from simfl.attacks.labels import recover_labels
+from simfl.attacks.labels import batch_labels
 from simfl.attacks.observation import Observation
 from simfl.disclosure import LossFn, ModelWrapper
 from simfl.weights import FlatWeights
@@ -71,7 +71,7 @@ class InvertingGradients(AttackBase):
         stacked = stack(observations, flat)
         device = flat.vector.device
         generators = victim_generators(seeds, stacked.victims)
-        labels = torch.stack([recover_labels(flat, o) for o in observations]).to(device)
+        labels = batch_labels(flat, observations, device)
         shape = (stacked.batch_size, *stacked.image_shape)
         extra = self._extra(model, flat, observations)
         with attacker_module(model, self.model_wrapper) as module:
@@ -120,7 +120,7 @@ class InvertingGradients(AttackBase):
         """(V,) the objective at ``images`` (the victims' true ones: a found image should score about as low)."""
         stacked = stack(observations, flat)
         device = flat.vector.device
-        labels = torch.stack([recover_labels(flat, o) for o in observations]).to(device)
+        labels = batch_labels(flat, observations, device)
         extra = self._extra(model, flat, observations)
         with attacker_module(model, self.model_wrapper) as module:
             objective = self._objective(module, flat, stacked)

@@ -25,6 +25,8 @@ samples, assuming the schedule visits each sample equally often.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from simfl.attacks.observation import Observation
@@ -82,3 +84,9 @@ def recover_labels(flat: FlatWeights, obs: Observation, head: str = "head") -> t
     if obs.batch_size == 1:
         return torch.tensor([idlg_label(weight)], dtype=torch.long)
     return llg_labels(bias, obs.batch_size)
+
+
+def batch_labels(flat: FlatWeights, observations: Sequence[Observation], device: torch.device | str = "cpu"
+                 ) -> torch.Tensor:
+    """(V, B) every victim's labels (:func:`recover_labels`), stacked on ``device``."""
+    return torch.stack([recover_labels(flat, o) for o in observations]).to(device)

@@ -37,7 +37,7 @@ from torch.func import functional_call
 from simfl.attacks.analytic import Recovered, linear_layers, recover
 from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult, AuxData
 from simfl.attacks.functional import AttackBase
-from simfl.attacks.labels import recover_labels
+from simfl.attacks.labels import batch_labels
 from simfl.attacks.observation import Observation
 from simfl.decoders import decode, fit_decoder
 from simfl.weights import FlatWeights
@@ -138,7 +138,7 @@ class _LearnedDecoder(AttackBase):
                 decoders[key] = fit_decoder(features, aux_x, self.steps, self.lr, self.batch, self.aux.seed,
                                             f"attack-{type(self).__name__}")
             images.append(decode(decoders[key], vector.float().to(device).unsqueeze(0)))
-        labels = torch.stack([recover_labels(flat, o) for o in observations])
+        labels = batch_labels(flat, observations)
         steps = torch.full((len(observations),), self.steps, dtype=torch.long)
         nan = torch.full((len(observations),), float("nan"))
         return AttackResult(torch.stack(images), labels, nan, steps, time.perf_counter() - start)
@@ -186,7 +186,7 @@ class ServerDecoder(AttackBase):
         with torch.no_grad():
             images = torch.stack([decoder(recover(model, flat, o).latent.float().to(device).unsqueeze(0))
                                   for o in observations])
-        labels = torch.stack([recover_labels(flat, o) for o in observations])
+        labels = batch_labels(flat, observations)
         nan = torch.full((len(observations),), float("nan"))
         return AttackResult(images, labels, nan, torch.zeros(len(observations), dtype=torch.long),
                             time.perf_counter() - start)

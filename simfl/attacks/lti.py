@@ -29,7 +29,7 @@ from torch import nn
 
 from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult, AuxData
 from simfl.attacks.functional import AttackBase
-from simfl.attacks.labels import recover_labels
+from simfl.attacks.labels import batch_labels
 from simfl.attacks.observation import Observation
 from simfl.disclosure import SharedGradient
 from simfl.seeding import torch_generator
@@ -118,7 +118,7 @@ class LearningToInvert(AttackBase):
             s = sketch(obs.shared.to(device)[flat.trainable])
             with torch.no_grad():
                 images.append(network(((s - mean) / std).unsqueeze(0)).view(obs.batch_size, *obs.image_shape))
-        labels = torch.stack([recover_labels(flat, o) for o in observations])
+        labels = batch_labels(flat, observations)
         steps = torch.full((len(observations),), self.steps, dtype=torch.long)
         nan = torch.full((len(observations),), float("nan"))
         return AttackResult(torch.stack(images), labels, nan, steps, time.perf_counter() - start)
