@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine  # noqa: E402  (the engine benchmark beside this file: same workload)
 
+from simfl.attacks import ATTACKS  # noqa: E402
 from simfl.config import ModelConfig  # noqa: E402
 from simfl.models import build_model  # noqa: E402
 from simfl.resources import GpuShareExceeded, actor_device, within_gpu_share  # noqa: E402
@@ -185,18 +186,31 @@ def check_memory_share() -> Row:
         ray.shutdown()
 
 
+def every_attack(scale: int) -> str:
+    """Every registered attack, its budget divided by ``scale``, as an ``attacks.methods`` override."""
+    methods = []
+    for kind, config in ATTACKS.configs.items():
+        budget = {k: max(2, getattr(config(), k) // scale) for k in ("iterations", "steps", "samples", "decoder_steps")
+                  if k in config.model_fields}
+        methods.append("{" + ", ".join([f"kind: {kind}", *(f"{k}: {v}" for k, v in budget.items())]) + "}")
+    return f"attacks.methods=[{', '.join(methods)}]"
+
+
 SHORT_DEFENCES = [
     "training.rounds=4", "evaluation.every=2", "checkpoint.every=2", "attacks.rounds=[1,4]", "attacks.victims=4",
-    "attacks.methods=[{kind: ig, iterations: 200}, {kind: dlg, iterations: 50}, {kind: idlg, iterations: 50}]",
+    every_attack(4),
 ]
 # --cpu tests this script, not the engine: the same checks, smaller.
 DRY_RUN_SMOKE = ["training.rounds=3", "evaluation.every=3"]
 DRY_RUN_DEFENCES = [
     "training.rounds=2", "evaluation.every=2", "checkpoint.every=2", "attacks.rounds=[2]", "attacks.victims=2",
-    "attacks.methods=[{kind: ig, iterations: 20}, {kind: dlg, iterations: 5}, {kind: idlg, iterations: 5}]",
+    every_attack(60),
 ]
 # (arm -> knowledges every attack must have): the naive attacker is exact for none and BiDO at B = 1.
-EXPECTED = {"none": {"naive"}, "dpsgd": {"naive", "adaptive"}, "bido": {"naive"}, "latent": {"naive", "adaptive"}}
+EXPECTED = {"none": {"naive"}, "dpsgd": {"naive", "adaptive"}, "bido": {"naive"}, "latent": {"naive", "adaptive"},
+            "latent_local": {"naive", "adaptive"}}
+# Only the latent defence trains a decoder of its own, and only the adaptive attacker is told it.
+SERVER_DECODER = {("latent", "adaptive"), ("latent_local", "adaptive")}
 
 
 def check_defences(tmp: Path, gpu: bool) -> list[Row]:
@@ -210,8 +224,10 @@ def check_defences(tmp: Path, gpu: bool) -> list[Row]:
     problems, figures = [], []
     for arm, knowledge in EXPECTED.items():
         attacks = pd.read_parquet(parent / arm / "attacks")
-        for kind in ("ig", "dlg", "idlg"):
+        for kind in ATTACKS.kinds():
             for know in knowledge:
+                if kind == "server_decoder" and (arm, know) not in SERVER_DECODER:
+                    continue
                 rows = attacks[(attacks.attack == kind) & (attacks.knowledge == know)]
                 if rows.empty or not np.isfinite(rows[["mse", "psnr", "ssim"]].to_numpy()).all():
                     problems.append(f"{arm}/{kind}/{know}")
