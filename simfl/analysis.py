@@ -129,6 +129,7 @@ def worst_attack(metrics: pd.DataFrame, metric: str) -> tuple[float, str, str] |
                    & metrics["attack"].notna() & (metrics["attack"] != "worst") & (metrics["metric"] == metric)]
     if rows.empty:
         return None
+    rows = rows.sort_values("knowledge", key=lambda k: k != "naive", kind="stable")  # ties: the weaker attacker
     pick = rows["value"].idxmax() if PRIVACY[metric] == "max" else rows["value"].idxmin()
     return float(rows.at[pick, "value"]), str(rows.at[pick, "attack"]), str(rows.at[pick, "knowledge"])
 

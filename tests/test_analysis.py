@@ -24,6 +24,7 @@ from simfl.analysis import (
     operating_points,
     population_gaps,
     run_metrics,
+    worst_attack,
 )
 from simfl.intervals import mean_interval, wilson
 
@@ -641,3 +642,17 @@ class TestRunMetrics:
         m = run_metrics(make_run(tmp_path, []))
         assert m["attack"].isna().all()
         assert pick(m, "test_accuracy")["value"] == approx(0.75)
+
+
+def test_the_verdict_names_the_attack_that_leaks_most_over_attacks_and_knowledge(tmp_path):
+    adaptive = [attack_row(1, "A", "ig", "adaptive", True, 0.01, 30.0, 0.9),
+                attack_row(2, "A", "ig", "adaptive", True, 0.01, 30.0, 0.9)]
+    metrics = run_metrics(make_run(tmp_path, naive_attacks() + adaptive, "defence.kind=latent"))
+    # Naive: acc ig .75, mse gi .05, psnr gi 25, ssim ig .5; the adaptive ig beats them all on A (held-out C ignored).
+    assert worst_attack(metrics, "attacker_acc") == (1.0, "ig", "adaptive")
+    assert worst_attack(metrics, "mse") == (pytest.approx(0.01), "ig", "adaptive")
+    assert worst_attack(metrics, "psnr") == (30.0, "ig", "adaptive")
+    naive_only = run_metrics(make_run(tmp_path / "n", naive_attacks()))
+    assert worst_attack(naive_only, "psnr") == (25.0, "gi", "naive")
+    assert worst_attack(naive_only, "attacker_acc") == (0.75, "ig", "naive")
+    assert worst_attack(run_metrics(make_run(tmp_path / "none", [])), "psnr") is None
