@@ -11,8 +11,10 @@ client's) passed through the same global model:
   noise never touches them). Naive and adaptive are the same attack here.
 - ``latent_decoder``: from the head's input. Naive: z′ read off the head,
   decoded as if it were the model's deterministic latent. Adaptive against the
-  latent defence: the victim's noise is read off the gradient too, so the
-  clean latent z = z′ − μ − σ ⊙ ε is decoded by a decoder fitted on clean latents.
+  latent defence: where the victim's noise is read off exactly (``mean_shift``),
+  the clean latent z = z′ − μ − σ ⊙ ε by a decoder fitted on clean latents;
+  otherwise z′ by a decoder fitted on the server's latents noised as the
+  victims' are (the defence as the victim runs it).
 - ``server_decoder``: the latent defence's own decoder D, which the server
   trains and broadcasts each round, applied to z′ (adaptive only: it exists
   only under that defence).
@@ -40,6 +42,7 @@ from simfl.attacks.functional import AttackBase
 from simfl.attacks.labels import batch_labels
 from simfl.attacks.observation import Observation
 from simfl.decoders import decode, fit_decoder
+from simfl.seeding import torch_generator
 from simfl.weights import FlatWeights
 
 # Server images passed through the model per forward when extracting their features.
@@ -84,13 +87,22 @@ class ServerDecoderConfig(AttackConfig):
 
 
 def layer_inputs(model: nn.Module, flat: FlatWeights, weights: torch.Tensor, images: torch.Tensor,
-                 layer: str) -> torch.Tensor:
-    """(N, D) the input of ``layer`` (a module path) for each image, the model at ``weights`` in eval mode."""
+                 layer: str, noise: torch.Generator | None = None) -> torch.Tensor:
+    """(N, D) the input of ``layer`` (a module path) for each image, the model at ``weights`` in eval mode.
+
+    ``noise``: the model's ``latent`` layer runs in training mode, drawing its
+    noise from this generator (the latent defence's ``LatentNoise`` reads it),
+    so the features are noisy as a victim's are.
+    """
     captured: list[torch.Tensor] = []
     handle = model.get_submodule(layer).register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0].detach().flatten(1)))
     was = model.training
     model.eval()
+    latent = model.get_submodule("latent")
+    if noise is not None:
+        latent.train()
+        setattr(latent, "generator", noise)  # noqa: B010  (a plain attribute the noise layer reads)
     try:
         named = flat.as_dict(weights.to(flat.vector.device))
         with torch.no_grad():
@@ -112,8 +124,8 @@ class _LearnedDecoder(AttackBase):
     aux: AuxData | None = None
     informed: bool = False  # set by adapting: the attacker knows the defence
 
-    def _source(self, model: nn.Module, recovered: Recovered) -> tuple[str, torch.Tensor]:
-        """(the layer whose input the server's images give, the victim's recovered vector for it)."""
+    def _source(self, model: nn.Module, recovered: Recovered) -> tuple[str, torch.Tensor, bool]:
+        """(the layer whose input the server's images give, the victim's recovered vector, draw noise as victims do)."""
         raise NotImplementedError
 
     def applies(self) -> bool:
@@ -131,10 +143,11 @@ class _LearnedDecoder(AttackBase):
         decoders: dict[int, Any] = {}
         images = []
         for obs in observations:
-            layer, vector = self._source(model, recover(model, flat, obs))
+            layer, vector, noisy = self._source(model, recover(model, flat, obs))
             key = id(obs.weights)  # the engine's victims of a round share one weights tensor
             if key not in decoders:
-                features = layer_inputs(model, flat, obs.weights, aux_x, layer)
+                noise = torch_generator(self.aux.seed, "attack-latent-noise") if noisy else None
+                features = layer_inputs(model, flat, obs.weights, aux_x, layer, noise)
                 decoders[key] = fit_decoder(features, aux_x, self.steps, self.lr, self.batch, self.aux.seed,
                                             f"attack-{type(self).__name__}")
             images.append(decode(decoders[key], vector.float().to(device).unsqueeze(0)))
@@ -149,19 +162,28 @@ class _LearnedDecoder(AttackBase):
 class FeatureDecoder(_LearnedDecoder):
     """Decode the earliest linear layer's input (noise-free under the latent defence)."""
 
-    def _source(self, model: nn.Module, recovered: Recovered) -> tuple[str, torch.Tensor]:
-        return recovered.deepest_features(linear_layers(model))
+    def _source(self, model: nn.Module, recovered: Recovered) -> tuple[str, torch.Tensor, bool]:
+        return (*recovered.deepest_features(linear_layers(model)), False)
 
 
 @ATTACKS.register(LatentDecoderConfig)
 @dataclass
 class LatentDecoder(_LearnedDecoder):
-    """Decode the head's input: z′ (naive), or the clean latent once the noise is read off (adaptive)."""
+    """Decode the head's input z′; the adaptive attacker knows the latent defence's noise (see the module docstring).
 
-    def _source(self, model: nn.Module, recovered: Recovered) -> tuple[str, torch.Tensor]:
-        if self.informed and recovered.clean_latent is not None:
-            return "latent", recovered.clean_latent  # the noise layer's input: the encoder's clean latent
-        return "head", recovered.latent
+    Naive: z′ as if the latent were deterministic. Adaptive, where the noise is
+    read off exactly (the defence's ``mean_shift`` shares ∂L/∂μ = ∂L/∂z′): the
+    clean latent, by a decoder fitted on clean latents. Otherwise (λ > 0 makes
+    the read-off ε an estimate): z′, by a decoder fitted on the server's
+    latents noised as victims noise theirs, which learns to see through it.
+    """
+
+    def _source(self, model: nn.Module, recovered: Recovered) -> tuple[str, torch.Tensor, bool]:
+        if not self.informed or recovered.noise is None:
+            return "head", recovered.latent, False
+        if getattr(model.get_submodule("latent"), "shift", None) is not None and recovered.clean_latent is not None:
+            return "latent", recovered.clean_latent, False  # the noise layer's input: the encoder's clean latent
+        return "head", recovered.latent, True
 
 
 @ATTACKS.register(ServerDecoderConfig)
