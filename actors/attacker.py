@@ -127,7 +127,8 @@ class Attacker:
             at_truth = attack.objective_at(self.model, self.flat, observations, truth)
             shown_orig, shown_recon = [], []
             for i, v in enumerate(victims):
-                recon = result.images[i].detach().cpu()
+                # In the box the data live in; a non-finite pixel (an attack that found nothing) scores as black.
+                recon = torch.nan_to_num(result.images[i].detach().cpu(), nan=0.0).clamp(0.0, 1.0)
                 orig = v.images
                 gen = torch_generator(self.sc.seed, "attack-baseline", v.client_id, v.round)
                 scored: list[dict[str, Any]] = score_batch(recon, orig, v.labels, result.labels[i].cpu(),

@@ -148,9 +148,12 @@ class _LearnedDecoder(AttackBase):
             if key not in decoders:
                 noise = torch_generator(self.aux.seed, "attack-latent-noise") if noisy else None
                 features = layer_inputs(model, flat, obs.weights, aux_x, layer, noise)
-                decoders[key] = fit_decoder(features, aux_x, self.steps, self.lr, self.batch, self.aux.seed,
-                                            f"attack-{type(self).__name__}")
-            images.append(decode(decoders[key], vector.float().to(device).unsqueeze(0)))
+                decoders[key] = (fit_decoder(features, aux_x, self.steps, self.lr, self.batch, self.aux.seed,
+                                             f"attack-{type(self).__name__}"), features.mean(0))
+            decoder, typical = decoders[key]
+            # Nothing to read where the layer's bias gradient vanished (e.g. every unit dead): the server's average.
+            vector = vector.float().to(device) if torch.isfinite(vector).all() else typical
+            images.append(decode(decoder, vector.unsqueeze(0)))
         labels = batch_labels(flat, observations)
         steps = torch.full((len(observations),), self.steps, dtype=torch.long)
         nan = torch.full((len(observations),), float("nan"))
