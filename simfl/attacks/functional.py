@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +29,8 @@ from torch.func import functional_call, grad, vmap
 from simfl.attacks.observation import Observation, View, local_batches
 from simfl.disclosure import Disclosure, LossFn, ModelWrapper
 from simfl.weights import FlatWeights
+
+T = TypeVar("T")
 
 
 class AttackBase:
@@ -64,6 +66,23 @@ class AttackBase:
         NaN for attacks without an objective over images (learned inversions).
         """
         return torch.full((len(observations),), float("nan"))
+
+
+class PerRound(Generic[T]):
+    """What a learned attack builds once per distinct global weights (one per round: its victims share them)."""
+
+    def __init__(self, build: Callable[[Observation], T]) -> None:
+        self.build = build
+        self.made: list[tuple[torch.Tensor, T]] = []
+
+    def __call__(self, obs: Observation) -> T:
+        """The thing built for ``obs``'s weights, building it on first sight of those weights."""
+        for weights, thing in self.made:
+            if weights is obs.weights or torch.equal(weights, obs.weights):
+                return thing
+        thing = self.build(obs)
+        self.made.append((obs.weights, thing))
+        return thing
 
 
 @dataclass

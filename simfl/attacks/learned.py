@@ -26,6 +26,7 @@ scenario refuses larger gradient batches for them).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,10 +39,10 @@ from torch.func import functional_call
 
 from simfl.attacks.analytic import Recovered, linear_layers, recover
 from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult, AuxData
-from simfl.attacks.functional import AttackBase
+from simfl.attacks.functional import AttackBase, PerRound
 from simfl.attacks.labels import batch_labels
 from simfl.attacks.observation import Observation
-from simfl.decoders import decode, fit_decoder
+from simfl.decoders import Decoder, decode, fit_decoder
 from simfl.seeding import torch_generator
 from simfl.weights import FlatWeights
 
@@ -140,17 +141,21 @@ class _LearnedDecoder(AttackBase):
         start = time.perf_counter()
         device = flat.vector.device
         aux_x = self.aux.inputs(device)
-        decoders: dict[int, Any] = {}
+        aux = self.aux
+
+        def fit(obs: Observation, layer: str, noisy: bool) -> tuple[Decoder, torch.Tensor]:
+            noise = torch_generator(aux.seed, "attack-latent-noise") if noisy else None
+            features = layer_inputs(model, flat, obs.weights, aux_x, layer, noise)
+            decoder = fit_decoder(features, aux_x, self.steps, self.lr, self.batch, aux.seed,
+                                  f"attack-{type(self).__name__}")
+            return decoder, features.mean(0)
+
+        per_source: dict[tuple[str, bool], PerRound[tuple[Decoder, torch.Tensor]]] = {}
         images = []
         for obs in observations:
             layer, vector, noisy = self._source(model, recover(model, flat, obs))
-            key = id(obs.weights)  # the engine's victims of a round share one weights tensor
-            if key not in decoders:
-                noise = torch_generator(self.aux.seed, "attack-latent-noise") if noisy else None
-                features = layer_inputs(model, flat, obs.weights, aux_x, layer, noise)
-                decoders[key] = (fit_decoder(features, aux_x, self.steps, self.lr, self.batch, self.aux.seed,
-                                             f"attack-{type(self).__name__}"), features.mean(0))
-            decoder, typical = decoders[key]
+            fitted = per_source.setdefault((layer, noisy), PerRound(functools.partial(fit, layer=layer, noisy=noisy)))
+            decoder, typical = fitted(obs)
             # Nothing to read where the layer's bias gradient vanished (e.g. every unit dead): the server's average.
             vector = vector.float().to(device) if torch.isfinite(vector).all() else typical
             images.append(decode(decoder, vector.unsqueeze(0)))

@@ -28,7 +28,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 
 from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult, AuxData
-from simfl.attacks.functional import AttackBase
+from simfl.attacks.functional import AttackBase, PerRound
 from simfl.attacks.labels import batch_labels
 from simfl.attacks.observation import Observation
 from simfl.disclosure import SharedGradient
@@ -109,12 +109,10 @@ class LearningToInvert(AttackBase):
         start = time.perf_counter()
         device = flat.vector.device
         sketch = CountSketch(int(flat.trainable.sum()), self.sketch, self.aux.seed, device)
-        networks: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
+        trained = PerRound(lambda obs: self._train(model, flat, obs, sketch))
         images = []
         for obs in observations:
-            if id(obs.weights) not in networks:
-                networks[id(obs.weights)] = self._train(model, flat, obs, sketch)
-            network, mean, std = networks[id(obs.weights)]
+            network, mean, std = trained(obs)
             s = sketch(obs.shared.to(device)[flat.trainable])
             with torch.no_grad():
                 images.append(network(((s - mean) / std).unsqueeze(0)).view(obs.batch_size, *obs.image_shape))
