@@ -34,6 +34,8 @@ SMALL = [
     "server_decoder, {kind: decoded_ig, iterations: 5, decoder_steps: 10}, {kind: lti, samples: 10, steps: 10}]",
     "--quiet",
 ]
+# The arms of defences_smoke.yaml and the defence each runs.
+ARMS = {"none": "none", "dpsgd": "dpsgd", "bido": "bido", "latent": "latent", "latent_local": "latent"}
 
 
 @pytest.fixture(scope="module")
@@ -46,34 +48,35 @@ def arms_run(ray_local, tmp_path_factory) -> Path:
 
 @pytest.mark.timeout(900)
 def test_every_arm_runs_to_the_end_with_the_same_clients_and_a_summary(arms_run):
-    assert sorted(p.name for p in arms_run.iterdir() if p.is_dir()) == ["bido", "dpsgd", "latent", "none"]
+    assert sorted(p.name for p in arms_run.iterdir() if p.is_dir()) == sorted(ARMS)
     cohorts = {}
-    for arm in ("none", "dpsgd", "bido", "latent"):
+    for arm, kind in ARMS.items():
         assert (arms_run / arm / "final_weights.pt").is_file()
-        assert load_scenario(arms_run / arm / "scenario.yaml").defence.kind == arm
+        assert load_scenario(arms_run / arm / "scenario.yaml").defence.kind == kind
         clients = pd.read_parquet(arms_run / arm / "clients")
         cohorts[arm] = sorted(zip(clients["round"], clients["client_id"], strict=True))
         attacked = pd.read_parquet(arms_run / arm / "attacks")[["round", "client_id"]].drop_duplicates()
         cohorts[arm + "/attacked"] = sorted(map(tuple, attacked.values.tolist()))
-    assert cohorts["none"] == cohorts["dpsgd"] == cohorts["bido"] == cohorts["latent"]
-    assert cohorts["none/attacked"] == cohorts["latent/attacked"] == cohorts["dpsgd/attacked"]
+    assert cohorts["none"] == cohorts["dpsgd"] == cohorts["bido"] == cohorts["latent"] == cohorts["latent_local"]
+    assert cohorts["none/attacked"] == cohorts["latent/attacked"] == cohorts["dpsgd/attacked"] == cohorts[
+        "latent_local/attacked"]
     summary = (arms_run / "summary.md").read_text()
-    for arm in ("none", "dpsgd", "bido", "latent"):
-        assert f"| {arm} | {arm} |" in summary
+    for arm, kind in ARMS.items():
+        assert f"| {arm} | {kind} |" in summary
 
 
 @pytest.mark.timeout(900)
 def test_naive_and_adaptive_rows_are_marked(arms_run):
     for arm, expected in (("none", {"naive"}), ("bido", {"naive"}), ("dpsgd", {"naive", "adaptive"}),
-                          ("latent", {"naive", "adaptive"})):
+                          ("latent", {"naive", "adaptive"}), ("latent_local", {"naive", "adaptive"})):
         attacks = pd.read_parquet(arms_run / arm / "attacks")
         assert set(attacks["knowledge"]) == expected, arm
-        assert set(attacks["defence"]) == {arm}
+        assert set(attacks["defence"]) == {ARMS[arm]}
         # Every attack ran with every knowledge level on the same victims; the server's decoder exists only
         # under the latent defence, and only the adaptive attacker is told it.
         sizes = attacks.groupby(["attack", "knowledge"]).size()
         pairs = {(a, k) for a in ALL_ATTACKS for k in expected} - {("server_decoder", "naive")}
-        if arm != "latent":
+        if ARMS[arm] != "latent":
             pairs -= {("server_decoder", "adaptive")}
         assert sizes.nunique() == 1 and set(sizes.index) == pairs, arm
         # Optimisation attacks log their objective at the true images beside the found ones; learned ones none.

@@ -45,8 +45,9 @@ def test_grid_is_the_product_of_its_axes_in_order(tmp_path):
 def test_set_overrides_the_base_and_arms_become_the_first_axis(tmp_path):
     cells = cells_of(tmp_path, base=str(ROOT / "scenarios" / "defences_smoke.yaml"),
                      set={"training.rounds": 4, "attacks.rounds": [2]}, grid={"seed": [0, 1]})
-    assert len(cells) == 8  # 4 arms x 2 seeds
+    assert len(cells) == 10  # 5 arms x 2 seeds
     assert cells[0].labels == {"arm": "none", "seed": "seed-0"}
+    assert {c.labels["arm"] for c in cells} == {"none", "dpsgd", "bido", "latent", "latent_local"}
     assert {c.scenario.defence.kind for c in cells} == {"none", "dpsgd", "bido", "latent"}
     assert all(c.scenario.training.rounds == 4 and c.scenario.arms is None for c in cells)
 
