@@ -51,6 +51,7 @@ class AttackerKnowledge:
 
     shape: tuple[int, int, int]  # channels, image size, classes
     mean_image: torch.Tensor  # (C, H, W): the mean-image baseline, over the validation split
+    class_means: torch.Tensor  # (K, C, H, W): each class's mean over the validation split (the global mean if absent)
     evaluator: Evaluator
     aux: AuxData  # the server's own images (the validation split, at most AUX_IMAGES): what learned attacks train on
 
@@ -59,9 +60,14 @@ class AttackerKnowledge:
         """What an attacker holds of ``dataset``: image shape, class count, the validation split and its mean image."""
         # uint8 summed in float64 by numpy: no float copy of the whole split (GBs at 224 px).
         mean = torch.from_numpy(dataset.val_x.mean(axis=0, dtype=np.float64) / 255.0).permute(2, 0, 1).float()
+        labels = np.asarray(dataset.val_y).reshape(-1)
+        class_means = mean.unsqueeze(0).repeat(dataset.num_classes, 1, 1, 1)
+        for k in np.unique(labels):
+            images = dataset.val_x[labels == k]
+            class_means[int(k)] = torch.from_numpy(images.mean(axis=0, dtype=np.float64) / 255.0).permute(2, 0, 1)
         aux = AuxData(torch.from_numpy(np.array(dataset.val_x[:AUX_IMAGES])),
                       torch.from_numpy(np.array(dataset.val_y[:AUX_IMAGES], dtype=np.int64)), seed)
-        return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, evaluator, aux)
+        return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, class_means, evaluator, aux)
 
 
 @ray.remote
@@ -80,6 +86,7 @@ class Attacker:
         self.index = index
         self.evaluator = knowledge.evaluator
         self.mean_image = knowledge.mean_image
+        self.class_means = knowledge.class_means
         # The defended model (the shared weights' layout) and the defence, to learn what it discloses.
         model, self.defence = defended_model(self.sc.model, self.sc.defence, self.sc.seed, knowledge.shape)
         self.model = model.to(self.device)
@@ -132,7 +139,8 @@ class Attacker:
                 orig = v.images
                 gen = torch_generator(self.sc.seed, "attack-baseline", v.client_id, v.round)
                 scored: list[dict[str, Any]] = score_batch(recon, orig, v.labels, result.labels[i].cpu(),
-                                                           self.classifier, self.mean_image, gen)
+                                                           self.classifier, self.mean_image, gen,
+                                                           self.class_means)
                 for row in scored:
                     row.update(
                         round=v.round, client_id=v.client_id, attack=kind, knowledge=knowledge,

@@ -10,6 +10,9 @@ study) has one row per (cell, round, metric, population, attack, knowledge):
   ``held_out`` flag (training populations, or held-out ones);
 - ``attack`` is ``worst`` for the worst case over attacks (the attack whose mean
   leaks most for that metric);
+- image-free baselines scored on the same victims have no attack: metric
+  ``mean_<m>`` (the global mean image) and ``class_mean_<m>`` (each victim's
+  class-mean image, what the label alone gives) for every privacy metric m;
 - ``low``/``high`` is the run's own 95 % interval (Wilson over images for
   attacker accuracy, normal over images or clients for the others).
 """
@@ -32,6 +35,8 @@ from simfl.tables import ROUND_DEFENCE_COLUMNS
 PRIVACY = {"attacker_acc": "max", "mse": "min", "psnr": "max", "ssim": "max"}
 ATTACK_COLUMNS = {"attacker_correct": "attacker_acc", "mse": "mse", "psnr": "psnr", "ssim": "ssim",
                   "label_accuracy": "label_accuracy"}
+# Image-free guesses scored beside every attack (see simfl.metrics.score_batch): their column prefixes.
+BASELINES = ("mean_", "class_mean_")
 # Lower is more private for these; higher for MSE.
 MORE_PRIVATE = {"attacker_acc": "min", "mse": "max", "psnr": "min", "ssim": "min"}
 TIDY_COLUMNS = ["round", "metric", "population", "held_out", "attack", "knowledge", "value", "low", "high", "n"]
@@ -110,10 +115,13 @@ def _eval_rows(run_dir: Path, held: dict[str, bool]) -> list[dict]:
     return rows
 
 
-def _attack_stats(rows: pd.DataFrame) -> dict[str, tuple[float, tuple[float, float], int]]:
+def _attack_stats(rows: pd.DataFrame, prefix: str = "") -> dict[str, tuple[float, tuple[float, float], int]]:
+    """Mean, interval and count of each attack metric; with ``prefix``, of that baseline's columns instead."""
     out = {}
     for column, name in ATTACK_COLUMNS.items():
-        values = rows[column].astype(float).to_numpy()
+        if prefix and name not in PRIVACY:
+            continue
+        values = rows[prefix + column].astype(float).to_numpy()
         interval = wilson(int(values.sum()), len(values)) if column == "attacker_correct" else mean_interval(values)
         out[name] = (float(values.mean()), interval, len(values))
     return out
@@ -151,6 +159,13 @@ def _attack_rows(attacks: pd.DataFrame) -> list[dict]:
                     pick = (max if how == "max" else min)(per_attack, key=lambda a: per_attack[a][name][0])
                     value, interval, n = per_attack[pick][name]
                     rows.append(_row(name, value, round_, population, flag, "worst", knowledge, interval, n))
+            # Every attack ran on the same images: each scored its baselines alike, so count each image once.
+            images = g.drop_duplicates(["round", "client_id", "image"])
+            for prefix in BASELINES:
+                # Runs from before a baseline existed have no (or null) columns for it.
+                if prefix + "psnr" in images and images[prefix + "psnr"].notna().all():
+                    for name, (value, interval, n) in _attack_stats(images, prefix).items():
+                        rows.append(_row(prefix + name, value, round_, population, flag, None, None, interval, n))
     return rows
 
 

@@ -21,7 +21,8 @@ from torchvision.utils import make_grid, save_image
 from simfl.tables import RunTables
 
 METRICS = ("psnr", "ssim", "mse", "attacker_correct")
-BASELINES = (("", ""), ("random_", "_random_baseline"), ("mean_", "_mean_baseline"))
+BASELINES = (("", ""), ("random_", "_random_baseline"), ("mean_", "_mean_baseline"),
+             ("class_mean_", "_class_mean_baseline"))
 
 
 def attack_label(kind: str, knowledge: str) -> str:

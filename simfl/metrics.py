@@ -211,6 +211,21 @@ def label_accuracy(recovered: Tensor, true: Tensor) -> float:
     return float(hits.sum()) / true.numel()
 
 
+def class_mean_images(class_means: Tensor, labels: Tensor) -> Tensor:
+    """The label-aware, image-free guess: for each label, its class's mean image (``class_means`` (K, C, H, W)).
+
+    At batch size 1 the label is read off the gradient exactly, so an attacker
+    gets this image for free, with no inversion at all: an attack leaks the
+    *instance* only where it beats this guess, not merely the global mean.
+    """
+    labels = torch.as_tensor(labels).flatten().long().cpu()
+    if class_means.dim() != 4:
+        raise ValueError(f"expected class means of shape (K, C, H, W), got {tuple(class_means.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= class_means.shape[0]):
+        raise ValueError(f"labels must be in [0, {class_means.shape[0]}), got {labels.tolist()}")
+    return class_means[labels].clone()
+
+
 def baseline_images(
     orig: Tensor,
     kind: Literal["random", "mean"],
@@ -227,6 +242,8 @@ def baseline_images(
       ``generator`` (required, so baselines are reproducible).
     * ``"mean"``: the dataset mean image ``reference_mean`` (C, H, W),
       repeated for every image; ``generator`` is unused.
+
+    The label-aware guess is :func:`class_mean_images`.
     """
     if orig.dim() != 4:
         raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(orig.shape)}")
@@ -315,12 +332,16 @@ def score_batch(
     classifier: nn.Module,
     mean_image: Tensor,
     generator: torch.Generator,
+    class_means: Tensor,
 ) -> list[dict[str, float | int | bool]]:
-    """One victim's batch scored per reconstructed image, beside both no-leakage baselines.
+    """One victim's batch scored per reconstructed image, beside three image-free baselines.
 
     Every metric is computed for the reconstruction and, by the same pipeline
-    (Hungarian matching included), for uniform noise (``random_*``) and for the
-    evaluation data's mean image (``mean_*``). ``attacker_correct`` is the
+    (Hungarian matching included), for uniform noise (``random_*``), for the
+    evaluation data's mean image (``mean_*``) and for the class-mean image of
+    each true label (``class_mean_*``, :func:`class_mean_images`: what knowing
+    the labels alone gives, and at batch size 1 they are read off the gradient
+    exactly). ``attacker_correct`` is the
     classifier's verdict on the reconstruction against its matched original's
     label; ``evaluator_on_original`` is its verdict on that original, the
     ceiling attacker accuracy can reach with this classifier.
@@ -331,6 +352,7 @@ def score_batch(
         "": recon,
         "random_": baseline_images(orig, "random", generator),
         "mean_": baseline_images(orig, "mean", None, reference_mean=mean_image),
+        "class_mean_": class_mean_images(class_means, true_labels).to(orig.device),
     }
     columns: dict[str, list] = {}
     for prefix, images in candidates.items():

@@ -53,6 +53,19 @@ def attack_cells(attacks: pd.DataFrame, naive_is_exact: bool) -> list[list[str]]
     return rows
 
 
+def baseline_cells(metrics: pd.DataFrame) -> list[list[str]]:
+    """The image-free guesses on the same victims, as rows of the attack table (runs before them: none)."""
+    rows = []
+    for prefix, name in (("mean_", "(global mean image)"), ("class_mean_", "(class mean of the label)")):
+        found = {m: final_values(metrics.assign(cell=""), prefix + m) for m in ATTACK_DIGITS}
+        if any(f.empty for f in found.values()):
+            continue
+        rows.append([name, "no attack", str(int(found["attacker_acc"]["n"].iloc[0])),
+                     *(fmt_interval(f["value"].iloc[0], f["low"].iloc[0], f["high"].iloc[0], ATTACK_DIGITS[m])
+                       for m, f in found.items())])
+    return rows
+
+
 def worst_cells(metrics: pd.DataFrame, naive_is_exact: bool) -> list[str]:
     """Each privacy metric at its worst over attacks and attacker knowledge, naming the attack that reached it."""
     cells = []
@@ -83,8 +96,8 @@ def arms_table(parent: Path) -> str:
         test, eps = fmt(final_value(metrics, "test_accuracy")), fmt(final_value(metrics, "dp_epsilon_max"), 2)
         head = [arm, scenario.defence.kind, test, fmt(final_value(metrics, "client_train_accuracy")), eps]
         attacks = training_attacks(metrics)
-        rows += [head + cells for cells in attack_cells(attacks, naive_attacker_is_exact(scenario))] \
-            or [head + ["–"] * 7]
+        rows += [head + cells for cells in [*attack_cells(attacks, naive_attacker_is_exact(scenario)),
+                                            *baseline_cells(metrics)]] or [head + ["–"] * 7]
         if len(attacks):
             worst.append([arm, scenario.defence.kind, test, eps,
                           *worst_cells(metrics, naive_attacker_is_exact(scenario))])
@@ -92,7 +105,9 @@ def arms_table(parent: Path) -> str:
     lines = table(["arm", "defence", "test acc", "client acc", "ε (max)", "attack", "attacker", "images",
                    "attacker acc", "MSE", "PSNR", "SSIM"], rows)
     lines += ["", "Means over every attacked image, with 95 % intervals (Wilson for attacker accuracy; "
-              "normal approximation for the others)."
+              "normal approximation for the others). The rows without an attack score image-free guesses on "
+              "the same victims: an attack shows the instance only where it beats the class mean of the "
+              "label, which batch-size-1 gradients give away."
               + (" Held-out probes are left out here: see `python -m simfl.report`." if probes else "")]
     if worst:
         lines += ["", "Worst case over attacks and attacker knowledge (what a defence must be judged by), "

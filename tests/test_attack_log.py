@@ -19,7 +19,8 @@ def out(r, client, psnr):
     row = {f.name: 0 for f in SCHEMAS["attacks"]}
     row.update({"round": r, "client_id": client, "attack": "ig", "knowledge": "naive", "defence": "none",
                 "psnr": psnr, "attacker_correct": True,
-                "random_attacker_correct": False, "mean_attacker_correct": False, "view": "gradient",
+                "random_attacker_correct": False, "mean_attacker_correct": False,
+                "class_mean_attacker_correct": False, "view": "gradient",
                 "labels": "known", "evaluator_on_original": True})
     del row["population"], row["submitted_at"]  # the log fills them in
     image = torch.full((1, 3, 4, 4), psnr / 100)

@@ -11,6 +11,7 @@ from simfl.metrics import (
     PSNR_MAX_DB,
     attacker_accuracy,
     baseline_images,
+    class_mean_images,
     label_accuracy,
     match,
     mse,
@@ -333,8 +334,9 @@ def test_score_batch_scores_each_image_and_both_baselines_the_same_way():
     labels = torch.tensor([0, 2, 3])
     orig[:, 0, 0, 0] = labels / 3
     recon = orig[[2, 0, 1]].clone()  # a perfect reconstruction, in another order
+    class_means = torch.stack([torch.full((3, 16, 16), k / 3) for k in range(4)])
     rows = score_batch(recon, orig, labels, torch.tensor([3, 0, 2]), _Oracle(), orig.mean(0),
-                       torch.Generator().manual_seed(1))
+                       torch.Generator().manual_seed(1), class_means)
     assert [r["matched_image"] for r in rows] == [2, 0, 1]
     assert [r["true_label"] for r in rows] == [3, 0, 2]
     for r in rows:
@@ -345,3 +347,30 @@ def test_score_batch_scores_each_image_and_both_baselines_the_same_way():
     noise = baseline_images(orig, "random", torch.Generator().manual_seed(1))
     assert [r["random_psnr"] for r in rows] == score(noise, orig)["psnr"].tolist()
     assert sum(r["mean_attacker_correct"] for r in rows) == 1  # the mean pixel reads as one class only
+    # The class-mean guess of each original's label, scored by the same pipeline (its own matching).
+    guess = class_mean_images(class_means, labels)
+    scored = score(guess, orig)
+    assert [r["class_mean_psnr"] for r in rows] == scored["psnr"].tolist()
+    assert [r["class_mean_attacker_correct"] for r in rows] == (
+        _Oracle()(guess).argmax(1) == labels[scored["perm"]]).tolist()
+    assert all(r["class_mean_psnr"] < r["psnr"] for r in rows)
+
+
+def test_the_class_mean_guess_of_one_image_reads_as_its_class():
+    orig = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    orig[0, 0, 0, 0] = 2 / 3
+    class_means = torch.stack([torch.full((3, 16, 16), k / 3) for k in range(4)])
+    [row] = score_batch(orig.clone(), orig, torch.tensor([2]), torch.tensor([2]), _Oracle(), orig[0],
+                        torch.Generator().manual_seed(1), class_means)
+    assert row["class_mean_attacker_correct"]
+    assert row["class_mean_mse"] == pytest.approx(float((orig - 2 / 3).pow(2).mean()))
+
+
+def test_class_mean_images_pick_each_labels_mean():
+    class_means = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 2, 2)
+    guess = class_mean_images(class_means, torch.tensor([2, 0, 2]))
+    assert guess[:, 0, 0, 0].tolist() == [2.0, 0.0, 2.0] and guess.shape == (3, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        class_mean_images(class_means, torch.tensor([3]))
+    with pytest.raises(ValueError, match="class means of shape"):
+        class_mean_images(class_means[0], torch.tensor([0]))

@@ -48,8 +48,10 @@ def test_rows_per_arm_attack_and_attacker(table):
 
 def test_held_out_probes_are_left_out_and_said_so(table):
     assert table[8:10] == ["", "Means over every attacked image, with 95 % intervals (Wilson for attacker accuracy; "
-                           "normal approximation for the others). Held-out probes are left out here: see "
-                           "`python -m simfl.report`."]
+                           "normal approximation for the others). The rows without an attack score image-free "
+                           "guesses on the same victims: an attack shows the instance only where it beats the class "
+                           "mean of the label, which batch-size-1 gradients give away. Held-out probes are left out "
+                           "here: see `python -m simfl.report`."]
 
 
 def test_worst_case_over_attacks_and_attackers(table):
@@ -61,4 +63,28 @@ def test_worst_case_over_attacks_and_attackers(table):
         "| none | none | 0.750 | 2.50 | 0.750 (ig) | 25.00 (gi) | 0.500 (ig) | 0.0500 (gi) |",
         "| latent | latent | 0.750 | 2.50 | 0.750 (ig, naive) | 25.00 (gi, naive) | 0.500 (ig, naive) "
         "| 0.0500 (gi, naive) |",
+    ]
+
+
+def test_image_free_guesses_stand_beside_the_attacks(tmp_path):
+    # Two attacks on the same two images (rounds 1 and 2 of client 0): each image's guesses are counted once.
+    # Global mean: (F, .3, 10, .1) and (F, .5, 8, .3); class mean: (T, .2, 12, .2) and (T, .2, 14, .4).
+    guesses = {1: {"mean_attacker_correct": False, "mean_mse": 0.3, "mean_psnr": 10.0, "mean_ssim": 0.1,
+                   "class_mean_attacker_correct": True, "class_mean_mse": 0.2, "class_mean_psnr": 12.0,
+                   "class_mean_ssim": 0.2},
+               2: {"mean_attacker_correct": False, "mean_mse": 0.5, "mean_psnr": 8.0, "mean_ssim": 0.3,
+                   "class_mean_attacker_correct": True, "class_mean_mse": 0.2, "class_mean_psnr": 14.0,
+                   "class_mean_ssim": 0.4}}
+    rows = [{**attack_row(r, "A", attack, "naive", True, 0.1, 20.0), "image": 0, **guesses[r]}
+            for attack in ("ig", "gi") for r in (1, 2)]
+    parent = tmp_path / "arms"
+    parent.mkdir()
+    shutil.copy(SMOKE, parent / "scenario.yaml")
+    make_run(parent, rows, name="none")
+    lines = arms_table(parent).splitlines()
+    assert lines[4:6] == [
+        f"| none | none {HEAD} | (global mean image) | no attack | 2 | 0.00 [0.00, 0.66] | 0.400 [0.204, 0.596] "
+        "| 9.0 [7.0, 11.0] | 0.20 [0.00, 0.40] |",
+        f"| none | none {HEAD} | (class mean of the label) | no attack | 2 | 1.00 [0.34, 1.00] "
+        "| 0.200 [0.200, 0.200] | 13.0 [11.0, 15.0] | 0.30 [0.10, 0.50] |",
     ]

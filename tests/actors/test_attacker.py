@@ -59,7 +59,8 @@ def test_every_victim_is_attacked_by_every_method_and_scored(attacked):
     assert set(zip(rows["round"], rows["client_id"], strict=True)) <= trained  # victims come from the cohort
     assert (rows["population"] != "new_scanner").all()
     assert set(rows["view"]) == {"gradient"} and set(rows["labels"]) == {"recovered"}
-    metrics = ["mse", "psnr", "ssim", "random_mse", "random_psnr", "random_ssim", "mean_mse", "mean_psnr", "mean_ssim"]
+    metrics = ["mse", "psnr", "ssim", "random_mse", "random_psnr", "random_ssim", "mean_mse", "mean_psnr", "mean_ssim",
+               "class_mean_mse", "class_mean_psnr", "class_mean_ssim"]
     assert np.isfinite(rows[metrics].to_numpy()).all()
     assert rows["evaluator_test_accuracy"].between(0.3, 1.0).all()  # 8 classes: chance is 0.125
     assert (rows.loc[rows.attack == "ig", "iterations"] == 600).all()
