@@ -64,7 +64,7 @@ def run_metrics(run_dir: Path) -> pd.DataFrame:
     rows.append(_row("client_train_accuracy", final_train["train_accuracy"]))
     if rounds["dp_epsilon_max"].notna().any():
         rows.append(_row("dp_epsilon_max", rounds["dp_epsilon_max"].max()))
-    held = _held_out_map(run_dir)
+    held = held_out_map(run_dir)
     rows += _eval_rows(run_dir, held)
     if (run_dir / "attacks").is_dir():
         attacks = pd.read_parquet(run_dir / "attacks")
@@ -80,7 +80,8 @@ def run_metrics(run_dir: Path) -> pd.DataFrame:
          "high": "float64"})
 
 
-def _held_out_map(run_dir: Path) -> dict[str, bool]:
+def held_out_map(run_dir: Path) -> dict[str, bool]:
+    """Population -> whether it is held out, from the run's partition."""
     part = pd.read_parquet(run_dir / "partition.parquet", columns=["population", "held_out"])
     return dict(zip(part["population"], part["held_out"].astype(bool)))
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simfl import analysis, figures
+from simfl import analysis, figures, matched
 from simfl.errors import UserError
 from simfl.markdown import DIGITS, fmt, fmt_interval, table
 from simfl.scenario import load_scenario
-from simfl.study_spec import ComparisonConfig, load_study, study_cells
+from simfl.study_spec import ComparisonConfig, load_study, search_outcomes, study_cells
 
 EXIT_USER_ERROR = 2
 PREFERRED_ATTACKS = ("ig", "dlg", "idlg")
@@ -83,6 +83,69 @@ def matched_section(matched: pd.DataFrame, cmp: dict) -> list[str]:
             rows.append(cells)
         out += table(["attacker", "defence", "utility", "attacker acc", "MSE", "PSNR (dB)", "SSIM", "seeds reached",
                       "relative change vs best baseline"], rows) + [""]
+    return out
+
+
+def searched_section(done: pd.DataFrame, metrics: pd.DataFrame, outcomes: pd.DataFrame, cmp: dict) -> list[str]:
+    """The report's comparison at the searched utility: achieved utility, worst attacks, guesses, paired changes."""
+    kind, target = cmp["utility"], cmp["target_accuracy"]
+    utilities = done[["cell", "defence", "setting", "context", "seed"]].assign(
+        utility=analysis.utility(done, metrics, kind).to_numpy())
+    images = matched.image_rows(done)
+    table_, best = matched.compare(images, utilities, outcomes, cmp["proposed"], cmp["baselines"],
+                                   cmp.get("best_baseline"))
+    excluded = outcomes[outcomes["status"] == "unreachable"]
+    out = [f"## Matched-utility comparison (searched: utility {kind} = {target:g})", "",
+           "Each searched defence's knob was moved until the cell's utility was within the tolerance of the "
+           "target (probe runs without attacks, `search.parquet`); each cell then ran at that setting, with "
+           "attacks. Every seed is kept; `search` counts the seeds by how their search ended (matched: within "
+           "tolerance; nearest: budget spent, closest probe; at_bracket_end: the target held at the most private "
+           "end; grid: not searched). Privacy: the worst (attack, knowledge) per defence on each metric, pooled "
+           "over seeds, with a 95 % cluster-bootstrap interval over (seed, round, client). The image-free guesses "
+           "(the class-mean image of the victim's label; the global mean image) are scored on the same images: "
+           "a defence protects only where attacks fall to them.", ""]
+    if best is None:
+        out += ["No baseline reached the target: no paired difference to report.", ""]
+    else:
+        how = ("named by `comparison.best_baseline`" if cmp.get("best_baseline") else
+               "the baseline with the lowest worst-case attacker accuracy at the target, fixed before any paired "
+               "difference (the same baseline for every metric)")
+        out += [f"Best baseline: **{best}** ({how}). Paired difference: defence minus {best} on the same images "
+                "(each at its worst attack), and the relative change of the means in %.", ""]
+    if len(excluded):
+        names = ", ".join(f"{r.cell} ({r.level})" for r in excluded.itertuples())
+        out += [f"**Excluded: cannot reach the target utility {target:g} even at the least private end of the "
+                f"search bracket: {names}.** These are not compared below.", ""]
+    for context, ctx in table_.groupby("context", sort=False) if len(table_) else []:
+        if context != "all":
+            out += [f"### Context {context}", ""]
+        rows = []
+        for r in ctx.itertuples():
+            digits = DIGITS[r.metric]
+            paired = ("–" if pd.isna(r.diff) else
+                      f"{fmt_interval(r.diff, r.diff_low, r.diff_high, digits)}; "
+                      f"{fmt_interval(r.rel, r.rel_low, r.rel_high, 1)} % ({r.paired_images} images)")
+            rows.append([r.setting, f"{fmt(r.utility)} ({fmt(r.utility_min)}–{fmt(r.utility_max)})", r.search,
+                         r.metric, f"{r.attack} ({r.knowledge})", fmt_interval(r.value, r.low, r.high, digits),
+                         f"{r.images} / {r.seeds}", fmt(r.class_mean, digits), fmt(r.mean_image, digits), paired])
+        out += table(["defence", f"achieved utility (target {target:g})", "search", "metric", "worst attack",
+                      "value [95 % cluster bootstrap]", "images / seeds", "class-mean guess", "mean-image guess",
+                      "paired vs best baseline: diff; relative change"], rows) + [""]
+    rounds = matched.by_round(images)
+    if len(rounds):
+        out += ["### Privacy per attacked round", "",
+                "Early rounds apart from the pool: the same worst attack per defence, per round, beside the "
+                "class-mean guess on the same images.", ""]
+        rows = [[r.context, r.setting, r.metric, str(r.round), f"{r.attack} ({r.knowledge})",
+                 fmt_interval(r.value, r.low, r.high, DIGITS[r.metric]), str(r.images),
+                 fmt(r.class_mean, DIGITS[r.metric])] for r in rounds.itertuples()]
+        out += table(["context", "defence", "metric", "round", "worst attack", "value", "images", "class-mean guess"],
+                     rows) + [""]
+    if len(outcomes):
+        rows = [[r.cell, r.level, r.status, r.knob, fmt(r.value, 4), fmt(r.utility), r.tuned, str(r.probes)]
+                for r in outcomes.itertuples()]
+        out += ["### Searches", ""] + table(["cell", "level", "status", "knob", "value", "probe utility", "tuned",
+                                             "probes"], rows) + [""]
     return out
 
 
@@ -181,9 +244,14 @@ def write_report(path: Path, target: float | None = None, utility_kind: str | No
     target, kind = cmp["target_accuracy"], cmp["utility"]
     has_attacks = metrics["attack"].notna().any()
     points = analysis.operating_points(done, metrics, target, kind)
+    outcomes = search_outcomes(path)
+    if has_attacks and len(outcomes):
+        lines += searched_section(done, metrics, outcomes, cmp)
     if has_attacks:
         swept = done[done["defence"] != "none"].groupby(["context", "defence"])["setting"].nunique()
-        if (swept > 1).any():
+        if len(outcomes):
+            pass  # compared at the searched utility above; grids stay for curves
+        elif (swept > 1).any():
             matched = analysis.matched_utility(done, metrics, target, kind, cmp["proposed"], cmp["baselines"])
             lines += matched_section(matched, cmp)
         else:

@@ -39,6 +39,53 @@ class ComparisonConfig(Strict):
     utility: Literal["client_val", "test"] = "client_val"
     proposed: str = "latent"
     baselines: list[str] = Field(default_factory=lambda: ["dpsgd", "bido"], min_length=1)
+    # The baseline paired differences are taken against, fixed before looking; unset: the rule in
+    # simfl.matched (lowest worst-case attacker accuracy among the baselines reaching the target).
+    best_baseline: str | None = None
+
+
+class KnobRange(Strict):
+    """A study's own bracket for a searched defence's knob (default: what the defence declares)."""
+
+    low: float | None = None
+    high: float | None = None
+
+
+class SearchConfig(Strict):
+    """Defences compared at the target utility found by search (:mod:`simfl.search`), not along a grid.
+
+    ``levels`` join the grid axis ``axis`` like its named levels (``{name: patch}``),
+    each expanded over the grid's other axes (seeds, contexts). Per cell, the
+    defence's declared monotone knob is searched until the utility is within
+    ``tolerance`` of ``comparison.target_accuracy``, in probe runs without
+    attacks (under ``<study>/search``); then the cell runs at the found
+    setting, with attacks. ``tune``: per level, key paths and values tried
+    jointly (e.g. DP-SGD's clipping norm and learning rate), each combination
+    searched on the first seed; the combination that reaches the target at the
+    most private knob value is used for every seed.
+    """
+
+    axis: str = "defence"
+    levels: dict[str, dict[str, Any]] = Field(min_length=1)
+    knobs: dict[str, KnobRange] = Field(default_factory=dict)
+    tune: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    budget: PositiveInt = Field(6, ge=2, description="probe runs per search (cell, tuned combination)")
+    tolerance: float = Field(0.01, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _known_levels(self) -> SearchConfig:
+        for section in ("knobs", "tune"):
+            unknown = sorted(set(getattr(self, section)) - set(self.levels))
+            if unknown:
+                raise ValueError(f"{section}: {unknown[0]!r} is not one of search.levels ({', '.join(self.levels)})")
+        for level in self.levels:
+            if not re.fullmatch(NAME_PATTERN, level):
+                raise ValueError(f"levels: level name {level!r} must match {NAME_PATTERN}")
+        for level, keys in self.tune.items():
+            for key, values in keys.items():
+                if not values:
+                    raise ValueError(f"tune.{level}.{key}: give at least one value")
+        return self
 
 
 class StudyOutput(Strict):
@@ -56,6 +103,7 @@ class StudyConfig(Strict):
     scenario: dict[str, Any] | None = None  # or the scenario inline
     set: dict[str, Any] = Field(default_factory=dict)  # KEY.PATH: value, laid over the base
     grid: dict[str, list[Any] | dict[str, dict[str, Any]] | Literal["leave_one_population_out"]] = Field(min_length=1)
+    search: SearchConfig | None = None
     comparison: ComparisonConfig = ComparisonConfig()
     # Cells running at once; auto: as many as the cluster's CPUs and GPUs hold.
     concurrency: PositiveInt | Literal["auto"] = "auto"
@@ -81,11 +129,16 @@ class StudyConfig(Strict):
 
 
 class Cell:
-    """One combination of the grid's levels: its name, its label on each axis, and its scenario."""
+    """One combination of the grid's levels: its name, its label on each axis, and its scenario.
 
-    def __init__(self, labels: dict[str, str], scenario: Scenario) -> None:
+    ``searched``: the search level whose knob is still to be found (its scenario holds the
+    defence's defaults until then), or None for a plain grid cell.
+    """
+
+    def __init__(self, labels: dict[str, str], scenario: Scenario, searched: str | None = None) -> None:
         self.labels = labels
         self.scenario = scenario
+        self.searched = searched
         self.name = CELL_SEPARATOR.join(labels.values())
 
 
@@ -151,6 +204,19 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
     if base.get("arms"):  # a base with arms sweeps them as the first axis
         grid = {"arm": base.pop("arms"), **grid}
     base.pop("arms", None)
+    searched: set[str] = set()
+    if study.search is not None:
+        axis = study.search.axis
+        if axis not in grid:  # the searched levels make the first axis, as arms do
+            grid = {axis: {}, **grid}
+        elif not isinstance(grid[axis], dict):
+            raise UserError(f"study: search.axis: grid.{axis} must have named levels (patches) for searched "
+                            "levels to join it")
+        clash = sorted(set(grid[axis]) & set(study.search.levels))
+        if clash:
+            raise UserError(f"study: search.levels.{clash[0]}: also a level of grid.{axis}")
+        grid[axis] = {**grid[axis], **study.search.levels}  # type: ignore[dict-item]
+        searched = set(study.search.levels)
     axes = {axis: _levels(axis, spec, base) for axis, spec in grid.items()}
     cells = []
     for combo in itertools.product(*axes.values()):
@@ -173,7 +239,8 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
         if study.comparison.utility == "client_val" and scenario.evaluation.local_val_fraction == 0:
             raise UserError(f"study: comparison.utility: client_val needs evaluation.local_val_fraction > 0 "
                             f"(cell {name}); or use utility: test")
-        cells.append(Cell(labels, scenario))
+        level = labels.get(study.search.axis) if study.search is not None else None
+        cells.append(Cell(labels, scenario, level if level in searched else None))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise UserError("study: grid: two cells get the same name; give the levels distinct names")
@@ -188,3 +255,29 @@ def study_cells(study_dir: Path) -> pd.DataFrame:
     if not entries:
         raise UserError(f"{study_dir}: no cell of this study has started yet")
     return cells_frame(entries)
+
+
+def search_outcomes(study_dir: Path) -> pd.DataFrame:
+    """Per searched cell (``search.parquet``): level, status, knob, value and probe utility at its setting.
+
+    ``status``: matched, nearest (budget spent), at_bracket_end (the target held at the
+    most private end), unreachable (missed even at the least private end: excluded) or
+    failed. ``probes``: runs the cell's searches took, tuning included.
+    """
+    columns = ["cell", "level", "status", "knob", "value", "utility", "target", "tuned", "probes"]
+    path = Path(study_dir) / "search.parquet"
+    if not path.is_file():
+        return pd.DataFrame(columns=columns)
+    table = pd.read_parquet(path)
+    rows = []
+    for cell, g in table.groupby("cell", sort=False):
+        used = g[g["used"]]
+        pick = used[used["chosen"]]
+        # No combination used: the cell tuned, and none of its combinations reached the target.
+        first = used.iloc[0] if len(used) else g.iloc[0]
+        status = first["status"] if len(used) else "unreachable"
+        rows.append({"cell": cell, "level": first["level"], "status": status, "knob": first["knob"],
+                     "value": float(pick["value"].iloc[0]) if len(pick) else float("nan"),
+                     "utility": float(pick["utility"].iloc[0]) if len(pick) else float("nan"),
+                     "target": float(first["target"]), "tuned": first["tuned"], "probes": int((g["probe"] >= 0).sum())})
+    return pd.DataFrame(rows, columns=columns)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simfl.analysis import final_values, run_metrics, worst_attack
+from simfl.analysis import UTILITY_METRIC, final_values, run_metrics, worst_attack
 from simfl.knowledge import naive_attacker_is_exact
 from simfl.markdown import DIGITS, fmt, fmt_interval, table
 from simfl.scenario import load_scenario
@@ -94,7 +94,7 @@ def arms_table(parent: Path) -> str:
         scenario = load_scenario(parent / arm / "scenario.yaml")
         metrics = run_metrics(parent / arm)
         test, eps = fmt(final_value(metrics, "test_accuracy")), fmt(final_value(metrics, "dp_epsilon_max"), 2)
-        head = [arm, scenario.defence.kind, test, fmt(final_value(metrics, "client_train_accuracy")), eps]
+        head = [arm, scenario.defence.kind, test, fmt(final_value(metrics, UTILITY_METRIC["client_val"])), eps]
         attacks = training_attacks(metrics)
         rows += [head + cells for cells in [*attack_cells(attacks, naive_attacker_is_exact(scenario)),
                                             *baseline_cells(metrics)]] or [head + ["–"] * 7]
@@ -102,7 +102,9 @@ def arms_table(parent: Path) -> str:
             worst.append([arm, scenario.defence.kind, test, eps,
                           *worst_cells(metrics, naive_attacker_is_exact(scenario))])
         probes |= bool((metrics["attack"].notna() & (metrics["held_out"] == True)).any())  # noqa: E712
-    lines = table(["arm", "defence", "test acc", "client acc", "ε (max)", "attack", "attacker", "images",
+    # "client val acc" is the study's utility (client_val): the final global model, eval mode, on the
+    # training clients' validation splits; not the last cohort's training accuracy with noise or DP on.
+    lines = table(["arm", "defence", "test acc", "client val acc", "ε (max)", "attack", "attacker", "images",
                    "attacker acc", "MSE", "PSNR", "SSIM"], rows)
     lines += ["", "Means over every attacked image, with 95 % intervals (Wilson for attacker accuracy; "
               "normal approximation for the others). The rows without an attack score image-free guesses on "

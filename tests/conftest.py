@@ -19,6 +19,7 @@ import pytest
 import ray
 import torch
 import yaml
+from engine_helpers import TINY_STUDY
 
 # Tests that start Ray (directly, or through a fixture that does) are engine tests: `pytest -m "not engine"`
 # is the quick loop. Subprocess benchmarks and the two-node cluster mark themselves.
@@ -47,29 +48,6 @@ def ray_local():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
-
-
-TINY_STUDY = {
-    "name": "tiny",
-    "base": "defences_smoke.yaml",
-    "set": {
-        "arms": None,
-        "data.synthetic": {"num_classes": 8, "val_size": 300, "test_size": 300},
-        "training.rounds": 2, "training.clients_per_round": 6, "training.local_epochs": 1,
-        "evaluation.every": 2, "checkpoint.every": 1,
-        "attacks.methods": [{"kind": "ig", "iterations": 20}, {"kind": "idlg", "iterations": 10}],
-        "attacks.victims": 2, "attacks.rounds": [1, 2], "attacks.held_out_victims": 1,
-        "resources": {"client_actors": 1, "cpus_per_actor": 0.5},
-        "attacks.pool": {"actors": 1, "cpus_per_actor": 0.5},
-    },
-    "grid": {
-        "defence": {"none": {"defence": "none"},
-                    "dp_lo": {"defence": {"kind": "dpsgd", "noise_multiplier": 0.5}},
-                    "dp_hi": {"defence": {"kind": "dpsgd", "noise_multiplier": 1.5}}},
-        "seed": [0, 1],
-    },
-    "comparison": {"target_accuracy": 0.2, "proposed": "dpsgd", "baselines": ["none"]},
-}
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,30 @@ from simfl.run import main
 # Columns that legitimately differ between equal runs (timing, placement, retries).
 VOLATILE = {"time_s", "round_time_s", "finished_at", "actor", "node_id", "attempt", "reruns"}
 
+# A study small enough for tests: three defences by two seeds, two rounds, two weak attacks.
+TINY_STUDY = {
+    "name": "tiny",
+    "base": "defences_smoke.yaml",
+    "set": {
+        "arms": None,
+        "data.synthetic": {"num_classes": 8, "val_size": 300, "test_size": 300},
+        "training.rounds": 2, "training.clients_per_round": 6, "training.local_epochs": 1,
+        "evaluation.every": 2, "checkpoint.every": 1,
+        "attacks.methods": [{"kind": "ig", "iterations": 20}, {"kind": "idlg", "iterations": 10}],
+        "attacks.victims": 2, "attacks.rounds": [1, 2], "attacks.held_out_victims": 1,
+        "resources": {"client_actors": 1, "cpus_per_actor": 0.5},
+        "attacks.pool": {"actors": 1, "cpus_per_actor": 0.5},
+    },
+    "grid": {
+        "defence": {"none": {"defence": "none"},
+                    "dp_lo": {"defence": {"kind": "dpsgd", "noise_multiplier": 0.5}},
+                    "dp_hi": {"defence": {"kind": "dpsgd", "noise_multiplier": 1.5}}},
+        "seed": [0, 1],
+    },
+    "comparison": {"target_accuracy": 0.2, "proposed": "dpsgd", "baselines": ["none"]},
+}
+
+
 SMOKE_FAST = [
     "--set", "training.rounds=3",
     "--set", "training.clients_per_round=8",

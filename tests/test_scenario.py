@@ -405,7 +405,7 @@ def test_defence_shorthand_defaults_and_knobs():
         ({"kind": "dpsgd", "noise_multiplier": -1}, "defence.noise_multiplier"),
         ({"kind": "dpsgd", "delta": 1.5}, "defence.delta"),
         ({"kind": "latent", "sigma_init": 2.0, "sigma_max": 1.0}, "sigma_init (2.0) must be below sigma_max"),
-        ({"kind": "latent", "dual_lr": 0.1}, "dual_lr only applies with utility_target"),
+        ({"kind": "latent", "dual_lr": 0.1}, "dual_lr only applies with train_accuracy_target"),
         ({"kind": "laten"}, "defence.kind"),
     ],
 )

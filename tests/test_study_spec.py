@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from simfl.errors import UserError
+from simfl.study_search import plan_searches
 from simfl.study_spec import StudyConfig, expand, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,5 +122,9 @@ def test_study_config_is_strict():
 
 def test_shipped_studies_expand_into_valid_cells():
     counts = {f.stem: len(expand(*load_study(f))) for f in sorted((ROOT / "scenarios").glob("study_*.yaml"))}
-    assert counts == {"study_paper_bloodmnist": 39, "study_paper_cifar10": 39, "study_populations": 48,
-                      "study_smoke": 20}
+    assert counts == {"study_paper_bloodmnist": 30, "study_paper_cifar10": 30, "study_populations": 48,
+                      "study_smoke": 20, "study_verdict": 30}
+    for f in sorted((ROOT / "scenarios").glob("study_*.yaml")):  # every searched setting they may take is valid
+        study, base = load_study(f)
+        if study.search is not None:
+            assert len(plan_searches(study, expand(study, base))) == 25

@@ -14,7 +14,7 @@ from simfl.summary import arms_table
 # Arm bido: no attacks. Arm dpsgd: never started.
 ADAPTIVE = [attack_row(1, "A", "ig", "adaptive", False, 0.9, 5.0, 0.0),
             attack_row(2, "A", "ig", "adaptive", True, 0.7, 7.0, 0.0)]
-HEAD = "| 0.750 | 0.700 | 2.50"
+HEAD = "| 0.750 | 0.733 | 2.50"  # client val acc: (10·0.5 + 30·0.9 + 20·0.6) / 60 over the training clients
 # Wilson 2/4 = [0.15, 0.85], 3/4 = [0.30, 0.95]; ig's normal intervals: half-width 1.96 s / 2 with
 # s = 0.0577 (MSE), 1.155 (PSNR), 0.1155 (SSIM).
 GI = "| gi | {} | 4 | 0.50 [0.15, 0.85] | 0.050 [0.050, 0.050] | 25.0 [25.0, 25.0] | 0.30 [0.30, 0.30] |"
@@ -33,8 +33,8 @@ def table(tmp_path_factory):
 
 def test_rows_per_arm_attack_and_attacker(table):
     assert table[:2] == [
-        "| arm | defence | test acc | client acc | ε (max) | attack | attacker | images | attacker acc | MSE | PSNR "
-        "| SSIM |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| arm | defence | test acc | client val acc | ε (max) | attack | attacker | images | attacker acc | MSE "
+        "| PSNR | SSIM |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     assert table[2:8] == [
         f"| none | none {HEAD} {GI.format('naive = adaptive')}",  # the naive attacker is exact: one row
         f"| none | none {HEAD} {IG.format('naive = adaptive')}",

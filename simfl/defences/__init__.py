@@ -9,11 +9,13 @@ Opacus): no Ray, testable alone.
 from __future__ import annotations
 
 from simfl.config import ModelConfig
-from simfl.defences import bido, dpsgd, latent  # noqa: F401  (registers the defences)
+from simfl.defences import bido, dpsgd, gaussian, latent, pruning  # noqa: F401  (registers the defences)
 from simfl.defences.base import DEFENCES, Defence, NoDefenceConfig
 from simfl.defences.bido import BiDO
 from simfl.defences.dpsgd import DPSGD
+from simfl.defences.gaussian import GaussianNoise
 from simfl.defences.latent import LatentDefence
+from simfl.defences.pruning import Pruning
 from simfl.models import SplitNet, build_model
 from simfl.plugins import PluginConfig
 
@@ -34,4 +36,7 @@ def defended_model(
     return built.build(build_model(model, *shape)), built
 
 
-__all__ = ["DEFENCES", "BiDO", "DPSGD", "Defence", "LatentDefence", "NoDefenceConfig", "defended_model", "make_defence"]
+__all__ = [
+    "DEFENCES", "BiDO", "DPSGD", "Defence", "GaussianNoise", "LatentDefence", "NoDefenceConfig", "Pruning",
+    "defended_model", "make_defence",
+]

@@ -27,6 +27,7 @@ an error, never a silent drop. Everything a defence logs comes back as flat
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -38,6 +39,30 @@ from simfl.models import SplitNet
 from simfl.plugins import PluginConfig, Registry
 from simfl.training import PlainTraining
 from simfl.weights import FlatWeights, flat_gradient
+
+
+@dataclass(frozen=True)
+class SearchKnob:
+    """The knob a defence declares as trading utility for privacy monotonically: what a study's search moves.
+
+    A study's ``search:`` finds, per seed, the value of ``name`` at which the
+    defence reaches the target utility (bisection between ``low`` and ``high``,
+    in log space when ``log``), so defences are compared at one, matched
+    utility rather than interpolated along a grid. ``falls``: utility falls as
+    the knob grows (more noise, more pruning). ``tied``: other knobs set in
+    proportion, ``{knob: ratio}`` (BiDO moves a2 with a1).
+    """
+
+    name: str
+    low: float
+    high: float
+    falls: bool = True
+    log: bool = True
+    tied: dict[str, float] = field(default_factory=dict)
+
+    def settings(self, value: float) -> dict[str, float]:
+        """The knob values for one point of the search: the knob and its tied knobs."""
+        return {self.name: value, **{k: ratio * value for k, ratio in self.tied.items()}}
 
 
 class NoDefenceConfig(PluginConfig):
@@ -60,6 +85,8 @@ class Defence(PlainTraining):
     client_figures: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Figures the server step reports each round (``server_round``).
     round_figures: ClassVar[tuple[str, ...]] = ()
+    # The knob a study's search moves to reach a target utility; None: nothing to tune (no defence).
+    search_knob: ClassVar[SearchKnob | None] = None
 
     def __init__(self, cfg: PluginConfig, shape: tuple[int, int, int], seed: int) -> None:
         """``shape``: (channels, image size, classes) of the data; ``seed``: the scenario's seed."""

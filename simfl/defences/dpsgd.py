@@ -49,7 +49,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat
 from torch import nn
 
 from simfl.config import TrainingConfig
-from simfl.defences.base import DEFENCES, Defence
+from simfl.defences.base import DEFENCES, Defence, SearchKnob
 from simfl.disclosure import Disclosure
 from simfl.models import SplitNet
 from simfl.plugins import PluginConfig
@@ -157,6 +157,9 @@ class DPSGD(Defence):
 
     # ε per client; per round its cohort mean and maximum (the least protected client so far).
     client_figures: ClassVar[dict[str, tuple[str, ...]]] = {"dp_epsilon": ("mean", "max"), "dp_steps": ("mean",)}
+    # σ sets ε; the clipping norm and learning rate set what utility a σ costs, so a study tunes them
+    # beside the search (``search.tune``) rather than leaving DP-SGD with the non-private recipe.
+    search_knob: ClassVar[SearchKnob | None] = SearchKnob("noise_multiplier", 0.05, 5.0, falls=True, log=True)
 
     def __init__(self, cfg: DPSGDConfig, shape: tuple[int, int, int], seed: int) -> None:
         super().__init__(cfg, shape, seed)

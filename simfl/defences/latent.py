@@ -16,7 +16,7 @@ Our reading of the method (the full text is not available to us):
   encoder and noise, then broadcasts D's weights, which clients use only
   inside their privacy term. D is not part of the model: it is never in a
   client's update.
-- **λ.** Fixed, or (``utility_target``) a dual variable the coordinator moves
+- **λ.** Fixed, or (``train_accuracy_target``) a dual variable the coordinator moves
   by ``dual_lr`` · (cohort training accuracy − target) each round, kept ≥ 0:
   more privacy while accuracy is above the target, less below. Beyond the paper.
 
@@ -41,7 +41,7 @@ from torch import nn
 from simfl.config import TrainingConfig
 from simfl.data import Dataset
 from simfl.decoders import Decoder, seeded_decoder
-from simfl.defences.base import DEFENCES, Defence
+from simfl.defences.base import DEFENCES, Defence, SearchKnob
 from simfl.disclosure import Disclosure
 from simfl.models import SplitNet
 from simfl.plugins import PluginConfig
@@ -168,13 +168,15 @@ class LatentConfig(PluginConfig):
     sigma_lr: PositiveFloat = Field(1.0, description="clients' learning rate for the noise parameters ρ (and μ)")
     mean_shift: bool = Field(False, description="also learn a latent shift μ")
     lam: NonNegativeFloat = Field(
-        0.5, description="λ: weight of the privacy term −λ·MSE(D(z'), x) (initial λ with utility_target)"
+        0.5, description="λ: weight of the privacy term −λ·MSE(D(z'), x) (initial λ with train_accuracy_target)"
     )
-    utility_target: float | None = Field(
+    train_accuracy_target: float | None = Field(
         None, gt=0.0, lt=1.0,
         description="cohort training accuracy to hold by adapting λ as a dual variable; unset: λ fixed",
     )
-    dual_lr: PositiveFloat = Field(DUAL_LR_DEFAULT, description="step of λ's dual update (with utility_target)")
+    dual_lr: PositiveFloat = Field(
+        DUAL_LR_DEFAULT, description="step of λ's dual update (with train_accuracy_target)"
+    )
     decoder_steps: PositiveInt = Field(20, description="server's decoder Adam steps per round")
     decoder_lr: PositiveFloat = Field(1e-3, description="server's decoder learning rate (Adam)")
     decoder_batch: PositiveInt = Field(64, description="server images per decoder step")
@@ -193,8 +195,8 @@ class LatentConfig(PluginConfig):
         if self.sigma_init >= self.sigma_max:
             raise ValueError(f"sigma_init ({self.sigma_init}) must be below sigma_max ({self.sigma_max})")
         # By value, not presence: a saved scenario lists every knob and must reload.
-        if self.utility_target is None and self.dual_lr != DUAL_LR_DEFAULT:
-            raise ValueError("dual_lr only applies with utility_target (λ adapted as a dual variable)")
+        if self.train_accuracy_target is None and self.dual_lr != DUAL_LR_DEFAULT:
+            raise ValueError("dual_lr only applies with train_accuracy_target (λ adapted as a dual variable)")
         return self
 
 
@@ -204,6 +206,9 @@ class LatentDefence(Defence):
 
     client_figures: ClassVar[dict[str, tuple[str, ...]]] = {"decoder_mse": ("mean",)}
     round_figures: ClassVar[tuple[str, ...]] = ("lam", "sigma_mean", "sigma_min", "sigma_max", "decoder_mse_server")
+    # λ, not σ_max: with σ_init far below the cap, σ barely moves whatever the cap (0.100 -> 0.099 for caps
+    # 0.5 and 4 in a probe), while λ weighs the privacy term the clients descend, so utility falls as it grows.
+    search_knob: ClassVar[SearchKnob | None] = SearchKnob("lam", 0.01, 30.0, falls=True, log=True)
 
     def __init__(self, cfg: LatentConfig, shape: tuple[int, int, int], seed: int) -> None:
         super().__init__(cfg, shape, seed)
@@ -362,7 +367,7 @@ class LatentDefence(Defence):
 
     def server_round(self, round_: int, model: SplitNet, client_rows: list[dict]) -> dict[str, float]:
         """Move λ towards the utility target (when set), then train D one round on the new global model."""
-        target = self.cfg.utility_target
+        target = self.cfg.train_accuracy_target
         if target is not None and client_rows:
             n = sum(row["samples"] for row in client_rows)
             accuracy = sum(row["accuracy"] * row["samples"] for row in client_rows) / n

@@ -135,8 +135,8 @@ def test_the_privacy_weight_pushes_sigma_up():
     assert change[0.0] < 0 and change[20.0] > change[0.0] + 1e-4
 
 
-def test_server_trains_the_decoder_and_adapts_lambda_towards_the_utility_target():
-    server, model, *_ = _server_and_client(utility_target=0.8, lam=0.5, dual_lr=1.0, decoder_steps=30)
+def test_server_trains_the_decoder_and_adapts_lambda_towards_the_train_accuracy_target():
+    server, model, *_ = _server_and_client(train_accuracy_target=0.8, lam=0.5, dual_lr=1.0, decoder_steps=30)
     first = server.server_round(1, model, [{"samples": 10, "accuracy": 0.9}])
     assert first["lam"] == pytest.approx(0.6)  # above target: more privacy
     second = server.server_round(2, model, [{"samples": 10, "accuracy": 0.5}])
@@ -146,7 +146,7 @@ def test_server_trains_the_decoder_and_adapts_lambda_towards_the_utility_target(
     assert last["decoder_mse_server"] < first["decoder_mse_server"]  # D learns on server data
     assert 0 < last["sigma_min"] <= last["sigma_mean"] + 1e-6 and last["sigma_mean"] <= last["sigma_max"] + 1e-6
     state = server.server_state()
-    clone, *_ = _server_and_client(utility_target=0.8)
+    clone, *_ = _server_and_client(train_accuracy_target=0.8)
     clone.load_server_state(state)
     assert torch.equal(clone.broadcast()["decoder"], server.broadcast()["decoder"]) and clone.lam == server.lam
 
