@@ -21,6 +21,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from simfl.acquisition import Devices, apply_shift, draw_devices
 from simfl.attack_log import attack_label
 from simfl.attacks import Attack, adapt, build_attack
 from simfl.attacks.base import AuxData
@@ -33,6 +34,7 @@ from simfl.metrics import score_batch
 from simfl.resources import actor_device, torch_threads, within_gpu_share
 from simfl.scenario import Scenario
 from simfl.seeding import derive_seed, torch_generator
+from simfl.training import to_input
 from simfl.weights import FlatWeights
 
 # Images per attack shown in a TensorBoard grid / PNG (originals above, reconstructions below).
@@ -43,6 +45,8 @@ WAIT_REPORT_S = 60
 MAX_JOB_RETRIES = 2
 # Server images a learned attack trains on (the validation split's first ones): bounds memory at large sizes.
 AUX_IMAGES = 2000
+# Validation images per label in the instance-identification pool (the nn_* columns), at most.
+NN_PEERS = 256
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class AttackerKnowledge:
     class_means: torch.Tensor  # (K, C, H, W): each class's mean over the validation split (the global mean if absent)
     evaluator: Evaluator
     aux: AuxData  # the server's own images (the validation split, at most AUX_IMAGES): what learned attacks train on
+    # Scoring only, never given to an attack: the first NN_PEERS validation images of each label, the
+    # candidates a reconstruction's own original must stand out from (see ``peer_pool``).
+    peers: AuxData
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, evaluator: Evaluator, seed: int) -> AttackerKnowledge:
@@ -67,7 +74,49 @@ class AttackerKnowledge:
             class_means[int(k)] = torch.from_numpy(images.mean(axis=0, dtype=np.float64) / 255.0).permute(2, 0, 1)
         aux = AuxData(torch.from_numpy(np.array(dataset.val_x[:AUX_IMAGES])),
                       torch.from_numpy(np.array(dataset.val_y[:AUX_IMAGES], dtype=np.int64)), seed)
-        return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, class_means, evaluator, aux)
+        # Stable sort by label, then the first NN_PEERS of each: in validation-split order within a label.
+        order = np.argsort(labels, kind="stable")
+        rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])
+        pick = np.sort(order[rank < NN_PEERS])
+        peers = AuxData(torch.from_numpy(np.array(dataset.val_x[pick])),
+                        torch.from_numpy(labels[pick].astype(np.int64)), seed)
+        return cls((dataset.channels, dataset.image_size, dataset.num_classes), mean, class_means, evaluator, aux,
+                   peers)
+
+
+def client_device_view(images: np.ndarray, sc: Scenario, client: int, channels: int) -> np.ndarray:
+    """``images`` (n, H, W, C) uint8 as client ``client``'s acquisition device shows them.
+
+    The device is the client's own, drawn exactly as ``simfl.client_data.client_data``
+    draws it (its population's shift, from (seed, client)); the pixel noise is a
+    fresh draw of the same strength, as for any other image that device takes.
+    """
+    counts = [p.clients for p in sc.populations]
+    if not 0 <= client < sum(counts):
+        raise ValueError(f"client {client} is not one of the scenario's {sum(counts)} clients")
+    # Client ids are 0..N-1 in population order (simfl.partition.make_partition).
+    shift = sc.populations[int(np.searchsorted(np.cumsum(counts), client, side="right"))].shift
+    if shift.is_identity:
+        return images
+    device = draw_devices(shift, sc.seed, "client-device", np.array([client]), channels)
+    n = len(images)
+    per_image = Devices(gain=np.repeat(device.gain, n, axis=0), brightness=np.repeat(device.brightness, n),
+                        contrast=np.repeat(device.contrast, n))
+    return apply_shift(images, shift, per_image, derive_seed(sc.seed, "nn-peer-noise", client))
+
+
+def peer_pool(peers: AuxData, sc: Scenario, victim: Victim, channels: int) -> torch.Tensor:
+    """The candidates a victim's originals must stand out from to count as identified (``nn_match``).
+
+    The server's validation images (``peers``: disjoint from every client's) with
+    a label in the victim's batch, seen through the victim's own acquisition
+    device (:func:`client_device_view`): the victim's images among same-class
+    peers taken by the same scanner, so only what is particular to the instance
+    tells them apart, not its class and not its device's look. (N, C, H, W) in [0, 1].
+    """
+    keep = torch.isin(peers.labels, victim.labels.unique())
+    images = peers.images[keep].numpy()  # a copy (boolean indexing), so writable whether or not a shift applies
+    return to_input(torch.from_numpy(client_device_view(images, sc, victim.client_id, channels)))
 
 
 @ray.remote
@@ -87,6 +136,8 @@ class Attacker:
         self.evaluator = knowledge.evaluator
         self.mean_image = knowledge.mean_image
         self.class_means = knowledge.class_means
+        self.peers = knowledge.peers
+        self.channels = knowledge.shape[0]
         # The defended model (the shared weights' layout) and the defence, to learn what it discloses.
         model, self.defence = defended_model(self.sc.model, self.sc.defence, self.sc.seed, knowledge.shape)
         self.model = model.to(self.device)
@@ -126,6 +177,7 @@ class Attacker:
         observations = [v.observation for v in victims]
         rows: list[dict] = []
         grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        pools = [peer_pool(self.peers, self.sc, v, self.channels) for v in victims]  # the same for every attack
         for (kind, knowledge), attack in self._attacks(context).items():
             result = attack(self.model, self.flat, observations, seeds)
             finished = time.time()
@@ -140,7 +192,7 @@ class Attacker:
                 gen = torch_generator(self.sc.seed, "attack-baseline", v.client_id, v.round)
                 scored: list[dict[str, Any]] = score_batch(recon, orig, v.labels, result.labels[i].cpu(),
                                                            self.classifier, self.mean_image, gen,
-                                                           self.class_means)
+                                                           self.class_means, peers=pools[i])
                 for row in scored:
                     row.update(
                         round=v.round, client_id=v.client_id, attack=kind, knowledge=knowledge,
@@ -148,7 +200,8 @@ class Attacker:
                         labels=self.attacks.labels, batch_size=v.observation.batch_size,
                         iterations=int(result.iterations[i]), objective=float(result.objective[i]),
                         objective_at_truth=float(at_truth[i]),
-                        evaluator_test_accuracy=self.evaluator.test_accuracy, victims_in_job=len(victims),
+                        evaluator_test_accuracy=self.evaluator.test_accuracy, evaluator_arch=self.evaluator.arch,
+                        victims_in_job=len(victims),
                         attacker=self.index, attack_s=result.seconds, finished_at=finished,
                     )
                 rows.extend(scored)

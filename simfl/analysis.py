@@ -34,7 +34,11 @@ from simfl.tables import ROUND_DEFENCE_COLUMNS
 # Privacy metrics of reconstructions, and which way is the worse leak.
 PRIVACY = {"attacker_acc": "max", "mse": "min", "psnr": "max", "ssim": "max"}
 ATTACK_COLUMNS = {"attacker_correct": "attacker_acc", "mse": "mse", "psnr": "psnr", "ssim": "ssim",
-                  "label_accuracy": "label_accuracy"}
+                  "label_accuracy": "label_accuracy", "nn_match": "nn_match"}
+# Instance identification (the reconstruction's nearest pool image is its own original; see
+# simfl.metrics): tabulated per attack and for the image-free guesses, higher = worse leak. Not in
+# PRIVACY, so the grid-era curves and verdicts keep their four metrics; the searched comparison shows it.
+INSTANCE = {"nn_match": "max"}
 # Image-free guesses scored beside every attack (see simfl.metrics.score_batch): their column prefixes.
 BASELINES = ("mean_", "class_mean_")
 # Lower is more private for these; higher for MSE.
@@ -120,10 +124,13 @@ def _attack_stats(rows: pd.DataFrame, prefix: str = "") -> dict[str, tuple[float
     """Mean, interval and count of each attack metric; with ``prefix``, of that baseline's columns instead."""
     out = {}
     for column, name in ATTACK_COLUMNS.items():
-        if prefix and name not in PRIVACY:
+        if prefix and name not in PRIVACY and name not in INSTANCE:
+            continue
+        if prefix + column not in rows or rows[prefix + column].isna().any():  # runs from before the column
             continue
         values = rows[prefix + column].astype(float).to_numpy()
-        interval = wilson(int(values.sum()), len(values)) if column == "attacker_correct" else mean_interval(values)
+        rate = column in ("attacker_correct", "nn_match")
+        interval = wilson(int(values.sum()), len(values)) if rate else mean_interval(values)
         out[name] = (float(values.mean()), interval, len(values))
     return out
 

@@ -20,7 +20,9 @@ from torchvision.utils import make_grid, save_image
 
 from simfl.tables import RunTables
 
-METRICS = ("psnr", "ssim", "mse", "attacker_correct")
+METRICS = ("psnr", "ssim", "mse", "attacker_correct", "nn_match")
+# Logged under another name than the column's: a share of images, not a per-image verdict.
+SCALAR_NAMES = {"attacker_correct": "attacker_accuracy", "nn_match": "nn_match_rate"}
 BASELINES = (("", ""), ("random_", "_random_baseline"), ("mean_", "_mean_baseline"),
              ("class_mean_", "_class_mean_baseline"))
 
@@ -114,9 +116,11 @@ class AttackLog:
             mine = [row for row in rows if attack_label(row["attack"], row["knowledge"]) == kind]
             for prefix, suffix in BASELINES:
                 for metric in METRICS:
-                    name = "attacker_accuracy" if metric == "attacker_correct" else metric
-                    value = float(np.mean([row[prefix + metric] for row in mine]))
-                    self.tb.add_scalar(f"attack/{kind}/{name}{suffix}", value, r)
+                    # Rows kept from a run begun before a column existed lack it (None or NaN): left out.
+                    values = [v for v in (row.get(prefix + metric) for row in mine) if v is not None and v == v]
+                    if values:
+                        name = SCALAR_NAMES.get(metric, metric)
+                        self.tb.add_scalar(f"attack/{kind}/{name}{suffix}", float(np.mean(values)), r)
             label = float(np.mean([row["label_accuracy"] for row in mine]))
             self.tb.add_scalar(f"attack/{kind}/label_accuracy", label, r)
 

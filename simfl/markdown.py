@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 # Decimals of each privacy metric in the report's tables and the worst-case summary.
-DIGITS = {"attacker_acc": 3, "mse": 4, "psnr": 2, "ssim": 3}
+DIGITS = {"attacker_acc": 3, "mse": 4, "psnr": 2, "ssim": 3, "nn_match": 3}
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simfl.analysis import PRIVACY, held_out_map
+from simfl.analysis import INSTANCE, PRIVACY, held_out_map
 from simfl.paired import cluster_bootstrap, pair, relative_change
 
 # Per-image columns of the attacks table for each privacy metric (and its image-free baselines).
-IMAGE_COLUMNS = {"attacker_acc": "attacker_correct", "mse": "mse", "psnr": "psnr", "ssim": "ssim"}
+IMAGE_COLUMNS = {"attacker_acc": "attacker_correct", "mse": "mse", "psnr": "psnr", "ssim": "ssim",
+                 "nn_match": "nn_match"}
+WORSE = {**PRIVACY, **INSTANCE}  # which way each metric leaks more
 PRIMARY = "attacker_acc"
 KEYS = ("seed", "round", "client_id", "image")
 CLUSTERS = ("seed", "round", "client_id")
@@ -60,7 +62,7 @@ def worst_pair(rows: pd.DataFrame, metric: str) -> tuple[str, str]:
     means = rows.groupby(["attack", "knowledge"])[IMAGE_COLUMNS[metric]].apply(lambda v: v.astype(float).mean())
     # Ties: the naive attacker (the weaker claim), then the attack name, so the pick is reproducible.
     means = means.sort_index(key=lambda idx: idx.map(lambda v: (v != "naive", v)) if idx.name == "knowledge" else idx)
-    pick = means.idxmax() if PRIVACY[metric] == "max" else means.idxmin()
+    pick = means.idxmax() if WORSE[metric] == "max" else means.idxmin()
     return str(pick[0]), str(pick[1])
 
 
@@ -115,6 +117,8 @@ def compare(images: pd.DataFrame, utilities: pd.DataFrame, outcomes: pd.DataFram
             util = utilities[(utilities["context"] == context) & (utilities["setting"] == setting)]
             cells_status = [status.get(c, "grid") for c in util["cell"]]
             for metric in IMAGE_COLUMNS:
+                if IMAGE_COLUMNS[metric] not in g or g[IMAGE_COLUMNS[metric]].isna().any():
+                    continue  # runs from before the column
                 attack, knowledge = worst_pair(g, metric)
                 mine = g[(g["attack"] == attack) & (g["knowledge"] == knowledge)]
                 value, low, high = _interval(mine, _values(mine, metric), seed)
@@ -126,6 +130,8 @@ def compare(images: pd.DataFrame, utilities: pd.DataFrame, outcomes: pd.DataFram
                        "utility_max": float(util["utility"].max()) if len(util) else np.nan,
                        "search": ", ".join(f"{s} {cells_status.count(s)}" for s in dict.fromkeys(cells_status)),
                        "baseline": best}
+                row["chance"] = (float((1.0 / mine["nn_pool_size"].astype(float)).mean())
+                                 if metric == "nn_match" and "nn_pool_size" in mine else np.nan)
                 for prefix, name in (("class_mean_", "class_mean"), ("mean_", "mean_image")):
                     guess = _per_image_baseline(mine, metric, prefix)
                     row[name] = float(guess.mean()) if guess is not None else np.nan

@@ -17,6 +17,9 @@ Honesty rules this module enforces, because published numbers often break them:
 * Label recovery is scored as a multiset and refuses answers of the wrong size.
 * Baselines (uniform noise, dataset mean) are scored by the same pipeline, so a
   reported number can be read against what "no leakage" looks like.
+* Instance leakage is scored apart from resemblance: :func:`nn_rank` asks
+  whether a reconstruction's nearest image among many real candidates is its
+  own original, which a class-level guess (the class mean) cannot achieve.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ SSIM_WIN_SIZE = 2 * SSIM_RADIUS + 1
 # 100 dB means an RMS error of 1e-5 of the data range, far below 8-bit
 # quantisation (~59 dB at best), so only exact or float-rounding copies reach it.
 PSNR_MAX_DB = 100.0
+
+# Pool candidates per distance pass: bounds the float64 working copy (~77 MB at 224x224x3).
+NN_CHUNK = 64
 
 
 def _check_pair(a: Tensor, b: Tensor) -> None:
@@ -189,6 +195,36 @@ def match(recon: Tensor, orig: Tensor, cost: Literal["mse", "neg_ssim"] = "mse")
     return torch.from_numpy(perm)
 
 
+def nn_rank(images: Tensor, pool: Tensor, truth: Tensor) -> Tensor:
+    """Where each image's own original ranks among a pool of real candidates, by pixel distance: (N,) int64.
+
+    ``images`` (N, C, H, W) are reconstructions (or baseline guesses), ``pool``
+    (M, C, H, W) the candidate originals, ``truth`` (N,) the index in ``pool``
+    of each image's own original. Distance is Euclidean over all pixels of the
+    [0, 1] images, in float64 (the same ordering as per-image MSE). Rank 1 means
+    the original is the image's nearest neighbour: the attack singled out this
+    instance among its peers, which resemblance scores (PSNR, SSIM) do not show
+    and a class-mean guess cannot do. Ties count against the image (rank = 1 +
+    the number of other candidates at a distance less than *or equal to* the
+    original's), so a guess equidistant from several candidates never scores a hit.
+    """
+    truth = torch.as_tensor(truth).flatten().long().cpu()
+    if images.dim() != 4 or pool.dim() != 4 or images.shape[1:] != pool.shape[1:]:
+        raise ValueError(f"incompatible shapes {tuple(images.shape)} and {tuple(pool.shape)}")
+    if truth.numel() != images.shape[0]:
+        raise ValueError(f"{truth.numel()} true indices for {images.shape[0]} images")
+    if truth.numel() and (truth.min() < 0 or truth.max() >= pool.shape[0]):
+        raise ValueError(f"true indices must be in [0, {pool.shape[0]})")
+    x = images.flatten(1).double()
+    dist = torch.cat(
+        [torch.cdist(x, pool[s : s + NN_CHUNK].flatten(1).to(x), compute_mode="donot_use_mm_for_euclid_dist")
+         for s in range(0, pool.shape[0], NN_CHUNK)], dim=1,
+    ).cpu()
+    own = dist.gather(1, truth.unsqueeze(1))
+    # Every candidate as near as the original, the original itself included once: that one is rank 1.
+    return (dist <= own).sum(dim=1).long()
+
+
 def label_accuracy(recovered: Tensor, true: Tensor) -> float:
     """Share of a batch's labels recovered, comparing multisets (order-free).
 
@@ -333,6 +369,7 @@ def score_batch(
     mean_image: Tensor,
     generator: torch.Generator,
     class_means: Tensor,
+    peers: Tensor | None = None,
 ) -> list[dict[str, float | int | bool]]:
     """One victim's batch scored per reconstructed image, beside three image-free baselines.
 
@@ -345,9 +382,18 @@ def score_batch(
     classifier's verdict on the reconstruction against its matched original's
     label; ``evaluator_on_original`` is its verdict on that original, the
     ceiling attacker accuracy can reach with this classifier.
+
+    Instance identification (:func:`nn_rank`): ``nn_rank`` is the rank of the
+    matched original among a pool of real candidates by pixel distance to the
+    reconstruction, ``nn_match`` whether it is the nearest (rank 1). The pool is
+    the batch's originals followed by ``peers`` (M, C, H, W) in [0, 1], images
+    that are not the victim's (the caller's choice, e.g. same-label images seen
+    through the victim's device); ``nn_pool_size`` is B + M. Without ``peers``
+    the pool is the batch alone, and at B = 1 every guess trivially ranks 1.
     """
     true_labels = torch.as_tensor(true_labels).flatten().long().cpu()
     label_acc = label_accuracy(recovered_labels, true_labels)
+    pool = orig if peers is None else torch.cat([orig, peers.to(orig)])
     candidates = {
         "": recon,
         "random_": baseline_images(orig, "random", generator),
@@ -361,11 +407,14 @@ def score_batch(
         for name in ("mse", "psnr", "ssim"):
             columns[prefix + name] = scored[name].tolist()
         columns[prefix + "attacker_correct"] = (predict(classifier, images) == matched_labels).tolist()
+        rank = nn_rank(images, pool, scored["perm"])
+        columns[prefix + "nn_match"] = (rank == 1).tolist()
+        columns[prefix + "nn_rank"] = rank.tolist()
         if prefix == "":
             columns["matched_image"] = scored["perm"].tolist()
             columns["true_label"] = matched_labels.tolist()
             columns["evaluator_on_original"] = (predict(classifier, orig) == true_labels)[scored["perm"]].tolist()
     return [
-        {"image": i, "label_accuracy": label_acc, **{k: v[i] for k, v in columns.items()}}
+        {"image": i, "label_accuracy": label_acc, "nn_pool_size": len(pool), **{k: v[i] for k, v in columns.items()}}
         for i in range(len(recon))
     ]

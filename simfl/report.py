@@ -103,7 +103,10 @@ def searched_section(done: pd.DataFrame, metrics: pd.DataFrame, outcomes: pd.Dat
            "end; grid: not searched). Privacy: the worst (attack, knowledge) per defence on each metric, pooled "
            "over seeds, with a 95 % cluster-bootstrap interval over (seed, round, client). The image-free guesses "
            "(the class-mean image of the victim's label; the global mean image) are scored on the same images: "
-           "a defence protects only where attacks fall to them.", ""]
+           "a defence protects only where attacks fall to them. `nn_match`: the share of reconstructions whose "
+           "nearest image (pixels) among the victim's batch and same-label server images seen through the "
+           "victim's device is its own original: instance identification, which no class-level guess gives "
+           "(chance: the mean of 1 / pool size).", ""]
     if best is None:
         out += ["No baseline reached the target: no paired difference to report.", ""]
     else:
@@ -125,8 +128,9 @@ def searched_section(done: pd.DataFrame, metrics: pd.DataFrame, outcomes: pd.Dat
             paired = ("–" if pd.isna(r.diff) else
                       f"{fmt_interval(r.diff, r.diff_low, r.diff_high, digits)}; "
                       f"{fmt_interval(r.rel, r.rel_low, r.rel_high, 1)} % ({r.paired_images} images)")
+            metric = r.metric if pd.isna(r.chance) else f"{r.metric} (chance {fmt(r.chance, 3)})"
             rows.append([r.setting, f"{fmt(r.utility)} ({fmt(r.utility_min)}–{fmt(r.utility_max)})", r.search,
-                         r.metric, f"{r.attack} ({r.knowledge})", fmt_interval(r.value, r.low, r.high, digits),
+                         metric, f"{r.attack} ({r.knowledge})", fmt_interval(r.value, r.low, r.high, digits),
                          f"{r.images} / {r.seeds}", fmt(r.class_mean, digits), fmt(r.mean_image, digits), paired])
         out += table(["defence", f"achieved utility (target {target:g})", "search", "metric", "worst attack",
                       "value [95 % cluster bootstrap]", "images / seeds", "class-mean guess", "mean-image guess",

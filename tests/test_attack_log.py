@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -16,7 +17,8 @@ def job(r, first):
 
 
 def out(r, client, psnr):
-    row = {f.name: 0 for f in SCHEMAS["attacks"]}
+    blank = {pa.bool_(): False, pa.string(): ""}
+    row = {f.name: blank.get(f.type, 0) for f in SCHEMAS["attacks"]}
     row.update({"round": r, "client_id": client, "attack": "ig", "knowledge": "naive", "defence": "none",
                 "psnr": psnr, "attacker_correct": True,
                 "random_attacker_correct": False, "mean_attacker_correct": False,
@@ -92,3 +94,16 @@ def test_after_a_resume_each_round_is_logged_once_with_all_its_rows(tmp_path, b_
     assert scalars(tmp_path) == [(1, 15.0), (2, 40.0)]
     rows = pd.read_parquet(tmp_path / "attacks")
     assert sorted(rows["client_id"]) == [1, 2, 3]
+
+
+def test_the_nn_match_rate_is_logged_beside_each_baseline(tmp_path):
+    log = AttackLog(tmp_path, RunTables(tmp_path, 1e9), str)
+    log.expect([job(1, 1), job(1, 2)])
+    for client, hit in ((1, True), (2, False)):
+        o = out(1, client, 20.0)
+        o["rows"][0].update(nn_match=hit, class_mean_nn_match=False, mean_nn_match=False, random_nn_match=False)
+        log.done(job(1, client), o)
+    log.close()
+    assert scalars(tmp_path, "attack/ig/nn_match_rate") == [(1, 0.5)]
+    for baseline in ("random", "mean", "class_mean"):
+        assert scalars(tmp_path, f"attack/ig/nn_match_rate_{baseline}_baseline") == [(1, 0.0)]

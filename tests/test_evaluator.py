@@ -1,11 +1,15 @@
 """The attacker-accuracy classifier: trained on data no client has, cached, reloaded safely."""
 
+import typing
+
 import numpy as np
 import pytest
 import torch
 
+from simfl.config import ModelConfig
 from simfl.data.synthetic import make_dataset
-from simfl.evaluator import cache_key, load_or_train, train_evaluator
+from simfl.evaluator import ARCH_NAME, build_evaluator, cache_key, load_or_train, train_evaluator
+from simfl.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +57,40 @@ def test_the_model_it_builds_gives_its_reported_accuracy(dataset, trained):
     x = torch.from_numpy(np.array(dataset.test_x)).permute(0, 3, 1, 2).float() / 255
     acc = (model(x).argmax(1).numpy() == dataset.test_y).mean()
     assert acc == pytest.approx(trained.test_accuracy)
+
+
+def signature(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """The layer types and parameter shapes, in order: equal for two instances of one architecture."""
+    layers = [(type(m).__name__, ()) for m in model.modules() if not list(m.children())]
+    return layers + [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+@pytest.mark.parametrize("arch", typing.get_args(ModelConfig.model_fields["arch"].annotation))
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_its_architecture_is_none_a_scenario_can_attack(arch, norm):
+    evaluator = build_evaluator(3, 28, 8)
+    attacked = build_model(ModelConfig(arch=arch, norm=norm), 3, 28, 8)
+    assert signature(evaluator) != signature(attacked)
+    assert arch not in ARCH_NAME and type(evaluator) is not type(attacked)
+    assert {type(m) for m in evaluator.modules()} != {type(m) for m in attacked.modules()}
+
+
+def test_it_names_its_architecture_and_the_name_keys_the_cache(dataset, trained, monkeypatch):
+    assert trained.arch == ARCH_NAME
+    before = cache_key(dataset)
+    monkeypatch.setattr("simfl.evaluator.ARCH_NAME", "another")
+    assert cache_key(dataset) != before
+
+
+def test_training_leaves_the_callers_random_state_alone(dataset):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_evaluator(dataset, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("size", [8, 28, 64])
+def test_it_classifies_any_image_size(size):
+    logits = build_evaluator(1, size, 5)(torch.rand(2, 1, size, size))
+    assert logits.shape == (2, 5)

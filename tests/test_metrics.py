@@ -15,6 +15,7 @@ from simfl.metrics import (
     label_accuracy,
     match,
     mse,
+    nn_rank,
     psnr,
     score,
     score_batch,
@@ -374,3 +375,94 @@ def test_class_mean_images_pick_each_labels_mean():
         class_mean_images(class_means, torch.tensor([3]))
     with pytest.raises(ValueError, match="class means of shape"):
         class_mean_images(class_means[0], torch.tensor([0]))
+
+
+# ---------------------------------------------------------------- instance identification (nearest neighbour)
+
+
+def flat_images(*levels: float, c: int = 1, hw: int = 4) -> torch.Tensor:
+    """One constant image per level: distances between them are |a - b| * sqrt(C*H*W)."""
+    return torch.tensor(levels).view(-1, 1, 1, 1).expand(-1, c, hw, hw).clone()
+
+
+def test_nn_rank_is_one_plus_the_candidates_nearer_than_the_original():
+    pool = structured(12, 3, 16, seed=7)
+    images = structured(5, 3, 16, seed=8)
+    truth = torch.tensor([0, 3, 3, 11, 6])
+    d = ((images[:, None] - pool[None]) ** 2).flatten(2).sum(2).numpy()
+    expected = [1 + int((d[i] < d[i, t]).sum()) for i, t in enumerate(truth.tolist())]
+    assert nn_rank(images, pool, truth).tolist() == expected
+    assert nn_rank(pool[[4, 9]], pool, torch.tensor([4, 9])).tolist() == [1, 1]  # an exact copy is its own nearest
+
+
+def test_nn_rank_counts_ties_against_the_image():
+    pool = flat_images(0.25, 0.75, 0.5)  # binary fractions: the equal distances below are exactly equal
+    guess = flat_images(0.5, 0.625)  # 0.625 is as far from 0.5 as from 0.75
+    assert nn_rank(guess, pool, torch.tensor([2, 2])).tolist() == [1, 2]
+    assert nn_rank(guess[1:], pool, torch.tensor([1])).tolist() == [2]
+
+
+def test_nn_rank_refuses_what_it_cannot_rank():
+    pool = flat_images(0.1, 0.2)
+    with pytest.raises(ValueError, match="true indices"):
+        nn_rank(flat_images(0.1), pool, torch.tensor([2]))
+    with pytest.raises(ValueError, match="1 true indices for 2 images"):
+        nn_rank(flat_images(0.1, 0.2), pool, torch.tensor([0]))
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        nn_rank(flat_images(0.1, hw=3), pool, torch.tensor([0]))
+
+
+def test_a_class_mean_guess_hits_at_most_the_one_image_nearest_the_mean():
+    # Twenty images of one class, each the victim in turn among the other nineteen: the class mean
+    # is one image, so it is the nearest neighbour of at most one of them, whichever victim it is.
+    images = structured(20, 3, 16, seed=11)
+    mean = images.mean(0, keepdim=True)
+    ranks = torch.cat([nn_rank(mean, images, torch.tensor([v])) for v in range(20)])
+    assert int((ranks == 1).sum()) <= 1
+    assert sorted(ranks.tolist()) == list(range(1, 21))  # every victim's rank is its distance order to the mean
+
+
+def batch_rows(recon, orig, labels, peers, class_means=None):
+    grey = torch.full(orig.shape[1:], 0.5)  # the mean image, and every class's mean unless given
+    if class_means is None:
+        class_means = torch.stack([grey] * (int(labels.max()) + 1))
+    return score_batch(recon, orig, labels, labels, _Oracle(), grey, torch.Generator().manual_seed(1),
+                       class_means, peers=peers)
+
+
+def test_a_perfect_reconstruction_identifies_its_instance_and_a_class_mean_guess_does_not():
+    # Victim 0.9 among same-class peers 0.45..0.6; its class mean (0.6) is nearer every peer than the victim.
+    orig, peers = flat_images(0.9), flat_images(0.5, 0.55, 0.6, 0.45)
+    class_means = torch.stack([flat_images(0.1)[0], flat_images(0.6)[0]])
+    [row] = batch_rows(orig.clone(), orig, torch.tensor([1]), peers, class_means)
+    assert row["nn_match"] and row["nn_rank"] == 1 and row["nn_pool_size"] == 5
+    assert not row["class_mean_nn_match"] and row["class_mean_nn_rank"] == 5
+    assert not row["mean_nn_match"] and row["mean_nn_rank"] == 5  # the mean image (0.5) is a peer's twin
+
+
+def test_a_reconstruction_nearest_another_candidate_is_not_a_match():
+    orig, peers = flat_images(0.9), flat_images(0.3, 0.5, 0.7)
+    [row] = batch_rows(flat_images(0.65), orig, torch.tensor([0]), peers)
+    assert not row["nn_match"] and row["nn_rank"] == 3  # 0.7 and 0.5 are nearer than the victim's 0.9
+    [row] = batch_rows(flat_images(0.79), orig, torch.tensor([0]), peers)
+    assert not row["nn_match"] and row["nn_rank"] == 2  # 0.7 by a hair
+    [row] = batch_rows(flat_images(0.81), orig, torch.tensor([0]), peers)
+    assert row["nn_match"] and row["nn_rank"] == 1
+
+
+def test_nn_columns_use_the_hungarian_match_and_the_whole_batch_as_candidates():
+    orig = structured(3, 3, 16, seed=5)
+    labels = torch.tensor([0, 2, 3])
+    orig[:, 0, 0, 0] = labels / 3
+    recon = orig[[2, 0, 1]].clone()  # perfect, in another order
+    rows = batch_rows(recon, orig, labels, structured(4, 3, 16, seed=6))
+    assert [r["matched_image"] for r in rows] == [2, 0, 1]
+    assert all(r["nn_match"] and r["nn_rank"] == 1 and r["nn_pool_size"] == 7 for r in rows)
+    for prefix in ("random_", "mean_", "class_mean_"):
+        assert all(isinstance(r[prefix + "nn_match"], bool) and r[prefix + "nn_rank"] >= 1 for r in rows)
+    # The same guesses, scored by the same pipeline.
+    guess = class_mean_images(torch.stack([torch.full((3, 16, 16), 0.5)] * 4), labels)
+    pool = torch.cat([orig, structured(4, 3, 16, seed=6)])
+    assert [r["class_mean_nn_rank"] for r in rows] == nn_rank(guess, pool, score(guess, orig)["perm"]).tolist()
+    # Without peers the batch is the whole pool.
+    assert {r["nn_pool_size"] for r in batch_rows(recon, orig, labels, None)} == {3}

@@ -16,9 +16,15 @@ import torch
 from engine_helpers import SMOKE_FAST, final_weights, kill_at_checkpoint, run_smoke, table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from actors.attacker import AttackPool
+from actors import attacker
+from actors.attacker import AttackerKnowledge, AttackPool, client_device_view, peer_pool
+from simfl.attacks.victim import Victim
+from simfl.client_data import client_data
 from simfl.config import AttackPoolConfig
+from simfl.data.synthetic import make_dataset
+from simfl.evaluator import Evaluator
 from simfl.round import sample_held_out_victims
+from simfl.run import prepare
 from simfl.scenario import parse_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +69,14 @@ def test_every_victim_is_attacked_by_every_method_and_scored(attacked):
                "class_mean_mse", "class_mean_psnr", "class_mean_ssim"]
     assert np.isfinite(rows[metrics].to_numpy()).all()
     assert rows["evaluator_test_accuracy"].between(0.3, 1.0).all()  # 8 classes: chance is 0.125
+    assert set(rows["evaluator_arch"]) == {Evaluator.arch}
+    # Instance identification: each victim's one image among its label's validation peers (val_size 200).
+    assert rows["nn_pool_size"].between(2, 1 + attacker.NN_PEERS).all()
+    for prefix in ("", "random_", "mean_", "class_mean_"):
+        ranks = rows[prefix + "nn_rank"]
+        assert ranks.between(1, rows["nn_pool_size"]).all() and (rows[prefix + "nn_match"] == (ranks == 1)).all()
+    # An image-free guess is one image, nearest one peer of ~25: it rarely singles out the victim.
+    assert rows["class_mean_nn_match"].sum() <= 2 and rows["mean_nn_match"].sum() <= 2
     assert (rows.loc[rows.attack == "ig", "iterations"] == 600).all()
     assert (rows["finished_at"] >= rows["submitted_at"]).all()
     # B = 1: iDLG's analytic label is exact on an untrained-to-early model.
@@ -216,3 +230,45 @@ def test_attacks_pending_at_a_kill_are_rerun_after_resume(ray_local, data_root, 
     assert sorted(rows.groupby("round").size().items()) == [(1, 2), (2, 2)]
     assert not rows.duplicated(["round", "client_id", "image"]).any()
     assert_means_match_table(run_dir)
+
+
+def shifted_scenario() -> dict:
+    return {"seed": 5, "data": {"size": 16, "synthetic": {"val_size": 64, "test_size": 16}},
+            "populations": [{"name": "plain", "clients": 2, "quantity": {"mean": 12}},
+                            {"name": "scanner", "clients": 3, "quantity": {"mean": 12},
+                             "shift": {"color": [1.2, 0.9, 0.8], "color_jitter": 0.2, "brightness": 0.05,
+                                       "jitter": 0.1, "contrast": 1.1, "blur": 0.5}}]}
+
+
+@pytest.mark.parametrize("client", [0, 1, 2, 4])
+def test_peers_are_seen_through_the_victims_own_device(client):
+    sc = parse_scenario(shifted_scenario())
+    prep = prepare(sc)
+    shifts = [p.shift for p in sc.populations]
+    own = client_data(prep.dataset, prep.partition, shifts, sc.seed, client)
+    raw = prep.dataset.train_x[prep.partition.train_indices(client)]
+    # Noise-free, the same device renders the client's raw images exactly as the client holds them.
+    assert np.array_equal(client_device_view(np.array(raw), sc, client, prep.dataset.channels), own.x.numpy())
+    noisy = parse_scenario({**shifted_scenario(), "populations": [
+        {**p, "shift": {**p.get("shift", {}), "noise": 0.05}} for p in shifted_scenario()["populations"]]})
+    seen = client_device_view(np.array(raw), noisy, client, prep.dataset.channels).astype(int)
+    if client >= 2:  # the shifted population's device; its noise is a fresh draw of the same strength
+        assert 0 < np.abs(seen - own.x.numpy()).mean() < 0.05 * 255
+    with pytest.raises(ValueError, match="not one of the scenario's 5 clients"):
+        client_device_view(np.array(raw), sc, 5, prep.dataset.channels)
+
+
+def test_the_peer_pool_is_the_first_validation_images_of_the_victims_labels(monkeypatch):
+    monkeypatch.setattr(attacker, "NN_PEERS", 3)
+    dataset = make_dataset(train_size=10, val_size=40, test_size=8, image_size=8, num_classes=4, seed=1)
+    knowledge = AttackerKnowledge.from_dataset(dataset, Evaluator(torch.zeros(1), 0.5, "k"), seed=0)
+    val_y = dataset.val_y.tolist()
+    expected = sorted(i for k in range(4) for i in [j for j, y in enumerate(val_y) if y == k][:3])
+    assert knowledge.peers.labels.tolist() == [val_y[i] for i in expected]
+    assert torch.equal(knowledge.peers.images, torch.from_numpy(dataset.val_x[expected]))
+    sc = parse_scenario({"populations": [{"name": "a", "clients": 2}]})
+    victim = Victim(1, 1, None, torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.tensor([2, 0]))  # type: ignore[arg-type]
+    pool = peer_pool(knowledge.peers, sc, victim, channels=3)
+    keep = [i for i in expected if val_y[i] in (0, 2)]
+    assert pool.shape == (6, 3, 8, 8)  # no shift: the images themselves, as model inputs
+    assert torch.equal(pool, torch.from_numpy(dataset.val_x[keep]).permute(0, 3, 1, 2).float() / 255)
