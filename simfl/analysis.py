@@ -68,6 +68,8 @@ def run_metrics(run_dir: Path) -> pd.DataFrame:
     rows.append(_row("client_train_accuracy", final_train["train_accuracy"]))
     if rounds["dp_epsilon_max"].notna().any():
         rows.append(_row("dp_epsilon_max", rounds["dp_epsilon_max"].max()))
+    if rounds["sigma_mean"].notna().any():  # the latent defence's realised noise scale, as it ended
+        rows.append(_row("sigma_mean", rounds["sigma_mean"].dropna().iloc[-1]))
     held = held_out_map(run_dir)
     rows += _eval_rows(run_dir, held)
     if (run_dir / "attacks").is_dir():

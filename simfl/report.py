@@ -308,11 +308,15 @@ def cells_section(cells: pd.DataFrame, metrics: pd.DataFrame, kind: str) -> list
     test = dict(zip(test["cell"], test["value"]))
     eps = analysis.final_values(metrics, "dp_epsilon_max") if len(metrics) else pd.DataFrame(columns=["cell", "value"])
     eps = dict(zip(eps["cell"], eps["value"]))
+    sigma = analysis.final_values(metrics, "sigma_mean") if len(metrics) else pd.DataFrame(columns=["cell", "value"])
+    sigma = dict(zip(sigma["cell"], sigma["value"]))
     rows = [[r.cell, r.status, r.defence, r.setting, r.context, str(r.seed), fmt(util.get(r.cell, np.nan)),
-             fmt(test.get(r.cell, np.nan)), fmt(eps.get(r.cell, np.nan), 2), _verdict(metrics, r.cell), f"`{r.knobs}`"]
+             fmt(test.get(r.cell, np.nan)), fmt(eps.get(r.cell, np.nan), 2), fmt(sigma.get(r.cell, np.nan), 3),
+             _verdict(metrics, r.cell), f"`{r.knobs}`"]
             for r in cells.itertuples()]
     return ["## Cells", ""] + table(["cell", "status", "defence", "setting", "context", "seed", f"utility ({kind})",
-                                     "test acc", "ε (max)", "worst attack (attacker acc; PSNR)", "knobs"], rows) + [""]
+                                     "test acc", "ε (max)", "σ (latent, final mean)",
+                                     "worst attack (attacker acc; PSNR)", "knobs"], rows) + [""]
 
 
 def _verdict(metrics: pd.DataFrame, cell: str) -> str:
