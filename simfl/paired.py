@@ -28,6 +28,7 @@ same value (e.g. every difference equal), the interval is that point.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Literal, NamedTuple, TypeAlias
 
@@ -140,9 +141,14 @@ def _cluster_sums(clusters: ClusterLabels, *columns: np.ndarray) -> tuple[list[n
 def _interval(data: tuple[np.ndarray, ...], statistic, n_resamples: int, confidence: float,
               seed: int | np.random.Generator, method: Method) -> tuple[float, float]:
     k = len(data[0])
-    res = bootstrap(data, statistic, paired=True, vectorized=True, axis=-1, n_resamples=n_resamples,
-                    batch=max(1, min(n_resamples, _BATCH_ELEMENTS // k)), confidence_level=confidence,
-                    method=method, **{_RNG: np.random.default_rng(seed)})
+    # Degenerate resamples (a baseline's mean of 0 makes a relative change infinite; constant data) are
+    # expected and show up as inf/NaN bounds in the tables; scipy's warnings about them would only be noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*confidence interval cannot be calculated.*")
+        res = bootstrap(data, statistic, paired=True, vectorized=True, axis=-1, n_resamples=n_resamples,
+                        batch=max(1, min(n_resamples, _BATCH_ELEMENTS // k)), confidence_level=confidence,
+                        method=method, **{_RNG: np.random.default_rng(seed)})
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 

@@ -112,7 +112,7 @@ def searched_section(done: pd.DataFrame, metrics: pd.DataFrame, outcomes: pd.Dat
     else:
         how = ("named by `comparison.best_baseline`" if cmp.get("best_baseline") else
                "the baseline with the lowest worst-case attacker accuracy at the target, fixed before any paired "
-               "difference (the same baseline for every metric)")
+               "difference, the same for every metric")
         out += [f"Best baseline: **{best}** ({how}). Paired difference: defence minus {best} on the same images "
                 "(each at its worst attack), and the relative change of the means in %.", ""]
     if len(excluded):
@@ -249,12 +249,10 @@ def write_report(path: Path, target: float | None = None, utility_kind: str | No
     has_attacks = metrics["attack"].notna().any()
     points = analysis.operating_points(done, metrics, target, kind)
     outcomes = search_outcomes(path)
-    if has_attacks and len(outcomes):
-        lines += searched_section(done, metrics, outcomes, cmp)
     if has_attacks:
         swept = done[done["defence"] != "none"].groupby(["context", "defence"])["setting"].nunique()
-        if len(outcomes):
-            pass  # compared at the searched utility above; grids stay for curves
+        if len(outcomes):  # each defence at its searched setting: nothing to interpolate; grids stay for curves
+            lines += searched_section(done, metrics, outcomes, cmp)
         elif (swept > 1).any():
             matched = analysis.matched_utility(done, metrics, target, kind, cmp["proposed"], cmp["baselines"])
             lines += matched_section(matched, cmp)
