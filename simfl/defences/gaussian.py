@@ -48,9 +48,8 @@ import torch
 from pydantic import Field, NonNegativeFloat
 from torch import nn
 
-from simfl.defences.base import DEFENCES, Defence, SearchKnob
-from simfl.defences.pruning import Segments, flat_segments, parameter_segments, segment_mask
-from simfl.models import SplitNet
+from simfl.defences.base import DEFENCES, SearchKnob
+from simfl.defences.pruning import SharedEntriesDefence, segment_mask
 from simfl.plugins import PluginConfig
 from simfl.seeding import torch_generator
 from simfl.weights import FlatWeights
@@ -82,7 +81,7 @@ class GaussianNoiseConfig(PluginConfig):
 
 
 @DEFENCES.register(GaussianNoiseConfig)
-class GaussianNoise(Defence):
+class GaussianNoise(SharedEntriesDefence):
     """N(0, σ²) on every parameter entry a client shares (see the module docstring).
 
     Logged per client (``share``): ``noise_norm_ratio``, ‖noise‖ / ‖update‖ over
@@ -100,34 +99,12 @@ class GaussianNoise(Defence):
     def __init__(self, cfg: GaussianNoiseConfig, shape: tuple[int, int, int], seed: int) -> None:
         super().__init__(cfg, shape, seed)
         self.sigma = float(cfg.sigma)
-        self._segments: Segments | None = None  # parameter tensors in the flat vector (from build, then flat)
-        self._flat: FlatWeights | None = None
         self._generator: torch.Generator | None = None  # the current client's, from begin; used once by share
-        self._figures: dict[str, float] = {}
-
-    @classmethod
-    def naive_is_exact(cls, attacks: Any) -> bool:
-        """Never (for any σ above 0): a naive attacker matches a noise-free gradient to a noisy one."""
-        return False
-
-    # ------------------------------------------------------------ model
-
-    def build(self, model: SplitNet) -> SplitNet:
-        """Learn where the parameter tensors lie in the shared vector; the model is untouched."""
-        self._segments = parameter_segments(model)
-        return model
 
     # ------------------------------------------------------------ client side
 
     def _mask(self, length: int, device: torch.device) -> torch.Tensor:
-        if self._segments is None:
-            raise RuntimeError("gaussian_noise: the weight layout is unknown; build the model with this defence first")
-        return segment_mask(self._segments, length, device)
-
-    def _bind(self, flat: FlatWeights) -> None:
-        if self._flat is not flat:
-            self._segments = flat_segments(flat)
-            self._flat = flat
+        return segment_mask(self._layout(), length, device)
 
     def begin(self, model: nn.Module, flat: FlatWeights, generator: torch.Generator, state: dict[str, Any]) -> None:
         """Before a client's work: keep its (seed, client, round) generator for :meth:`share`, and ``flat``'s layout."""

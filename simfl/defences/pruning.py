@@ -120,6 +120,43 @@ def prune(vector: torch.Tensor, segments: Segments, fraction: float) -> torch.Te
     return out
 
 
+class SharedEntriesDefence(Defence):
+    """A defence that transforms the parameter entries a client shares (pruning, Gaussian noise).
+
+    It needs to know where the parameter tensors lie in the flat shared vector
+    (buffers such as BatchNorm statistics pass through untouched): learned in
+    :meth:`build`, then re-read from the flat weights a client works on. A
+    naive attacker, who matches the untransformed gradient, is never exact.
+    """
+
+    def __init__(self, cfg: PluginConfig, shape: tuple[int, int, int], seed: int) -> None:
+        super().__init__(cfg, shape, seed)
+        self._segments: Segments | None = None  # parameter tensors in the flat vector (from build, then flat)
+        self._flat: FlatWeights | None = None  # the flat weights the segments were read from
+        self._figures: dict[str, float] = {}
+
+    @classmethod
+    def naive_is_exact(cls, attacks: Any) -> bool:
+        """Never (for any knob above 0): a naive attacker matches the untransformed gradient."""
+        return False
+
+    def build(self, model: SplitNet) -> SplitNet:
+        """Learn where the parameter tensors lie in the shared vector; the model is untouched."""
+        self._segments = parameter_segments(model)
+        return model
+
+    def _bind(self, flat: FlatWeights) -> None:
+        """Read the parameter tensors' places from the flat weights themselves (authoritative)."""
+        if self._flat is not flat:
+            self._segments = flat_segments(flat)
+            self._flat = flat
+
+    def _layout(self) -> Segments:
+        if self._segments is None:
+            raise RuntimeError(f"{self.kind}: the weight layout is unknown; build the model with this defence first")
+        return self._segments
+
+
 class PruningConfig(PluginConfig):
     """``pruning``: each client zeroes the smallest-magnitude entries of every parameter tensor it shares."""
 
@@ -132,7 +169,7 @@ class PruningConfig(PluginConfig):
 
 
 @DEFENCES.register(PruningConfig)
-class Pruning(Defence):
+class Pruning(SharedEntriesDefence):
     """Top-k sparsification of what a client shares, per parameter tensor (see the module docstring).
 
     Logged per client (``share``): ``prune_sparsity``, the share of parameter
@@ -156,34 +193,8 @@ class Pruning(Defence):
     def __init__(self, cfg: PruningConfig, shape: tuple[int, int, int], seed: int) -> None:
         super().__init__(cfg, shape, seed)
         self.fraction = float(cfg.fraction)
-        self._segments: Segments | None = None  # parameter tensors in the flat vector (from build, then flat)
-        self._flat: FlatWeights | None = None  # the flat weights the segments were read from
-        self._figures: dict[str, float] = {}
-
-    @classmethod
-    def naive_is_exact(cls, attacks: Any) -> bool:
-        """Never (for any ``fraction`` above 0): a naive attacker matches a dense gradient to a sparse one."""
-        return False
-
-    # ------------------------------------------------------------ model
-
-    def build(self, model: SplitNet) -> SplitNet:
-        """Learn where the parameter tensors lie in the shared vector; the model is untouched."""
-        self._segments = parameter_segments(model)
-        return model
 
     # ------------------------------------------------------------ client side
-
-    def _bind(self, flat: FlatWeights) -> None:
-        """Read the parameter tensors' places from the flat weights themselves (authoritative)."""
-        if self._flat is not flat:
-            self._segments = flat_segments(flat)
-            self._flat = flat
-
-    def _layout(self) -> Segments:
-        if self._segments is None:
-            raise RuntimeError("pruning: the weight layout is unknown; build the model with this defence first")
-        return self._segments
 
     def begin(self, model: nn.Module, flat: FlatWeights, generator: torch.Generator, state: dict[str, Any]) -> None:
         """Before a client's work: the layout of ``flat``, whose update :meth:`share` prunes."""
