@@ -87,7 +87,7 @@ class AttacksConfig(Strict):
         "normalises with them (view: gradient, model.norm: batch). The number of samples is always known")
     victims: PositiveInt | None = Field(
         None, description="clients attacked per attacked round, drawn from (seed, round) among the cohort "
-                          "(unset, without victim_fraction: 1)")
+                          "(unset, without victim_fraction: 1); at most the cohort size")
     victim_fraction: float | None = Field(
         None, gt=0.0, le=1.0, description="victims as a share of the cohort, rounded up (instead of victims)")
     rounds: list[PositiveInt] | None = Field(
@@ -200,6 +200,10 @@ class Scenario(Strict):
             raise ValueError(f"attacks.rounds: round {max(a.rounds)} is past training.rounds ({self.training.rounds})")
         if a.bn_stats == "batch" and self.model.norm != "batch":
             raise ValueError(f"attacks.bn_stats: batch needs model.norm: batch (not {self.model.norm})")
+        cohort = self.training.cohort_size(sum(p.clients for p in self.populations if not p.held_out))
+        if a.victims is not None and a.victims > cohort:
+            raise ValueError(f"attacks.victims: {a.victims} victims per round, but a round's cohort has only {cohort} "
+                             "clients (training.clients_per_round or fraction); victims come from the cohort")
         if a.held_out_victims and not any(p.held_out for p in self.populations):
             raise ValueError(f"attacks.held_out_victims: {a.held_out_victims} held-out clients to probe, but no "
                              "population is held_out: true")

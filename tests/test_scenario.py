@@ -100,7 +100,13 @@ def test_attacks_are_off_by_default_and_sample_victims_and_rounds():
     listed = parse_scenario(minimal(attacks={"rounds": [1, 4], "victim_fraction": 0.25}))
     assert [r for r in range(1, 10) if listed.attacks.attacked(r)] == [1, 4]
     assert listed.attacks.victim_count(10) == 3 and listed.attacks.victim_count(2) == 1
-    assert parse_scenario(minimal(attacks={"victims": 50})).attacks.victim_count(8) == 8
+    assert parse_scenario(minimal(attacks={"victims": 4})).attacks.victim_count(3) == 3
+
+
+def test_more_victims_than_the_cohort_is_refused():
+    msg = error_of(minimal(attacks={"victims": 50}))
+    assert msg.startswith("scenario: (top level): attacks.victims: 50 victims per round, but a round's cohort "
+                          "has only 4 clients"), msg
 
 
 def test_held_out_victims_need_a_held_out_population():
