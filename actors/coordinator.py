@@ -63,7 +63,7 @@ class Coordinator:
         self.server = ServerOptimizer(self.sc.training.algorithm, self.flat.trainable)
         self.rounds = Rounds(self.sc, self.partition, self.defence, self.server)
         names = self.partition.populations
-        self.test_sets = test_sets(dataset, [p.shift for p in self.sc.populations], names, self.sc.seed)
+        self.test_sets = test_sets(dataset, self.sc.populations, self.sc.seed)
         self.held_out = {name: bool(h) for name, h in zip(names, self.partition.held_out, strict=True)}
 
         self.round = 0

@@ -272,6 +272,15 @@ def utility(cells: pd.DataFrame, metrics: pd.DataFrame, kind: str) -> pd.Series:
     return cells["cell"].map(dict(zip(m["cell"], m["value"])))
 
 
+def utility_by_round(metrics: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Each cell's utility after each evaluated round (training populations): columns cell, round, value."""
+    m = metrics[metrics["round"].notna() & (metrics["metric"] == UTILITY_METRIC[kind]) & metrics["population"].isna()
+                & metrics["attack"].isna() & metrics["knowledge"].isna()]
+    if kind != "test":
+        m = m[m["held_out"].fillna(False) == False]  # noqa: E712 (a nullable column)
+    return m[["cell", "round", "value"]].assign(round=m["round"].astype(int))
+
+
 def knowledges(metrics: pd.DataFrame) -> list[str]:
     """The attacker knowledge levels in the metrics, naive first."""
     return naive_first(metrics["knowledge"].dropna())

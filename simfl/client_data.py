@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from simfl.acquisition import Devices, apply_shift, draw_devices
-from simfl.config import ShiftConfig
+from simfl.config import PopulationConfig, ShiftConfig
 from simfl.data import Dataset
 from simfl.partition import Partition
 from simfl.seeding import derive_seed
+from simfl.sites import pool_groups
 
 
 @dataclass(frozen=True)
@@ -56,20 +57,24 @@ def client_data(
 
 
 def population_test_set(
-    dataset: Dataset, shift: ShiftConfig, seed: int, population: int
+    dataset: Dataset, shift: ShiftConfig, seed: int, population: int, sites: tuple[int, ...] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split as seen through a population's devices: one device drawn per test image."""
-    n = len(dataset.test_y)
-    devices = draw_devices(shift, seed, f"test-device-{population}", np.arange(n), dataset.channels)
-    images = _shifted(dataset.test_x, shift, devices, derive_seed(seed, "test-noise", population))
-    y = np.array(dataset.test_y, dtype=np.int64)
+    """The test split as seen through a population's devices: one device drawn per test image.
+
+    A population of named ``sites`` (indices into ``dataset.sites``) is tested on those sites' test images only.
+    """
+    keep = np.flatnonzero(np.isin(dataset.test_site, sites)) if sites is not None else slice(None)
+    x, y = dataset.test_x[keep], np.array(dataset.test_y[keep], dtype=np.int64)
+    devices = draw_devices(shift, seed, f"test-device-{population}", np.arange(len(y)), dataset.channels)
+    images = _shifted(x, shift, devices, derive_seed(seed, "test-noise", population))
     return torch.from_numpy(images), torch.from_numpy(y)
 
 
-def test_sets(dataset: Dataset, shifts: list[ShiftConfig], names: list[str], seed: int
+def test_sets(dataset: Dataset, populations: list[PopulationConfig], seed: int
               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``global`` (the unshifted test split), then the test split through each population's devices."""
+    """``global`` (the unshifted test split), then each population's: its sites' test images, through its devices."""
     sets = {"global": (torch.from_numpy(np.array(dataset.test_x)), torch.from_numpy(dataset.test_y.astype(np.int64)))}
-    for i, (name, shift) in enumerate(zip(names, shifts, strict=True)):
-        sets[name] = population_test_set(dataset, shift, seed, i)
+    groups = pool_groups(populations, dataset.sites)
+    for i, pop in enumerate(populations):
+        sets[pop.name] = population_test_set(dataset, pop.shift, seed, i, groups[i])
     return sets

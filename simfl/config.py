@@ -15,6 +15,7 @@ from pydantic import (
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
+    field_validator,
     model_validator,
 )
 
@@ -99,6 +100,25 @@ class PopulationConfig(Strict):
                                "much each client's varies (default: none)")
     held_out: bool = Field(False, description="never trains; evaluated on its shifted test set and its clients' "
                            "local validation data, probed by `attacks.held_out_victims`")
+    site: list[str] | None = Field(
+        None, min_length=1, description="real sites (hospitals, scanners) of a dataset with sites (`folder` with a "
+        "manifest's `site` column, `camelyon17`): a name or a list. The population's clients are drawn from these "
+        "sites' training images only (label and quantity skew apply inside them) and it is tested on their test "
+        "images; with `held_out: true`, a real held-out hospital. Populations without `site` draw from the sites "
+        "no population names. Populations naming the same sites share them without overlap; partly overlapping "
+        "site lists are refused")
+
+    @field_validator("site", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("site")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"a site is named twice: {v}")
+        return sorted(v) if v is not None else None
 
 
 # ---------------------------------------------------------------- model and training

@@ -9,7 +9,7 @@ pure function of the seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +17,7 @@ import pyarrow as pa
 from simfl.config import PopulationConfig
 from simfl.errors import UserError
 from simfl.seeding import rng
+from simfl.sites import pool_groups, pool_of, site_label
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous
@@ -30,6 +31,7 @@ class Partition:
     indices: np.ndarray  # int64 into the train split; each client's slice in random order
     n_val: np.ndarray  # (N,) int64: the last n_val[c] of client c's slice are local validation
     label_hist: np.ndarray  # (N, K) int64 over all of a client's samples
+    population_site: list[str | None] = field(default_factory=list)  # (P,) its sites joined by "+", or None
 
     @property
     def num_clients(self) -> int:
@@ -61,6 +63,8 @@ class Partition:
                     np.asarray(self.populations, dtype=object)[self.client_population], pa.string()
                 ),
                 "held_out": pa.array(self.held_out[self.client_population], pa.bool_()),
+                "site": pa.array(np.asarray(self.population_site or [None] * len(self.populations),
+                                            dtype=object)[self.client_population], pa.string()),
                 "n_train": pa.array((sizes - self.n_val).astype(np.int64)),
                 "n_val": pa.array(self.n_val.astype(np.int64)),
                 "label_hist": pa.ListArray.from_arrays(
@@ -158,6 +162,8 @@ def make_partition(
     num_classes: int,
     seed: int,
     val_fraction: float,
+    sites: list[str] | None = None,
+    site_of: np.ndarray | None = None,
 ) -> Partition:
     """Give every client exactly ``client_sizes(...)[c]`` disjoint train-split samples.
 
@@ -167,33 +173,83 @@ def make_partition(
     dealt out to clients in order; each client's slice is then shuffled, and its
     last ``min(size - 1, round(size * val_fraction))`` samples (never negative)
     are local validation, so every client keeps at least one training sample.
+
+    ``sites`` and ``site_of`` (each train image's site index) are a dataset's
+    sites: populations that name sites draw from theirs only (one pool per set of
+    sites, :mod:`simfl.sites`); the others share the rest.
     """
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes})")
     sizes = client_sizes(populations, seed)
-    if sizes.sum() > len(labels):
-        raise UserError(
-            f"populations: the clients need {int(sizes.sum())} training images but the dataset has "
-            f"{len(labels)}; lower populations.*.quantity.mean or the client counts"
-        )
-    supply = np.bincount(labels, minlength=num_classes).astype(np.int64)
-    prior = supply / supply.sum()
+    groups = pool_groups(populations, sites or [])
+    first = np.concatenate([[0], np.cumsum([p.clients for p in populations])])
+    counts = np.zeros((len(sizes), num_classes), dtype=np.int64)
+    per_client: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(sizes)
+    for group in dict.fromkeys(groups):  # each pool once, in order of first use
+        members = [i for i, g in enumerate(groups) if g == group]
+        clients = np.concatenate([np.arange(first[i], first[i + 1]) for i in members])
+        key: tuple[int, ...] = ()  # no sites named: one pool, seeded as always
+        pool = np.arange(len(labels), dtype=np.int64)
+        if any(g is not None for g in groups):
+            assert site_of is not None
+            pool = pool_of(group, groups, site_of)
+            key = group or (len(sites or []),)  # the sites' indices; past the last: the sites no population names
+        if sizes[clients].sum() > len(pool):
+            whose, where = "", "the dataset"
+            if key:
+                whose = " of " + ", ".join(f"populations.{i}" for i in members)
+                where = ("the images of no named site" if group is None
+                         else f"site {'+'.join((sites or [])[s] for s in group)}")
+            raise UserError(
+                f"populations: the clients{whose} need {int(sizes[clients].sum())} training images but "
+                f"{where} has {len(pool)}; lower populations.*.quantity.mean or the client counts"
+            )
+        group_counts, dealt = _deal([(i, populations[i]) for i in members], sizes[clients], labels[pool],
+                                    num_classes, seed, key)
+        counts[clients] = group_counts
+        for c, idx in zip(clients, dealt, strict=True):
+            per_client[c] = pool[idx]
 
+    n_val = np.maximum(np.minimum(sizes - 1, np.rint(sizes * val_fraction).astype(np.int64)), 0)
+    return Partition(
+        populations=[p.name for p in populations],
+        held_out=np.array([p.held_out for p in populations], dtype=bool),
+        client_population=np.repeat(
+            np.arange(len(populations), dtype=np.int32), [p.clients for p in populations]
+        ),
+        offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        indices=np.concatenate(per_client).astype(np.int64),
+        n_val=n_val,
+        label_hist=counts,
+        population_site=[site_label(p) for p in populations],
+    )
+
+
+def _deal(
+    pops: list[tuple[int, PopulationConfig]], sizes: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
+    key: tuple,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class counts (clients, K) and each client's indices into ``labels`` (one pool) for ``pops``' clients.
+
+    ``key`` tells pools apart in the seeding; the single pool of a dataset without named sites has ``()``, so
+    its partition is the one simfl has always drawn.
+    """
+    supply = np.bincount(labels, minlength=num_classes).astype(np.int64)
+    prior = supply / max(int(supply.sum()), 1)
     probs, count_parts, start = [], [], 0
-    for i, pop in enumerate(populations):
+    for i, pop in pops:
         g = rng(seed, "labels", i)
         p = _label_probs(pop, i, prior, g)
         p = p / p.sum(axis=1, keepdims=True)
         probs.append(p)
         count_parts.append(g.multinomial(sizes[start : start + pop.clients], p))
         start += pop.clients
-    counts = _repair_supply(
-        np.concatenate(count_parts).astype(np.int64), np.concatenate(probs), supply, rng(seed, "repair")
-    )
+    repair = rng(seed, "repair" if not key else "repair-sites", *key)
+    counts = _repair_supply(np.concatenate(count_parts).astype(np.int64), np.concatenate(probs), supply, repair)
 
     # Deal each class's shuffled indices to clients in client order, then shuffle within clients.
-    g = rng(seed, "assign")
+    g = rng(seed, "assign" if not key else "assign-sites", *key)
     by_class = np.argsort(labels, kind="stable")
     class_start = np.concatenate([[0], np.cumsum(supply)])
     n = len(sizes)
@@ -207,16 +263,4 @@ def make_partition(
     owner = np.concatenate(owner_parts)
     shuffle = g.permutation(len(idx))
     order = shuffle[np.argsort(owner[shuffle], kind="stable")]
-
-    n_val = np.maximum(np.minimum(sizes - 1, np.rint(sizes * val_fraction).astype(np.int64)), 0)
-    return Partition(
-        populations=[p.name for p in populations],
-        held_out=np.array([p.held_out for p in populations], dtype=bool),
-        client_population=np.repeat(
-            np.arange(len(populations), dtype=np.int32), [p.clients for p in populations]
-        ),
-        offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-        indices=idx[order].astype(np.int64),
-        n_val=n_val,
-        label_hist=counts,
-    )
+    return counts, np.split(idx[order].astype(np.int64), np.cumsum(sizes)[:-1])

@@ -137,14 +137,18 @@ def searched_section(done: pd.DataFrame, metrics: pd.DataFrame, outcomes: pd.Dat
                       "paired vs best baseline: diff; relative change"], rows) + [""]
     rounds = matched.by_round(images)
     if len(rounds):
+        per_round = analysis.utility_by_round(metrics, kind).merge(
+            utilities[["cell", "context", "setting"]], on="cell").groupby(["context", "setting", "round"])["value"]
+        util_at = per_round.mean().to_dict()
         out += ["### Privacy per attacked round", "",
                 "Early rounds apart from the pool: the same worst attack per defence, per round, beside the "
-                "class-mean guess on the same images.", ""]
-        rows = [[r.context, r.setting, r.metric, str(r.round), f"{r.attack} ({r.knowledge})",
-                 fmt_interval(r.value, r.low, r.high, DIGITS[r.metric]), str(r.images),
-                 fmt(r.class_mean, DIGITS[r.metric])] for r in rounds.itertuples()]
-        out += table(["context", "defence", "metric", "round", "worst attack", "value", "images", "class-mean guess"],
-                     rows) + [""]
+                f"class-mean guess on the same images, and the utility ({kind}) of the model after that round, "
+                "mean over seeds (– where that round was not evaluated: `evaluation.every`).", ""]
+        rows = [[r.context, r.setting, r.metric, str(r.round), fmt(util_at.get((r.context, r.setting, r.round))),
+                 f"{r.attack} ({r.knowledge})", fmt_interval(r.value, r.low, r.high, DIGITS[r.metric]),
+                 str(r.images), fmt(r.class_mean, DIGITS[r.metric])] for r in rounds.itertuples()]
+        out += table(["context", "defence", "metric", "round", "utility after it", "worst attack", "value", "images",
+                      "class-mean guess"], rows) + [""]
     if len(outcomes):
         rows = [[r.cell, r.level, r.status, r.knob, fmt(r.value, 4), fmt(r.utility), r.tuned, str(r.probes)]
                 for r in outcomes.itertuples()]

@@ -29,6 +29,7 @@ from simfl.evaluator import Evaluator, load_or_train
 from simfl.partition import Partition, client_sizes, make_partition
 from simfl.resources import GpuShareExceeded, plan_actors
 from simfl.scenario import Scenario, deep_merge, load_scenario, scenario_to_yaml
+from simfl.sites import require_test_images
 from simfl.summary import arms_table
 
 EXIT_USER_ERROR = 2
@@ -71,7 +72,7 @@ def prepare_evaluator(prepared: Prepared, quiet: bool) -> None:
     """Load (or train once and cache) the evaluation classifier attacker accuracy needs."""
     if prepared.scenario.attacks is None:
         return
-    cache = prepared.scenario.data.root_path / "evaluators"
+    cache = prepared.scenario.data.derived_path / "evaluators"
     if not quiet:
         print(f"simfl: evaluation classifier for attacker accuracy: {cache} (trained once per dataset)",
               file=sys.stderr)
@@ -88,8 +89,9 @@ def prepare(scenario: Scenario) -> Prepared:
     dataset = load_dataset(scenario.data, int(sizes.sum()), scenario.seed)
     partition = make_partition(
         scenario.populations, dataset.train_y, dataset.num_classes, scenario.seed,
-        scenario.evaluation.local_val_fraction,
+        scenario.evaluation.local_val_fraction, dataset.sites, dataset.train_site,
     )
+    require_test_images(scenario.populations, dataset.sites, dataset.test_site)
     return Prepared(scenario, dataset, partition)
 
 

@@ -36,10 +36,11 @@ from simfl.config import (
     ResourcesConfig,
     TrainingConfig,
 )
-from simfl.data import DataConfig
+from simfl.data import DataConfig, site_names
 from simfl.defences import DEFENCES, NoDefenceConfig
 from simfl.errors import UserError
 from simfl.plugins import PluginConfig
+from simfl.sites import expand_from_sites
 from simfl.validation import NAME_PATTERN, Strict, format_validation_error
 
 if TYPE_CHECKING:  # for type checkers, the registered configs' bases; at run time, their discriminated unions
@@ -143,7 +144,9 @@ class Scenario(Strict):
     data: DataConfig = Field(DataConfig(), description="the dataset, where its files live, and its image size")
     populations: list[PopulationConfig] = Field(
         min_length=1, description="groups of clients (sites), each with its label skew, sizes and acquisition "
-        "shift; at least one, and at least one that trains")
+        "shift; at least one, and at least one that trains. Or, for data with sites, `{from_sites: true, "
+        "held_out: [site, ...], <population keys>}`: one population per site, named after it, each with those "
+        "keys (`clients` per site, `label_skew`, `quantity`, `shift`)")
     model: ModelConfig = Field(ModelConfig(), description="the shared model: encoder → latent → linear head")
     training: TrainingConfig = Field(TrainingConfig(), description="rounds, cohorts, local training and the FL "
                                      "algorithm")
@@ -316,6 +319,11 @@ def parse_scenario(raw: Any, overrides: list[str] | None = None, name: str | Non
     raw = apply_overrides(raw, overrides or [])
     if name is not None:
         raw.setdefault("name", name)
+    if isinstance(raw.get("populations"), dict):
+        try:
+            raw = {**raw, "populations": expand_from_sites(raw["populations"], _data_sites(raw.get("data", {})))}
+        except UserError as exc:
+            raise UserError(f"scenario: {str(exc).removeprefix('scenario: ')}") from None
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
@@ -328,6 +336,15 @@ def parse_scenario(raw: Any, overrides: list[str] | None = None, name: str | Non
         except ValidationError as exc:
             raise UserError(f"scenario: arms.{arm}.{format_validation_error(exc)}") from None
     return scenario
+
+
+def _data_sites(data: Any) -> list[str]:
+    """The sites of a scenario's (raw) data section, for ``populations: {from_sites: ...}``."""
+    try:
+        cfg = DataConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"scenario: data.{format_validation_error(exc)}") from None
+    return site_names(cfg)
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:

@@ -657,3 +657,23 @@ def test_the_verdict_names_the_attack_that_leaks_most_over_attacks_and_knowledge
     assert worst_attack(naive_only, "psnr") == (25.0, "gi", "naive")
     assert worst_attack(naive_only, "attacker_acc") == (0.75, "ig", "naive")
     assert worst_attack(run_metrics(make_run(tmp_path / "none", [])), "psnr") is None
+
+
+def test_utility_by_round_keeps_each_evaluated_round_of_the_training_populations():
+    rows = [
+        {"cell": "a", "round": 1.0, "metric": "local_val_accuracy", "population": None, "held_out": False,
+         "attack": None, "knowledge": None, "value": 0.2},
+        {"cell": "a", "round": 12.0, "metric": "local_val_accuracy", "population": None, "held_out": False,
+         "attack": None, "knowledge": None, "value": 0.6},
+        {"cell": "a", "round": 12.0, "metric": "local_val_accuracy", "population": None, "held_out": True,
+         "attack": None, "knowledge": None, "value": 0.4},  # held-out clients: not the utility
+        {"cell": "a", "round": 12.0, "metric": "local_val_accuracy", "population": "p", "held_out": False,
+         "attack": None, "knowledge": None, "value": 0.9},  # one population: not the aggregate
+        {"cell": "a", "round": None, "metric": "local_val_accuracy", "population": None, "held_out": False,
+         "attack": None, "knowledge": None, "value": 0.6},  # the final row
+        {"cell": "a", "round": 12.0, "metric": "test_accuracy", "population": None, "held_out": None,
+         "attack": None, "knowledge": None, "value": 0.5},
+    ]
+    got = analysis.utility_by_round(pd.DataFrame(rows), "client_val")
+    assert got.to_dict("records") == [{"cell": "a", "round": 1, "value": 0.2}, {"cell": "a", "round": 12, "value": 0.6}]
+    assert analysis.utility_by_round(pd.DataFrame(rows), "test")["value"].tolist() == [0.5]

@@ -235,6 +235,7 @@ def test_to_table_schema_and_values():
                 ("client_id", pa.int64()),
                 ("population", pa.string()),
                 ("held_out", pa.bool_()),
+                ("site", pa.string()),
                 ("n_train", pa.int64()),
                 ("n_val", pa.int64()),
                 ("label_hist", pa.list_(pa.int64())),
@@ -245,6 +246,7 @@ def test_to_table_schema_and_values():
     assert rows["client_id"] == [0, 1, 2, 3, 4]
     assert rows["population"] == ["a", "a", "a", "b", "b"]
     assert rows["held_out"] == [False, False, False, True, True]
+    assert rows["site"] == [None] * 5
     assert rows["n_train"] == [8, 8, 8, 4, 4]
     assert rows["n_val"] == [2, 2, 2, 1, 1]
     assert rows["label_hist"] == part.label_hist.tolist()

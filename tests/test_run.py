@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from engine_helpers import SMOKE_FAST, assert_same_results, kill_at_checkpoint, run_smoke
+from folder_helpers import SITES, write_site_tree
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from simfl.data.synthetic import make_dataset
@@ -193,3 +194,39 @@ def test_noniid_500_runs_to_the_end_on_bloodmnist_npz(ray_local, tmp_path):
                 "test_accuracy/external_lab", "local_val_accuracy/regional_clinics"):
         assert tag in tags, tags
         assert len(events.Scalars(tag)) == 2
+
+
+@pytest.mark.timeout(600)
+def test_folder_sites_runs_end_to_end_on_a_manifest_with_a_held_out_hospital(ray_local, tmp_path):
+    root = tmp_path / "hospitals"
+    write_site_tree(root, patients_per_site=10, images_per_patient=6, size=28)
+    out = tmp_path / "runs"
+    args = ["scenarios/folder_sites.yaml", "--set", f"data.root={root}", "--set", "data.size=16",
+            "--set", "populations.held_out=[hospital_c]", "--set", "populations.clients=3",
+            "--set", "populations.quantity={mean: 10, sigma: 0.3, min: 4}",
+            "--set", f"output.dir={out}", "--set", "training.rounds=2", "--set", "training.clients_per_round=4",
+            "--set", "training.local_epochs=1", "--set", "evaluation.every=1", "--set", "checkpoint.every=1",
+            "--set", "attacks.methods=[{kind: ig, iterations: 10}, {kind: feature_decoder, steps: 10}]",
+            "--set", "attacks.victims=2", "--set", "attacks.rounds=[1, 2]", "--set", "attacks.held_out_victims=1",
+            "--set", "resources={client_actors: 1, cpus_per_actor: 0.5}",
+            "--set", "attacks.pool={actors: 1, cpus_per_actor: 0.5}", "--quiet"]
+    assert main([*args, "--set", "output.name=first"]) == 0
+    run_dir = out / "first"
+    partition = pd.read_parquet(run_dir / "partition.parquet")
+    assert partition.groupby("population")["site"].first().to_dict() == {s: s for s in SITES}
+    assert partition.groupby("population")["held_out"].first().to_dict() == {
+        "hospital_a": False, "hospital_b": False, "hospital_c": True}
+    evals = pd.read_parquet(run_dir / "evals")
+    held = evals[(evals["population"] == "hospital_c") & (evals["round"] == 2)]
+    assert set(held["scope"]) >= {"test", "local_val"}, evals[["population", "scope"]].drop_duplicates()
+    assert (held["samples"] > 0).all()
+    attacks = pd.read_parquet(run_dir / "attacks")
+    assert set(attacks["attack"]) == {"ig", "feature_decoder"}
+    assert set(attacks["knowledge"]) == {"naive", "adaptive"}  # the latent defence's adaptive attacker too
+    assert "hospital_c" in set(attacks["population"])  # the held-out hospital probed
+    # The second run decodes nothing: the images come from the cache beside the manifest.
+    (cache,) = (root / ".simfl-cache").glob("*.npz")
+    stamp = cache.stat().st_mtime_ns
+    assert main([*args, "--set", "output.name=second", "--set", "attacks=null"]) == 0
+    assert cache.stat().st_mtime_ns == stamp and len(list((root / ".simfl-cache").glob("*.npz"))) == 1
+    assert pd.read_parquet(out / "second" / "partition.parquet").equals(partition)

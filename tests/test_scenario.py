@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from folder_helpers import write_site_tree
 
 from simfl.config import AlgorithmConfig, TrainingConfig
 from simfl.errors import UserError
@@ -363,11 +364,12 @@ def test_scenario_to_yaml_round_trips():
     assert scenario_to_yaml(again) == text
 
 
-def test_shipped_scenarios_validate():
+def test_shipped_scenarios_validate(tmp_path):
     files = sorted(f for f in SCENARIOS.glob("*.yaml") if not f.name.startswith("study_"))  # studies: test_study
-    assert "smoke.yaml" in {f.name for f in files}
+    assert {"smoke.yaml", "folder_sites.yaml"} <= {f.name for f in files}
+    write_site_tree(tmp_path, patients_per_site=2, images_per_patient=1, size=8)  # folder_sites reads its sites
     for f in files:
-        sc = load_scenario(f)
+        sc = load_scenario(f, [f"data.root={tmp_path}"] if f.name == "folder_sites.yaml" else [])
         assert sc.name
         assert parse_scenario(yaml.safe_load(scenario_to_yaml(sc))) == sc
 
@@ -461,3 +463,14 @@ def test_a_saved_scenario_holds_only_the_chosen_defences_knobs_and_reloads():
                                 "accountant": "rdp"}
     assert saved["attacks"]["methods"] == [{"kind": "idlg", "iterations": 300, "lr": 1.0}]
     assert parse_scenario(saved) == sc
+
+
+def test_from_sites_reads_the_manifest_sites_and_holds_one_out(tmp_path):
+    write_site_tree(tmp_path, patients_per_site=2, images_per_patient=1, size=8)
+    sc = load_scenario(SCENARIOS / "folder_sites.yaml",
+                       [f"data.root={tmp_path}", "populations.held_out=[hospital_c]"])
+    assert [(p.name, p.site, p.held_out) for p in sc.populations] == [
+        ("hospital_a", ["hospital_a"], False), ("hospital_b", ["hospital_b"], False),
+        ("hospital_c", ["hospital_c"], True)]
+    with pytest.raises(UserError, match=r"^scenario: populations\.held_out: give site names among: hospital_a, "):
+        load_scenario(SCENARIOS / "folder_sites.yaml", [f"data.root={tmp_path}", "populations.held_out=[x]"])
