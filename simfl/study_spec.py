@@ -15,11 +15,11 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import pandas as pd
 import yaml
-from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from simfl.analysis import cell_entry, cells_frame
 from simfl.errors import UserError
@@ -101,6 +101,9 @@ class StudyConfig(Strict):
     name: str = Field("study", pattern=NAME_PATTERN)
     base: str | None = None  # scenario file, relative to the study file
     scenario: dict[str, Any] | None = None  # or the scenario inline
+    # Patch files (KEY.PATH: value mappings, e.g. simfl.calibrate's calibrated.yaml), relative to the study
+    # file, laid over the base in order before ``set`` (so the study's own set wins).
+    include: list[str] = Field(default_factory=list)
     set: dict[str, Any] = Field(default_factory=dict)  # KEY.PATH: value, laid over the base
     grid: dict[str, list[Any] | dict[str, dict[str, Any]] | Literal["leave_one_population_out"]] = Field(min_length=1)
     search: SearchConfig | None = None
@@ -171,7 +174,63 @@ def load_study(path: str | Path) -> tuple[StudyConfig, dict[str, Any]]:
     else:
         assert study.scenario is not None  # StudyConfig requires base or scenario
         base = dict(study.scenario)
+    if study.include:
+        # Laid into the base here, so a study saved with its base inlined needs no file outside its directory.
+        for entry in study.include:
+            base = include_patch(base, path.parent, entry)
+        study = study.model_copy(update={"include": []})
     return study, base
+
+
+def read_patch(path: Path, where: str) -> dict[str, Any]:
+    """A patch file: a YAML mapping of ``KEY.PATH: value`` (the format of a study's ``set:``)."""
+    if not path.is_file():
+        raise UserError(f"{where}: no patch file at {path}")
+    try:
+        patch = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: {path} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(patch, dict):
+        raise UserError(f"{where}: {path} must hold a mapping of KEY.PATH: value")
+    for key in patch:
+        if not isinstance(key, str) or not all(key.split(".")):
+            raise UserError(f"{where}: {key!r} is not a KEY.PATH (dotted scenario keys, e.g. training.local_epochs)")
+        unknown = unknown_key(key)
+        if unknown is not None:
+            raise UserError(f"{where}: {key}: {unknown} is not a scenario key")
+    return patch
+
+
+def include_patch(base: dict[str, Any], folder: Path, entry: str) -> dict[str, Any]:
+    """``base`` with the patch file ``entry`` (relative to ``folder``) laid over it; errors name the file and key."""
+    where = f"study: include: {entry}"
+    path = Path(entry) if Path(entry).is_absolute() else folder / entry
+    patch = read_patch(path, where)
+    try:
+        return set_keys(base, list(patch.items()))
+    except UserError as exc:
+        raise UserError(f"{where}: {str(exc).removeprefix('--set ')}") from None
+
+
+def unknown_key(key: str) -> str | None:
+    """The first part of a key path that names no scenario field, or None.
+
+    Checked down through the scenario's sections; a plugin's knobs (under ``defence``
+    or an attack) and list items are left to the validation of each cell.
+    """
+    model: type[BaseModel] = Scenario
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return ".".join(parts[: depth + 1])
+        ann = field.annotation
+        options = [a for a in (get_args(ann) if get_origin(ann) is not None else (ann,))
+                   if isinstance(a, type) and a is not type(None)]
+        if len(options) != 1 or not issubclass(options[0], BaseModel) or get_origin(ann) is list:
+            return None
+        model = options[0]
+    return None
 
 
 def _label(key: str, value: Any) -> str:

@@ -129,3 +129,45 @@ def test_shipped_studies_expand_into_valid_cells():
         if study.search is not None:
             cells = expand(study, base)
             assert len(plan_searches(study, cells)) == len([c for c in cells if c.searched]) == len(cells) * 5 // 6
+
+
+def test_include_lays_patch_files_over_the_base_before_set(tmp_path):
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "calibrated.yaml").write_text(
+        "# simfl calibration of smoke.yaml\ntraining.optimizer.lr: 0.1\ntraining.local_epochs: 2\n")
+    (tmp_path / "more.yaml").write_text("training.local_epochs: 3\ntraining.batch_size: 16\n")
+    path = study_file(tmp_path, include=["cal/calibrated.yaml", str(tmp_path / "more.yaml")],
+                      set={"training.batch_size": 4}, grid={"seed": [0, 1]})
+    study, base = load_study(path)
+    cells = expand(study, base)
+    for cell in cells:
+        t = cell.scenario.training
+        assert t.optimizer.lr == 0.1 and t.optimizer.momentum == 0.9  # the rest of the optimizer kept
+        assert t.local_epochs == 3  # a later include wins over an earlier one
+        assert t.batch_size == 4  # the study's own set wins over every include
+    # Laid into the base: the study as saved (base inlined) needs no file outside its directory.
+    assert study.include == [] and base["training"]["optimizer"]["lr"] == 0.1
+
+
+@pytest.mark.parametrize(
+    ("files", "include", "message"),
+    [
+        ({}, ["calibrated.yaml"], "study: include: calibrated.yaml: no patch file at"),
+        ({"p.yaml": "- 1\n- 2\n"}, ["p.yaml"], "study: include: p.yaml: "),
+        ({"p.yaml": ""}, ["p.yaml"], "must hold a mapping of KEY.PATH: value"),
+        ({"p.yaml": "training: [\n"}, ["p.yaml"], "study: include: p.yaml: "),
+        ({"p.yaml": "training.optimiser.lr: 0.1\n"}, ["p.yaml"],
+         "study: include: p.yaml: training.optimiser.lr: training.optimiser is not a scenario key"),
+        ({"p.yaml": "training..lr: 0.1\n"}, ["p.yaml"], "'training..lr' is not a KEY.PATH"),
+        ({"p.yaml": "populations.9.clients: 3\n"}, ["p.yaml"],
+         "study: include: p.yaml: populations.9.clients: populations.9 is not an index of a list of 3"),
+        ({"p.yaml": "training.optimizer.lr: -1\n"}, ["p.yaml"], "scenario: training.optimizer.lr"),
+        ({}, "p.yaml", "study: include"),  # a list, not a single name
+    ],
+)
+def test_bad_includes_are_one_line_naming_file_and_key(tmp_path, files, include, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(UserError) as err:
+        cells_of(tmp_path, include=include, grid={"seed": [0]})
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

@@ -26,16 +26,16 @@ wilds prints, or raises as tracebacks) into one-line ``UserError`` messages.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
-import wilds
 
 from simfl.errors import UserError
 
@@ -65,7 +65,7 @@ def camelyon17_records(root: Path, download: bool) -> pd.DataFrame:
         with contextlib.redirect_stdout(_Tee(sys.stdout, printed)), warnings.catch_warnings():
             # wilds hands pandas' read-only arrays to torch, which warns about it once: noise, not the user's doing
             warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-            ds = wilds.get_dataset(dataset="camelyon17", root_dir=str(root), download=download)
+            ds = _wilds().get_dataset(dataset="camelyon17", root_dir=str(root), download=download)
     except FileNotFoundError as err:
         if not (folder / RELEASE_MARKER).is_file():
             raise UserError(_not_there(root, download, printed.getvalue(), err)) from err
@@ -151,3 +151,13 @@ def _corrupt(folder: Path, err: Exception) -> str:
         reason = " ".join(str(err).split()) or type(err).__name__
         what = f"cannot read {metadata} ({type(err).__name__}: {reason})"
     return f"data.root: {what}; delete {folder} and download it again (or set data.root)"
+
+
+def _wilds() -> Any:
+    """The ``wilds`` package, imported when Camelyon17 is loaded and not when simfl is.
+
+    Importing wilds starts a thread that asks PyPI whether wilds is outdated (its
+    ``wilds/version.py``); every simfl process, Ray workers included, would do
+    that on a cluster that may have no business reaching the internet.
+    """
+    return importlib.import_module("wilds")
