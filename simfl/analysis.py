@@ -273,12 +273,21 @@ def utility(cells: pd.DataFrame, metrics: pd.DataFrame, kind: str) -> pd.Series:
 
 
 def utility_by_round(metrics: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """Each cell's utility after each evaluated round (training populations): columns cell, round, value."""
-    m = metrics[metrics["round"].notna() & (metrics["metric"] == UTILITY_METRIC[kind]) & metrics["population"].isna()
-                & metrics["attack"].isna() & metrics["knowledge"].isna()]
-    if kind != "test":
-        m = m[m["held_out"].fillna(False) == False]  # noqa: E712 (a nullable column)
-    return m[["cell", "round", "value"]].assign(round=m["round"].astype(int))
+    """Each cell's utility after each evaluated round: columns cell, round, value.
+
+    ``test``: the global test split's row. ``client_val``: runs log it per population each round, so it is
+    the training populations' accuracies weighted by their validation samples, which is how the final
+    aggregate row is made.
+    """
+    m = metrics[metrics["round"].notna() & (metrics["metric"] == UTILITY_METRIC[kind]) & metrics["attack"].isna()
+                & metrics["knowledge"].isna()]
+    if kind == "test":
+        m = m[m["population"].isna()]
+        return m[["cell", "round", "value"]].assign(round=m["round"].astype(int)).reset_index(drop=True)
+    m = m[m["population"].notna() & (m["held_out"].fillna(True) == False)]  # noqa: E712 (a nullable column)
+    m = m.assign(round=m["round"].astype(int), weighted=m["value"] * m["n"])
+    sums = m.groupby(["cell", "round"], sort=True)[["weighted", "n"]].sum().reset_index()
+    return sums.assign(value=sums["weighted"] / sums["n"])[["cell", "round", "value"]]
 
 
 def knowledges(metrics: pd.DataFrame) -> list[str]:

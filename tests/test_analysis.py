@@ -659,21 +659,18 @@ def test_the_verdict_names_the_attack_that_leaks_most_over_attacks_and_knowledge
     assert worst_attack(run_metrics(make_run(tmp_path / "none", [])), "psnr") is None
 
 
-def test_utility_by_round_keeps_each_evaluated_round_of_the_training_populations():
+def test_utility_by_round_weights_the_training_populations_by_their_validation_samples():
+    def row(round_, metric, population, held_out, value, n):
+        return {"cell": "a", "round": round_, "metric": metric, "population": population, "held_out": held_out,
+                "attack": None, "knowledge": None, "value": value, "n": n}
     rows = [
-        {"cell": "a", "round": 1.0, "metric": "local_val_accuracy", "population": None, "held_out": False,
-         "attack": None, "knowledge": None, "value": 0.2},
-        {"cell": "a", "round": 12.0, "metric": "local_val_accuracy", "population": None, "held_out": False,
-         "attack": None, "knowledge": None, "value": 0.6},
-        {"cell": "a", "round": 12.0, "metric": "local_val_accuracy", "population": None, "held_out": True,
-         "attack": None, "knowledge": None, "value": 0.4},  # held-out clients: not the utility
-        {"cell": "a", "round": 12.0, "metric": "local_val_accuracy", "population": "p", "held_out": False,
-         "attack": None, "knowledge": None, "value": 0.9},  # one population: not the aggregate
-        {"cell": "a", "round": None, "metric": "local_val_accuracy", "population": None, "held_out": False,
-         "attack": None, "knowledge": None, "value": 0.6},  # the final row
-        {"cell": "a", "round": 12.0, "metric": "test_accuracy", "population": None, "held_out": None,
-         "attack": None, "knowledge": None, "value": 0.5},
+        row(1.0, "local_val_accuracy", "p", False, 0.2, 30), row(1.0, "local_val_accuracy", "q", False, 0.6, 10),
+        row(12.0, "local_val_accuracy", "p", False, 0.5, 30), row(12.0, "local_val_accuracy", "q", False, 0.9, 10),
+        row(12.0, "local_val_accuracy", "h", True, 0.1, 50),  # held-out clients: not the utility
+        row(None, "local_val_accuracy", None, False, 0.6, 20),  # the final row
+        row(12.0, "test_accuracy", None, None, 0.45, 800), row(12.0, "test_accuracy", "p", False, 0.4, 800),
     ]
     got = analysis.utility_by_round(pd.DataFrame(rows), "client_val")
-    assert got.to_dict("records") == [{"cell": "a", "round": 1, "value": 0.2}, {"cell": "a", "round": 12, "value": 0.6}]
-    assert analysis.utility_by_round(pd.DataFrame(rows), "test")["value"].tolist() == [0.5]
+    assert got["round"].tolist() == [1, 12]
+    assert got["value"].tolist() == pytest.approx([(0.2 * 30 + 0.6 * 10) / 40, (0.5 * 30 + 0.9 * 10) / 40])
+    assert analysis.utility_by_round(pd.DataFrame(rows), "test")["value"].tolist() == [0.45]
