@@ -319,11 +319,10 @@ def parse_scenario(raw: Any, overrides: list[str] | None = None, name: str | Non
     raw = apply_overrides(raw, overrides or [])
     if name is not None:
         raw.setdefault("name", name)
-    if isinstance(raw.get("populations"), dict):
-        try:
-            raw = {**raw, "populations": expand_from_sites(raw["populations"], _data_sites(raw.get("data", {})))}
-        except UserError as exc:
-            raise UserError(f"scenario: {str(exc).removeprefix('scenario: ')}") from None
+    try:
+        raw = expand_populations(raw)
+    except UserError as exc:
+        raise UserError(f"scenario: {str(exc).removeprefix('scenario: ')}") from None
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
@@ -338,13 +337,19 @@ def parse_scenario(raw: Any, overrides: list[str] | None = None, name: str | Non
     return scenario
 
 
-def _data_sites(data: Any) -> list[str]:
-    """The sites of a scenario's (raw) data section, for ``populations: {from_sites: ...}``."""
+def expand_populations(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw scenario with ``populations: {from_sites: ...}`` written out as one population per site of its data.
+
+    Done before validation (the sites come from the data: a manifest's site column, camelyon17's hospitals),
+    so that the saved scenario lists every population.
+    """
+    if not isinstance(raw.get("populations"), dict):
+        return raw
     try:
-        cfg = DataConfig.model_validate(data)
+        cfg = DataConfig.model_validate(raw.get("data", {}))
     except ValidationError as exc:
         raise UserError(f"scenario: data.{format_validation_error(exc)}") from None
-    return site_names(cfg)
+    return {**raw, "populations": expand_from_sites(raw["populations"], site_names(cfg))}
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_valid
 
 from simfl.analysis import cell_entry, cells_frame
 from simfl.errors import UserError
-from simfl.scenario import Scenario, deep_merge, parse_scenario, set_keys
+from simfl.scenario import Scenario, deep_merge, expand_populations, parse_scenario, set_keys
 from simfl.validation import NAME_PATTERN, Strict, format_validation_error
 
 LEAVE_ONE_OUT = "leave_one_population_out"
@@ -259,6 +259,7 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
         base = set_keys(base, list(study.set.items()))
     except UserError as exc:
         raise UserError(f"study: set: {exc}") from None
+    base = expand_populations(base)  # leave_one_population_out and populations.N keys need them listed
     grid = dict(study.grid)
     if base.get("arms"):  # a base with arms sweeps them as the first axis
         grid = {"arm": base.pop("arms"), **grid}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from folder_helpers import SITES, write_site_tree
 from pydantic import ValidationError
 
 from simfl.errors import UserError
@@ -59,6 +60,16 @@ def test_leave_one_population_out_holds_out_each_population_once(tmp_path):
     for cell in cells:
         held = [p.name for p in cell.scenario.populations if p.held_out]
         assert held == [cell.name.removeprefix("out-")]
+
+
+def test_leave_one_site_out_on_populations_from_sites(tmp_path):
+    data = tmp_path / "hospitals"
+    write_site_tree(data, patients_per_site=2, images_per_patient=1, size=8)
+    cells = cells_of(tmp_path, base=str(ROOT / "scenarios" / "folder_sites.yaml"), set={"data.root": str(data)},
+                     grid={"split": "leave_one_population_out"})
+    assert [c.name for c in cells] == [f"out-{s}" for s in SITES]
+    for cell in cells:
+        assert [p.site for p in cell.scenario.populations if p.held_out] == [[cell.name.removeprefix("out-")]]
 
 
 def test_values_keep_their_type_through_set_and_grid(tmp_path):

@@ -533,18 +533,24 @@ def test_settings_that_load() -> None:
 # ---- the command line ----------------------------------------------------------------------------------------------
 
 
-def test_run_cli_fails_in_one_line_before_any_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("case", ["missing image", "unreadable image", "empty label", "label not in classes",
+                                  "class without images", "no path column", "no label column", "unknown split",
+                                  "empty split", "one label", "empty path"])
+def test_run_cli_fails_in_one_line_before_any_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           case: str) -> None:
     # The data are loaded before Ray starts or the run directory exists: a bad manifest costs nothing.
-    records, _ = _edit(tmp_path, _many(tmp_path, patients_per_site=4), "missing image")
+    records, settings = _edit(tmp_path, _many(tmp_path, patients_per_site=4), case)
     manifest = _manifest(tmp_path, records)
     scenario = yaml.safe_load((ROOT / "scenarios" / "smoke.yaml").read_text())
-    scenario["data"] = {"name": "folder", "manifest": str(manifest), "size": 16}
+    scenario["data"] = {"name": "folder", "manifest": str(manifest), "size": 16, "folder": settings}
     scenario["output"]["dir"] = str(tmp_path / "runs")
     (tmp_path / "scenario.yaml").write_text(yaml.safe_dump(scenario))
     code = run_main([str(tmp_path / "scenario.yaml"), "--set", "training.rounds=1", "--quiet"])
     out, err = capsys.readouterr()
     assert code == 2
-    assert err == f"simfl: error: data.manifest: {manifest} row 7: no image at {tmp_path}/img/nope.png\n"
+    assert err.startswith("simfl: error: data.") and err.count("\n") == 1 and str(manifest) in err, err
+    if case == "missing image":
+        assert err == f"simfl: error: data.manifest: {manifest} row 7: no image at {tmp_path}/img/nope.png\n"
     assert "Traceback" not in out + err
     assert not (tmp_path / "runs").exists()
 
