@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modules that drive Ray (the CLI drivers and the actors); every other simfl module is pure.
-RAY_MODULES = {"simfl.run", "simfl.study", "simfl.cell_pool", "simfl.study_search"}
+RAY_MODULES = {"simfl.run", "simfl.study", "simfl.cell_pool", "simfl.study_search", "simfl.calibrate"}
 
 
 def modules() -> dict[str, Path]:
