@@ -1,5 +1,6 @@
 """The benchmarks run and print their figures (no timing asserts: these machines are noisy)."""
 
+import math
 import re
 import subprocess
 import sys
@@ -20,11 +21,25 @@ def test_engine_benchmark_quick_prints_its_figures():
     proc = subprocess.run([sys.executable, "benchmarks/engine.py", "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ratio = re.search(r"efficiency ratio \(target >= 0.85\): ([0-9.]+)", proc.stdout)
-    memory = re.search(r"peak memory \(PSS, driver \+ Ray\): ([0-9.]+) GiB at 2000 clients", proc.stdout)
-    per_round = re.search(r"median round: ([0-9.]+) s vs ([0-9.]+) s at 500 clients", proc.stdout)
+    number = r"([0-9.eE+-]+|nan|inf)"
+    rows = {}
+    for name, unit in [("engine samples/s", "rounds"), ("engine round time \\(s\\)", "rounds"),
+                       ("limit samples/s", "passes"), ("limit pass time \\(s\\)", "passes")]:
+        row = re.search(rf"^\| {name} \| {number} \| {number} \| {number} \| (\d+) {unit} \|$", proc.stdout, re.M)
+        assert row, (name, proc.stdout)
+        rows[name] = [float(v) for v in row.groups()[:3]]
+        assert int(row.group(4)) == 3, proc.stdout  # --quick: 3 timed rounds, 3 passes of the limit
+    ratio = re.search(rf"^\| engine / limit \| {number} \| \| \| median / median \|$", proc.stdout, re.M)
+    memory = re.search(rf"peak memory \(PSS, driver \+ Ray, outside the timed rounds\): {number} GiB at 2000 clients "
+                       rf"\(target < 8\), {number} GiB at 500", proc.stdout)
+    per_round = re.search(rf"median round: {number} s vs {number} s at 500 clients \(ratio {number}\)", proc.stdout)
     assert ratio and memory and per_round, proc.stdout
-    assert float(ratio.group(1)) > 0 and float(memory.group(1)) > 0.1 and float(per_round.group(1)) > 0
+    figures = [v for values in rows.values() for v in values]
+    figures += [float(ratio.group(1)), *map(float, per_round.groups())]
+    assert all(math.isfinite(v) and v > 0 for v in figures), proc.stdout
+    for values in rows.values():
+        assert values[1] <= values[0] <= values[2], proc.stdout  # min <= median <= max
+    assert float(memory.group(1)) > 0.1 and float(memory.group(2)) > 0.1, proc.stdout
 
 
 @pytest.mark.timeout(600)
