@@ -163,14 +163,7 @@ def load_study(path: str | Path) -> tuple[StudyConfig, dict[str, Any]]:
         raise UserError(f"study: {format_validation_error(exc)}") from None
     if study.base is not None:
         base_path = (path.parent / study.base) if not Path(study.base).is_absolute() else Path(study.base)
-        if not base_path.is_file():
-            raise UserError(f"study: base: no scenario file at {base_path}")
-        try:
-            base = yaml.safe_load(base_path.read_text())
-        except yaml.YAMLError as exc:
-            raise UserError(f"study: base: {base_path} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(base, dict):
-            raise UserError(f"study: base: {base_path} must hold a YAML mapping at the top level")
+        base = _yaml_mapping(base_path, "study: base", "scenario file", "a YAML mapping at the top level")
     else:
         assert study.scenario is not None  # StudyConfig requires base or scenario
         base = dict(study.scenario)
@@ -182,16 +175,22 @@ def load_study(path: str | Path) -> tuple[StudyConfig, dict[str, Any]]:
     return study, base
 
 
-def read_patch(path: Path, where: str) -> dict[str, Any]:
-    """A patch file: a YAML mapping of ``KEY.PATH: value`` (the format of a study's ``set:``)."""
+def _yaml_mapping(path: Path, where: str, noun: str, shape: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; a missing file, bad YAML or another shape is one line starting ``where``."""
     if not path.is_file():
-        raise UserError(f"{where}: no patch file at {path}")
+        raise UserError(f"{where}: no {noun} at {path}")
     try:
-        patch = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"{where}: {path} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(patch, dict):
-        raise UserError(f"{where}: {path} must hold a mapping of KEY.PATH: value")
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: {path} must hold {shape}")
+    return data
+
+
+def read_patch(path: Path, where: str) -> dict[str, Any]:
+    """A patch file: a YAML mapping of ``KEY.PATH: value`` (the format of a study's ``set:``)."""
+    patch = _yaml_mapping(path, where, "patch file", "a mapping of KEY.PATH: value")
     for key in patch:
         if not isinstance(key, str) or not all(key.split(".")):
             raise UserError(f"{where}: {key!r} is not a KEY.PATH (dotted scenario keys, e.g. training.local_epochs)")
