@@ -26,19 +26,21 @@ class ShardNotAttached(RuntimeError):
 class ClientShard:
     """A client actor: a :class:`~simfl.client_worker.ClientWorker` behind Ray, refusing calls until attached."""
 
-    def __init__(self, scenario: dict, shard: int, client_ids: list[int]) -> None:
+    def __init__(self, scenario: dict, shard: int) -> None:
         sc = Scenario.model_validate(scenario)
         torch.set_num_threads(torch_threads(sc.resources.cpus_per_actor))
         node = ray.get_runtime_context().get_node_id()
-        self.worker = ClientWorker(sc, shard, client_ids, actor_device(sc.resources.gpus_per_actor), node)
+        self.worker = ClientWorker(sc, shard, actor_device(sc.resources.gpus_per_actor), node)
 
-    def attach(self, refs: dict, states: dict[int, dict[str, int]]) -> dict:
-        """Fetch the dataset and partition, build the model, and take the state of every home client.
+    def attach(self, refs: dict, home: np.ndarray, states: dict[int, dict[str, int]]) -> dict:
+        """Fetch the dataset and partition, build the model, take the home clients and their journaled states.
 
         Called after creation and again after Ray restarts this actor (or after a
-        call to it was lost), so the constructor holds no object refs.
+        call to it was lost), so the constructor holds no object refs and nothing
+        that grows with the population (Ray keeps constructor arguments for
+        restarts, in the object store once they are large).
         """
-        return self.worker.attach(ray.get(refs["dataset"]), ray.get(refs["partition"]), states)
+        return self.worker.attach(ray.get(refs["dataset"]), ray.get(refs["partition"]), home.tolist(), states)
 
     def _attached(self) -> ClientWorker:
         if not self.worker.attached:

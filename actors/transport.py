@@ -58,7 +58,7 @@ class RayTransport:
                 scheduling_strategy="SPREAD",
                 name=f"{name}/client-{i}",
                 namespace="simfl",
-            ).remote(sc.model_dump(mode="json"), i, np.flatnonzero(self.owner == i).tolist())
+            ).remote(sc.model_dump(mode="json"), i)
             for i in range(n_actors)
         ]
         self.incarnation = [0] * n_actors
@@ -66,12 +66,12 @@ class RayTransport:
         self.info = ray.get([self._attach(i) for i in range(n_actors)])
 
     def _attach(self, shard: int) -> ray.ObjectRef:
-        """Give a (new or restarted) client actor its data and the journaled state of all its clients."""
+        """Give a (new or restarted) client actor its data, its home clients and the journaled state of those."""
         self.incarnation[shard] += 1
         home = np.flatnonzero(self.owner == shard)
         self.home_fresh[home] = True
-        states = {int(c): self.journal.get(int(c), new_client_state()) for c in home}
-        return self.actors[shard].attach.remote(self.refs, states)
+        states = {int(c): self.journal[int(c)] for c in home if int(c) in self.journal}
+        return self.actors[shard].attach.remote(self.refs, home, states)
 
     def _reattach(self, shard: int) -> None:
         """Re-attach an actor whose call was lost; waits (with backoff) for Ray to restart it if needed."""

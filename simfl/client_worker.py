@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 import numpy as np
@@ -42,24 +43,30 @@ class ClientWorker:
     """A shard of clients: their data, their state, and one model to train them all with."""
 
     def __init__(
-        self, scenario: Scenario, shard: int, client_ids: list[int], device: torch.device, node_id: str = ""
+        self, scenario: Scenario, shard: int, device: torch.device, node_id: str = ""
     ) -> None:
         self.sc = scenario
         self.device = device
         self.shard = shard
         self.node_id = node_id
-        self.home = frozenset(int(c) for c in client_ids)
+        self.home: frozenset[int] = frozenset()
         self.states: dict[int, dict[str, int]] = {}
         self.data: dict[int, ClientData] = {}
 
-    def attach(self, dataset: Dataset, partition: Partition, states: dict[int, dict[str, int]]) -> dict:
-        """Take the data, build the model, and take the state of every home client.
+    def attach(self, dataset: Dataset, partition: Partition, home: Sequence[int],
+               states: dict[int, dict[str, int]]) -> dict:
+        """Take the data, build the model, the home clients and the state of those that have one.
 
         Called after creation and again after a restart, so the coordinator's
-        journal is the authority on what state the clients are in.
+        journal is the authority on what state the clients are in. ``states``
+        holds only home clients the journal knows (those that have trained); the
+        others start from :func:`new_client_state` when first trained, so
+        attaching does not grow with the population.
         """
-        if set(states) != self.home:
-            raise ValueError(f"shard {self.shard}: attach needs the state of exactly its {len(self.home)} clients")
+        self.home = frozenset(int(c) for c in home)
+        if not set(states) <= self.home:
+            raise ValueError(f"shard {self.shard}: attach got the state of clients it does not own: "
+                             f"{sorted(set(states) - self.home)[:5]}")
         self.dataset = dataset
         self.partition = partition
         self.shifts = [p.shift for p in self.sc.populations]
@@ -70,7 +77,7 @@ class ClientWorker:
         self._weights_cache: tuple[tuple[str, int], torch.Tensor] | None = None
         self._received: int | None = None  # the round whose defence broadcast the defence holds
         self.states = {int(c): dict(s) for c, s in states.items()}
-        return {"shard": self.shard, "node_id": self.node_id, "pid": os.getpid(), "clients": len(self.states)}
+        return {"shard": self.shard, "node_id": self.node_id, "pid": os.getpid(), "clients": len(self.home)}
 
     @property
     def attached(self) -> bool:
@@ -85,6 +92,12 @@ class ClientWorker:
         if client in self.home:
             self.data[client] = data
         return data
+
+    def _state(self, client: int) -> dict[str, int]:
+        """The state this worker holds for ``client``; a new one if the client has never trained."""
+        if client not in self.states:
+            self.states[client] = new_client_state()
+        return self.states[client]
 
     def _weights(self, key: tuple[str, int], weights: np.ndarray) -> torch.Tensor:
         """The round's global weights as a tensor, converted once per round, not once per call."""
@@ -123,9 +136,9 @@ class ClientWorker:
     def _train_one(self, task: TrainTask, client: int, given: dict[int, dict], weights: torch.Tensor) -> ClientReply:
         data = self._data(client)
         if task.probe:
-            state = copy.deepcopy(given[client] if client in given else self.states[client])
+            state = copy.deepcopy(given[client] if client in given else self.states.get(client, new_client_state()))
         else:
-            state = self.states[client]
+            state = self._state(client)
         gen = torch_generator(self.sc.seed, "client-train", client, task.round)
         attacked = (task.probe or client in task.victims) and self.sc.attacks is not None
         before = copy.deepcopy(state) if attacked else state  # a victim shares from its state at the round's start

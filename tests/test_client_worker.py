@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from simfl.client_worker import ClientWorker, new_client_state
@@ -24,8 +25,8 @@ def _worker(defence: str = "dpsgd"):
     ds = prepared.dataset
     shape = (ds.channels, ds.image_size, ds.num_classes)
     weights = FlatWeights(defended_model(sc.model, sc.defence, sc.seed, shape)[0]).snapshot().numpy()
-    worker = ClientWorker(sc, 0, [0, 1, 2, 3], torch.device("cpu"))
-    worker.attach(ds, prepared.partition, {c: new_client_state() for c in range(4)})
+    worker = ClientWorker(sc, 0, torch.device("cpu"))
+    worker.attach(ds, prepared.partition, [0, 1, 2, 3], {1: {"participation": 2, "last_round": 5}})
     return worker, weights
 
 
@@ -55,3 +56,17 @@ def test_only_victims_carry_what_they_shared_and_evaluation_skips_clients_withou
     evals = worker.evaluate(1, weights, [0, 1, 2, 3])
     assert all(e.samples > 0 and 0 <= e.correct <= e.samples for e in evals)
     assert [e.client_id for e in evals] == sorted(e.client_id for e in evals)
+
+
+def test_attach_takes_only_journaled_states_and_new_clients_start_fresh():
+    worker, weights = _worker("none")
+    assert set(worker.states) == {1}  # nothing held for home clients that never trained
+    replies = worker.train(TrainTask(6, [0, 1]), weights, {})
+    assert replies[0].state == {**new_client_state(), "participation": 1, "last_round": 6}
+    assert replies[1].state == {"participation": 3, "last_round": 6}  # continues from its journaled state
+
+
+def test_attach_refuses_the_state_of_a_client_it_does_not_own():
+    worker, _ = _worker("none")
+    with pytest.raises(ValueError, match=r"does not own: \[2\]"):
+        worker.attach(worker.dataset, worker.partition, [0, 1], {2: new_client_state()})

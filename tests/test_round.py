@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simfl.aggregation import ServerOptimizer
-from simfl.client_worker import ClientWorker, new_client_state
+from simfl.client_worker import ClientWorker
 from simfl.defences import Defence, defended_model
 from simfl.defences.base import NoDefenceConfig
 from simfl.messages import ClientReply, EvalReply, TrainTask
@@ -116,10 +116,9 @@ def test_local_evaluation_rows_per_client_and_per_population():
 def test_a_round_through_the_in_process_transport_is_fedavg_of_each_clients_own_training():
     sc, prepared, rounds, model, flat = _rounds()
     owner = assign_clients(prepared.partition.sizes, 2)
-    workers = [ClientWorker(sc, i, np.flatnonzero(owner == i).tolist(), torch.device("cpu")) for i in range(2)]
+    workers = [ClientWorker(sc, i, torch.device("cpu")) for i in range(2)]
     for i, worker in enumerate(workers):
-        worker.attach(prepared.dataset, prepared.partition,
-                      {int(c): new_client_state() for c in np.flatnonzero(owner == i)})
+        worker.attach(prepared.dataset, prepared.partition, np.flatnonzero(owner == i).tolist(), {})
     transport = InProcessTransport(workers, owner)
     weights = flat.snapshot()
     plan = rounds.plan(1)
