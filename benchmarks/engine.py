@@ -31,6 +31,15 @@ width-32 GroupNorm ConvNet; one client actor per core, one torch thread each.
    slower local training and time the actors spend not training.
 3. **Scaling**: the same rounds with 10,000 clients (same cohort size); the
    median round time against 500 clients, and peak memory.
+4. **Population**: 100,000 clients of about 5 images (at 50 images each the
+   pixels alone would be 11 GiB, more than this machine can hold beside Ray's
+   copy), beside 500 clients of about 5: data and partition time, median round
+   time, peak memory, the last checkpoint's size and how many clients its
+   journal holds. What may grow with the population: the data (inherent), the
+   partition (a few integers per client), the journal and checkpoint (one small
+   state per client that has trained: they follow the rounds run, not the
+   population), and nothing else: a client actor is created with no client list
+   and attached with only its journaled clients' states.
 
 The engine builds a client's data (gather, acquisition shift) the first time
 an actor trains it, inside the round: about half of the timed rounds'
@@ -87,6 +96,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from simfl.checkpoint import list_checkpoints, load_latest
 from simfl.client_data import client_data
 from simfl.config import ModelConfig
 from simfl.models import build_model
@@ -217,6 +227,8 @@ class EngineRun:
     coordinator_times: list[float]  # each timed round's round_time_s in the run's rounds table
     clients: pd.DataFrame  # the timed rounds' rows of the clients table: round, client_id, actor, samples, time_s
     other_load: list[tuple[float, float]]  # OtherLoad of each timed round: (other cores, stolen cores)
+    checkpoint_bytes: int = 0  # the last round's checkpoint file
+    journal_clients: int = 0  # clients the coordinator's journal holds a state for at the end
 
     @property
     def samples_per_s(self) -> np.ndarray:
@@ -261,6 +273,9 @@ def engine_run(prepared: Prepared, actors: int, warmup: int, timed: int | None =
             pass
         ray.get(coord.finish.remote())
         ray.kill(coord)
+        (checkpoint,) = list_checkpoints(run_dir)
+        checkpoint_bytes = checkpoint.stat().st_size
+        journal_clients = len(load_latest(run_dir)["journal"])
         rounds = pd.read_parquet(run_dir / "rounds", columns=["round", "samples", "round_time_s"])
         clients = pd.read_parquet(run_dir / "clients", columns=["round", "client_id", "actor", "samples", "time_s"])
     rounds = rounds[(rounds["round"] >= first) & (rounds["round"] < stop)].sort_values("round")
@@ -273,6 +288,8 @@ def engine_run(prepared: Prepared, actors: int, warmup: int, timed: int | None =
         coordinator_times=[float(t) for t in rounds["round_time_s"]],
         clients=clients,
         other_load=other_load,
+        checkpoint_bytes=checkpoint_bytes,
+        journal_clients=journal_clients,
     )
 
 
@@ -477,12 +494,13 @@ class Measured:
     setup_s: float
 
 
-def measure(clients: int, actors: int, warmup: int, timed: int, memory_rounds: int) -> Measured:
-    """Prepare and run ``clients`` clients: warm-up, timed rounds (sampler paused), memory rounds, the last round."""
+def measure(clients: int, actors: int, warmup: int, timed: int, memory_rounds: int, samples: int = 50) -> Measured:
+    """Prepare and run ``clients`` clients of about ``samples`` images: warm-up, timed rounds (sampler paused),
+    memory rounds, the last round."""
     rounds = warmup + timed + memory_rounds + 1
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        prepared = prepare(scenario(clients, rounds, 50, 50, actors))
+        prepared = prepare(scenario(clients, rounds, samples, 50, actors))
         setup = time.perf_counter() - t0
         run = engine_run(prepared, actors, warmup, timed, mem)
     return Measured(prepared, run, mem.peak, setup)
@@ -494,8 +512,8 @@ def spread(values: np.ndarray | list[float], fmt: str) -> str:
     return f"| {np.median(v):{fmt}} | {v.min():{fmt}} | {v.max():{fmt}} |"
 
 
-def report(small: Measured, big: Measured, limit: list[LimitPass], actors: int, threads: int,
-           warmup: int) -> None:
+def report(small: Measured, big: Measured, few: Measured, huge: Measured, limit: list[LimitPass], actors: int,
+           threads: int, warmup: int) -> None:
     """Print the efficiency table, the diagnostics beside it, and the scaling figures."""
     cores = len(os.sched_getaffinity(0))
     run = small.run
@@ -554,11 +572,30 @@ def report(small: Measured, big: Measured, limit: list[LimitPass], actors: int, 
           f"(ratio {ratio:.2f})")
     print(f"  peak memory (PSS, driver + Ray, outside the timed rounds): {big.peak_memory / GIB:.2f} GiB "
           f"at {n_big} clients (target < 8), {small.peak_memory / GIB:.2f} GiB at 500")
+    n_huge = huge.prepared.partition.num_clients
+    print()
+    print(f"[population] {n_huge} clients of about 5 images (at 50 images they would need "
+          f"{n_huge * 50 * 28 * 28 * 3 / GIB:.1f} GiB of pixels), beside 500 clients of about 5; 50/round")
+    print()
+    print("| clients x images | data + partition (s) | round median (s) | min | max | peak memory (GiB) "
+          "| checkpoint (MiB) | journal clients |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for m in (small, big, few, huge):
+        times = np.asarray(m.run.times)
+        per_client = round(len(m.prepared.dataset.train_y) / m.prepared.partition.num_clients)
+        print(f"| {m.prepared.partition.num_clients} x {per_client} | {m.setup_s:.1f} | {np.median(times):.3f} "
+              f"| {times.min():.3f} | {times.max():.3f} | {m.peak_memory / GIB:.2f} "
+              f"| {m.run.checkpoint_bytes / 2**20:.2f} | {m.run.journal_clients} |")
+    print()
+    ratio = float(np.median(huge.run.times) / np.median(few.run.times))
+    print(f"  median round at {n_huge} clients: {np.median(huge.run.times):.3f} s vs {np.median(few.run.times):.3f} s "
+          f"at 500 clients of the same size (ratio {ratio:.2f}); peak memory {huge.peak_memory / GIB:.2f} GiB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds and passes, 2,000 instead of 10,000 clients")
+    parser.add_argument("--quick", action="store_true",
+                        help="few rounds and passes; 2,000 and 5,000 clients instead of 10,000 and 100,000")
     parser.add_argument("--timed-rounds", type=int, help="timed rounds per engine run (default 12; quick 3)")
     parser.add_argument("--passes", type=int, help="passes of the limit (default 5; quick 3)")
     args = parser.parse_args()
@@ -568,14 +605,16 @@ def main() -> None:
     warmup, memory_rounds = (1, 1) if args.quick else (2, 3)
     timed = args.timed_rounds or (3 if args.quick else 12)
     passes = args.passes or (3 if args.quick else 5)
-    big = 2_000 if args.quick else 10_000
+    big, huge = (2_000, 5_000) if args.quick else (10_000, 100_000)
 
     ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING)
     small = measure(500, actors, warmup, timed, memory_rounds)
     large = measure(big, actors, warmup, timed, memory_rounds)
+    few = measure(500, actors, warmup, timed, memory_rounds, samples=5)
+    population = measure(huge, actors, warmup, timed, memory_rounds, samples=5)
     ray.shutdown()  # the limit runs on a machine without Ray
     limit = run_limit(limit_jobs(small.prepared, small.run, actors, threads), passes)
-    report(small, large, limit, actors, threads, warmup)
+    report(small, large, few, population, limit, actors, threads, warmup)
 
 
 if __name__ == "__main__":

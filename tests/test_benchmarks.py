@@ -4,6 +4,7 @@ import math
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,18 @@ def test_engine_benchmark_quick_prints_its_figures():
     for values in rows.values():
         assert values[1] <= values[0] <= values[2], proc.stdout  # min <= median <= max
     assert float(memory.group(1)) > 0.1 and float(memory.group(2)) > 0.1, proc.stdout
+    population = {}
+    for clients, images in [(500, 50), (2000, 50), (500, 5), (5000, 5)]:
+        row = re.search(rf"^\| {clients} x {images} \| {number} \| {number} \| {number} \| {number} \| {number} "
+                        rf"\| {number} \| (\d+) \|$", proc.stdout, re.M)
+        assert row, (clients, images, proc.stdout)
+        setup, median, low, high, peak, checkpoint = map(float, row.groups()[:6])
+        assert setup > 0 and 0 < low <= median <= high and peak > 0.1 and checkpoint > 0, proc.stdout
+        population[clients, images] = int(row.group(7))
+    # --quick: 1 warm-up, 3 timed, 1 memory round and the last: at most 6 x 50 clients have trained.
+    assert all(50 <= n <= 300 for n in population.values()), population
+    assert re.search(rf"median round at 5000 clients: {number} s vs {number} s at 500 clients of the same size "
+                     rf"\(ratio {number}\); peak memory {number} GiB", proc.stdout), proc.stdout
 
 
 @pytest.mark.timeout(600)
@@ -105,3 +118,51 @@ def test_gpu_check_dry_run_on_the_cpu_passes_every_check():
         "throughput (500 clients, 50/round)",
     ]
     assert all(" | pass | " in line for line in table), proc.stdout
+
+
+PEERS_HINT = ('peers: Flower and pfl-research are not installed; install the extra in a venv that sees simfl: '
+              'python -m venv --system-site-packages .peers && .peers/bin/pip install -e ".[peers]" '
+              '&& .peers/bin/python benchmarks/peers.py')
+
+
+def peers_requirements() -> list[str]:
+    """The ``peers`` extra exactly as pyproject.toml pins it."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["optional-dependencies"]["peers"]
+
+
+@pytest.mark.timeout(120)
+def test_peers_without_the_extra_says_how_to_install_it_in_one_line():
+    importable = subprocess.run([sys.executable, "-c", "import flwr, pfl"], capture_output=True).returncode == 0
+    assert not importable, "simfl's own environment must not carry the peers (they pin older protobuf and attrs)"
+    proc = subprocess.run([sys.executable, "benchmarks/peers.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines() == [PEERS_HINT]
+
+
+@pytest.mark.timeout(900)
+def test_peers_run_flower_and_pfl_beside_simfl_in_a_venv_with_the_extra(tmp_path):
+    """The venv README describes, made here (the extra installs from the package index in ~15 s)."""
+    venv = tmp_path / "peers"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run([python, "-m", "pip", "install", "-q", *peers_requirements()], capture_output=True,
+                             text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    proc = subprocess.run([python, "benchmarks/peers.py", "--warmup", "1", "--timed", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    number = r"([0-9.]+)"
+    rows = {}
+    for name in ("simfl", "flower", "pfl"):
+        row = re.search(rf"^\| {name} \| [^|]+ \| {number} \({number}-{number}\) \| {number} \({number}-{number}\) "
+                        rf"\| {number} \|$", proc.stdout, re.M)
+        assert row, (name, proc.stdout)
+        rows[name] = [float(v) for v in row.groups()]
+    for name, (s, s_lo, s_hi, sps, sps_lo, sps_hi, ratio) in rows.items():
+        assert 0 < s_lo <= s <= s_hi and 0 < sps_lo <= sps <= sps_hi, (name, proc.stdout)
+        # Each round trains 50 clients of ~50 images: s/round x samples/s is that round's samples.
+        assert 1000 < s * sps < 5000, (name, proc.stdout)
+        assert math.isclose(ratio, rows["simfl"][3] / sps, rel_tol=0.01), (name, proc.stdout)
+    assert rows["simfl"][6] == 1.0
