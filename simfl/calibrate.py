@@ -13,8 +13,9 @@ patch that a run (``--set``) or a study (``include:``) lays over the scenario.
 Utility is what a study compares defences at: the final global model's
 accuracy on the training clients' local validation splits (``--utility
 client_val``, the default), or on the global test split (``--utility test``).
-Every candidate run evaluates every round, so "rounds to reach ``--target``" is
-exact. Candidates of a rung run concurrently, packed onto the Ray instance or
+Every candidate run evaluates every round; "reached ``--target``" and "final
+utility" are read off the mean of the last ``--window`` rounds (default 5;
+:mod:`simfl.halving` says why). Candidates of a rung run concurrently, packed onto the Ray instance or
 cluster like a study's cells, each a complete run directory under
 ``DIR/candidates/<candidate>.rung<k>``; a rung's survivors are re-run from
 scratch for the next rung (``--resume`` cannot extend a run past its
@@ -49,6 +50,7 @@ from simfl.cell_pool import run_cells  # noqa: E402
 from simfl.errors import UserError  # noqa: E402
 from simfl.halving import (  # noqa: E402
     EPOCHS,
+    WINDOW,
     Candidate,
     Curve,
     Halving,
@@ -62,7 +64,8 @@ from simfl.scenario import Scenario, load_scenario, parse_scenario, scenario_to_
 
 LR_KEY = "training.optimizer.lr"
 EPOCHS_KEY = "training.local_epochs"
-PARQUET_COLUMNS = ["candidate", "lr", "local_epochs", "rung", "round", "utility", "rung_rounds", "shipped"]
+PARQUET_COLUMNS = ["candidate", "lr", "local_epochs", "rung", "round", "utility", "trailing", "rung_rounds",
+                   "shipped"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local learning rates to try (default: lr/3, lr, 3·lr, 10·lr around the scenario's lr)")
     p.add_argument("--epochs", metavar="E,E,...",
                    help=f"local epochs to try (default: {','.join(map(str, EPOCHS))})")
+    p.add_argument("--window", type=int, default=WINDOW, metavar="W",
+                   help=f"'reached' and 'final' are read off the mean of the last W evaluated rounds (default "
+                        f"{WINDOW}; 1: single rounds, which on non-IID clients swing by 0.2-0.4)")
     p.add_argument("--utility", choices=sorted(UTILITY_METRIC), default="client_val",
                    help="client_val: accuracy on the training clients' validation splits (default); "
                         "test: on the global test split")
@@ -124,6 +130,8 @@ def check_inputs(args: argparse.Namespace, scenario: Scenario) -> tuple[list[Can
     budget = scenario.training.rounds if args.rounds is None else args.rounds
     if budget < 1:
         raise UserError(f"--rounds {budget}: must be at least 1")
+    if args.window < 1:
+        raise UserError(f"--window {args.window}: must be at least 1")
     if scenario.training.local_steps is not None:
         raise UserError("training.local_steps: calibration sweeps training.local_epochs; unset local_steps "
                         "(--set training.local_steps=null) to calibrate this scenario")
@@ -192,12 +200,16 @@ def run_rung(args: argparse.Namespace, quiet: argparse.Namespace, out: Path, run
 
 def results_frame(halving: Halving) -> pd.DataFrame:
     """``calibration.parquet``: one row per evaluated round of every candidate run."""
-    rows = [{"candidate": r.candidate.name, "lr": r.candidate.lr, "local_epochs": r.candidate.local_epochs,
-             "rung": r.rung, "round": rnd, "utility": u, "rung_rounds": r.rounds, "shipped": r.candidate.shipped}
-            for rung in halving.rungs for r in rung for rnd, u in r.curve]
+    rows = []
+    for rung in halving.rungs:
+        for r in rung:
+            trailing = dict(r.trailing()) if r.curve else {}
+            rows += [{"candidate": r.candidate.name, "lr": r.candidate.lr, "local_epochs": r.candidate.local_epochs,
+                      "rung": r.rung, "round": rnd, "utility": u, "trailing": trailing.get(rnd, math.nan),
+                      "rung_rounds": r.rounds, "shipped": r.candidate.shipped} for rnd, u in r.curve]
     return pd.DataFrame(rows, columns=PARQUET_COLUMNS).astype(
         {"lr": "float64", "local_epochs": "int64", "rung": "int64", "round": "int64", "utility": "float64",
-         "rung_rounds": "int64", "shipped": "bool"})
+         "trailing": "float64", "rung_rounds": "int64", "shipped": "bool"})
 
 
 def summary_rows(halving: Halving) -> list[dict[str, Any]]:
@@ -218,8 +230,14 @@ def summary_table(halving: Halving) -> str:
     rows = [[r["candidate"], f"{r['lr']:g}", str(r["epochs"]), str(r["rounds"]),
              "–" if r["to_target"] is None else str(r["to_target"]), fmt(r["final"]), r["note"]]
             for r in summary_rows(halving)]
-    header = ["candidate", "lr", "epochs", "rounds run", f"rounds to {halving.target:g}", "final utility", ""]
+    header = ["candidate", "lr", "epochs", "rounds run", f"rounds to {halving.target:g}{mean_of(halving)}",
+              f"final utility{mean_of(halving)}", ""]
     return "\n".join(table(header, rows))
+
+
+def mean_of(halving: Halving) -> str:
+    """`` (mean of 5 rounds)`` where figures are trailing means; empty for single rounds."""
+    return f" (mean of {halving.window} rounds)" if halving.window > 1 else ""
 
 
 def rounds_text(n: int) -> str:
@@ -235,7 +253,7 @@ def outcome(halving: Halving, c: Candidate) -> str:
     reached = r.rounds_to_target(halving.target)
     where = (f"reached {halving.target:g} at round {reached} of {r.rounds}" if reached is not None
              else f"did not reach {halving.target:g} in {rounds_text(r.rounds)}")
-    return f"lr {c.lr:g}, local_epochs {c.local_epochs}: {where}; final utility {r.final:.3f}"
+    return f"lr {c.lr:g}, local_epochs {c.local_epochs}: {where}; final utility {r.final:.3f}{mean_of(halving)}"
 
 
 def patch_text(halving: Halving, scenario_path: str, scenario: Scenario, utility: str) -> str:
@@ -246,7 +264,9 @@ def patch_text(halving: Halving, scenario_path: str, scenario: Scenario, utility
     header = [
         f"simfl calibration of {scenario_path} (scenario {scenario.name}, seed {scenario.seed}), "
         "without defence or attacks",
-        f"target: {utility} ({UTILITY_METRIC[utility]}) >= {halving.target:g}; round budget {halving.budget}; "
+        f"target: {utility} ({UTILITY_METRIC[utility]}) >= {halving.target:g}"
+        f"{f', as the mean of the last {halving.window} evaluated rounds' if halving.window > 1 else ''}; "
+        f"round budget {halving.budget}; "
         f"{len(halving.rungs[0])} candidates by successive halving, {halving.total_rounds} rounds trained in all",
         f"best:    {outcome(halving, best.candidate)}",
         f"shipped: {outcome(halving, shipped)}",
@@ -272,14 +292,20 @@ def plot(halving: Halving, path: Path, utility: str) -> Path:
         rounds, values = zip(*r.curve)
         is_best = best is not None and c == best.candidate
         label = c.name + (" (best)" if is_best else "") + (" (shipped)" if c.shipped else "")
-        ax.plot(rounds, values, label=label, color="black" if c.shipped else colours(i % 20),
-                linestyle="--" if c.shipped else "-", linewidth=2.5 if is_best or c.shipped else 1.0)
+        colour = "black" if c.shipped else colours(i % 20)
+        style = "--" if c.shipped else "-"
+        if halving.window > 1:  # each round faint, the trailing mean the ranking reads in full
+            ax.plot(rounds, values, color=colour, linestyle=style, linewidth=0.6, alpha=0.35)
+            rounds, values = zip(*r.trailing())
+        ax.plot(rounds, values, label=label, color=colour, linestyle=style,
+                linewidth=2.5 if is_best or c.shipped else 1.0)
     ax.axhline(halving.target, color="grey", linestyle=":", linewidth=1, label=f"target {halving.target:g}")
     ax.set_ylim(0.0, 1.0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(f"{UTILITY_METRIC[utility]} ({utility})")
-    ax.set_title(f"calibration: target {halving.target:g}, budget {halving.budget} rounds")
+    ax.set_title(f"calibration: target {halving.target:g}, budget {halving.budget} rounds"
+                 + (f"; bold: mean of the last {halving.window} rounds" if halving.window > 1 else ""))
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -324,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_rung(args, quiet, out, rung, rounds, alive, prepared)
 
     try:
-        halving = successive_halving(candidates, budget, args.target, evaluate)
+        halving = successive_halving(candidates, budget, args.target, evaluate, args.window)
     except UserError as exc:
         print(f"simfl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

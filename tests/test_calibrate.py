@@ -5,6 +5,8 @@ The halving itself is tested with a fake evaluation in test_halving.py.
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +38,7 @@ def fake_halving() -> Halving:
         (["--target", "1.5"], "--target 1.5: must be in (0, 1]"),
         (["--target", "0"], "--target 0: must be in (0, 1]"),
         (["--rounds", "0"], "--rounds 0: must be at least 1"),
+        (["--window", "0"], "--window 0: must be at least 1"),
         (["--lrs", "0.1,abc"], "--lrs 0.1,abc: 'abc' is not a number"),
         (["--lrs", "-0.1"], "--lrs -0.1: -0.1 must be positive"),
         (["--epochs", "1,0"], "--epochs 1,0: 0 must be positive"),
@@ -101,6 +104,22 @@ def test_results_table_and_patch(tmp_path):
     table = summary_table(h)
     assert "| lr0.1_ep2 | 0.1 | 2 | 4 | 3 | 0.950 | best |" in table
     assert "| lr0.01_ep4 | 0.01 | 4 | 4 | – | 0.520 | shipped |" in table
+
+
+def test_trailing_means_are_named_in_the_table_the_patch_and_the_parquet():
+    h = fake_halving()
+    h = Halving(h.target, h.budget, [[replace(r, window=2) for r in rung] for rung in h.rungs], window=2)
+    table = summary_table(h)
+    assert "rounds to 0.9 (mean of 2 rounds)" in table and "final utility (mean of 2 rounds)" in table
+    # fast: 0.5 0.7 0.92 0.95 -> trailing 0.6 0.81 0.935: reaches 0.9 at round 4, final 0.935.
+    assert "| lr0.1_ep2 | 0.1 | 2 | 4 | 4 | 0.935 | best |" in table
+    text = patch_text(h, "scenarios/smoke.yaml", load_scenario(SMOKE), "client_val")
+    assert "as the mean of the last 2 evaluated rounds" in text
+    assert "reached 0.9 at round 4 of 4; final utility 0.935 (mean of 2 rounds)" in text
+    frame = results_frame(h)
+    fast = frame[(frame["candidate"] == "lr0.1_ep2") & (frame["rung"] == 2)].sort_values("round")
+    assert math.isnan(fast["trailing"].iloc[0])
+    assert fast["trailing"].iloc[1:].tolist() == pytest.approx([0.6, 0.81, 0.935])
 
 
 @pytest.mark.engine

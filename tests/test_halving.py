@@ -98,7 +98,9 @@ def test_halving_keeps_a_third_plus_the_shipped_setting_and_respects_the_budget(
     assert all(shipped in alive for _, _, alive in runs.calls)
     assert shipped not in [r.candidate for r in h.rungs[0][:4]]
     assert h.best is not None and h.best.candidate == Candidate(0.03, 4)
-    assert h.best.rounds_to_target(0.9) == 8  # 0.12 per round
+    # 0.12 per round up to 0.95: round 8 is the first single round at 0.9, round 11 the first whose
+    # trailing mean of 5 (0.84 and four 0.95) is.
+    assert h.best.rounds_to_target(0.9) == 11 and h.window == 5
     assert h.last(shipped).rounds == 12 and h.last(Candidate(0.0033, 1)).rounds == 3
 
 
@@ -126,3 +128,23 @@ def test_every_run_failing_has_no_best():
     runs = FakeRuns(speed=lambda c: 0.1, ceiling=lambda c: 0.5, fail={(0.01, 1)})
     h = successive_halving(cands, 4, 0.9, runs)
     assert h.best is None and len(h.rungs) == 1
+
+
+def test_a_single_spike_does_not_reach_the_target_and_final_is_the_trailing_mean():
+    spiky = Result(Candidate(0.1, 1), 1, 10, curve([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.1]), window=5)
+    steady = Result(Candidate(0.01, 1), 1, 10, curve([0.1, 0.2, 0.3, 0.35, 0.35, 0.35, 0.35, 0.35, 0.35, 0.3]),
+                    window=5)
+    assert spiky.rounds_to_target(0.3) is None and spiky.final == pytest.approx(0.26)
+    assert steady.rounds_to_target(0.3) == 6 and steady.final == pytest.approx(0.34)
+    assert [r.candidate for r in rank([spiky, steady], 0.3)] == [steady.candidate, spiky.candidate]
+    # Read off single rounds (window 1), the spike would have won.
+    single = [Result(r.candidate, 1, 10, r.curve, window=1) for r in (spiky, steady)]
+    assert single[0].rounds_to_target(0.3) == 9 and single[1].rounds_to_target(0.3) == 3
+    assert single[0].final == 0.1
+
+
+def test_a_run_shorter_than_the_window_is_read_off_all_its_rounds():
+    short = Result(Candidate(0.1, 1), 1, 3, curve([0.2, 0.4, 0.9]), window=5)
+    assert short.trailing() == [(3, pytest.approx(0.5))]
+    assert short.final == pytest.approx(0.5) and short.rounds_to_target(0.5) == 3
+    assert short.rounds_to_target(0.6) is None
