@@ -75,6 +75,7 @@ where that exceeded 0.1 cores.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import multiprocessing as mp
@@ -486,24 +487,32 @@ def run_limit(jobs: list[LimitJob], passes: int) -> list[LimitPass]:
 
 @dataclass
 class Measured:
-    """One workload size: its data, its timed rounds, its peak memory (outside them), its preparation time."""
+    """One workload size: its timed rounds, its peak memory (outside them), its preparation time; its data
+    only where asked (``keep``), so one size's data never swells the next one's peak."""
 
-    prepared: Prepared
+    clients: int
+    images_per_client: int
     run: EngineRun
     peak_memory: int
     setup_s: float
+    prepared: Prepared | None = None
 
 
-def measure(clients: int, actors: int, warmup: int, timed: int, memory_rounds: int, samples: int = 50) -> Measured:
+def measure(clients: int, actors: int, warmup: int, timed: int, memory_rounds: int, samples: int = 50,
+            keep: bool = False) -> Measured:
     """Prepare and run ``clients`` clients of about ``samples`` images: warm-up, timed rounds (sampler paused),
-    memory rounds, the last round."""
+    memory rounds, the last round. ``keep``: return the prepared data too (the limit replays it)."""
     rounds = warmup + timed + memory_rounds + 1
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         prepared = prepare(scenario(clients, rounds, samples, 50, actors))
         setup = time.perf_counter() - t0
         run = engine_run(prepared, actors, warmup, timed, mem)
-    return Measured(prepared, run, mem.peak, setup)
+    images = round(len(prepared.dataset.train_y) / clients)
+    measured = Measured(clients, images, run, mem.peak, setup, prepared if keep else None)
+    del prepared
+    gc.collect()
+    return measured
 
 
 def spread(values: np.ndarray | list[float], fmt: str) -> str:
@@ -533,7 +542,7 @@ def report(small: Measured, big: Measured, few: Measured, huge: Measured, limit:
     print(f"| limit pass time (s) {spread([p.wall_s for p in limit], '.3f')} {len(limit)} passes |")
     print(f"| engine / limit | {engine_sps / limit_sps:.3f} | | | median / median |")
     print()
-    n_big = big.prepared.partition.num_clients
+    n_big = big.clients
     sync_sps = [samples / p.synchronised_s for p in limit]
     engine_busy = run.clients.groupby("round")["time_s"].sum().to_numpy() / (actors * np.asarray(run.times))
     limit_busy = [p.busy_s / (actors * p.wall_s) for p in limit]
@@ -572,7 +581,7 @@ def report(small: Measured, big: Measured, few: Measured, huge: Measured, limit:
           f"(ratio {ratio:.2f})")
     print(f"  peak memory (PSS, driver + Ray, outside the timed rounds): {big.peak_memory / GIB:.2f} GiB "
           f"at {n_big} clients (target < 8), {small.peak_memory / GIB:.2f} GiB at 500")
-    n_huge = huge.prepared.partition.num_clients
+    n_huge = huge.clients
     print()
     print(f"[population] {n_huge} clients of about 5 images (at 50 images they would need "
           f"{n_huge * 50 * 28 * 28 * 3 / GIB:.1f} GiB of pixels), beside 500 clients of about 5; 50/round")
@@ -582,8 +591,7 @@ def report(small: Measured, big: Measured, few: Measured, huge: Measured, limit:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in (small, big, few, huge):
         times = np.asarray(m.run.times)
-        per_client = round(len(m.prepared.dataset.train_y) / m.prepared.partition.num_clients)
-        print(f"| {m.prepared.partition.num_clients} x {per_client} | {m.setup_s:.1f} | {np.median(times):.3f} "
+        print(f"| {m.clients} x {m.images_per_client} | {m.setup_s:.1f} | {np.median(times):.3f} "
               f"| {times.min():.3f} | {times.max():.3f} | {m.peak_memory / GIB:.2f} "
               f"| {m.run.checkpoint_bytes / 2**20:.2f} | {m.run.journal_clients} |")
     print()
@@ -608,11 +616,12 @@ def main() -> None:
     big, huge = (2_000, 5_000) if args.quick else (10_000, 100_000)
 
     ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING)
-    small = measure(500, actors, warmup, timed, memory_rounds)
+    small = measure(500, actors, warmup, timed, memory_rounds, keep=True)
     large = measure(big, actors, warmup, timed, memory_rounds)
     few = measure(500, actors, warmup, timed, memory_rounds, samples=5)
     population = measure(huge, actors, warmup, timed, memory_rounds, samples=5)
     ray.shutdown()  # the limit runs on a machine without Ray
+    assert small.prepared is not None
     limit = run_limit(limit_jobs(small.prepared, small.run, actors, threads), passes)
     report(small, large, few, population, limit, actors, threads, warmup)
 
