@@ -21,6 +21,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from actors.restarts import once_restarted
 from simfl.acquisition import Devices, apply_shift, draw_devices
 from simfl.attack_log import attack_label
 from simfl.attacks import Attack, adapt, build_attack
@@ -123,16 +124,24 @@ def peer_pool(peers: AuxData, sc: Scenario, victim: Victim, channels: int) -> to
 class Attacker:
     """An attacker actor: runs every configured attack on a round's victims and scores the reconstructions."""
 
-    def __init__(self, scenario: dict, index: int, knowledge: AttackerKnowledge) -> None:
-        # Stateless between jobs and built from small by-value arguments, so Ray can restart it alone.
+    def __init__(self, scenario: dict, index: int) -> None:
+        # Built from small by-value arguments, so Ray can restart it alone: a constructor argument held in the
+        # object store (its knowledge, megabytes) could be gone by then (ray#53727). The knowledge comes with
+        # each job instead, as a reference the pool keeps alive, and is taken in on the first job after a start.
         self.sc = Scenario.model_validate(scenario)
         attacks = self.sc.attacks
         assert attacks is not None  # attacker actors exist only for scenarios that attack
         self.attacks = attacks
-        pool = attacks.pool
-        torch.set_num_threads(torch_threads(pool.cpus_per_actor))
-        self.device = actor_device(pool.gpus_per_actor)
+        torch.set_num_threads(torch_threads(attacks.pool.cpus_per_actor))
+        self.device = actor_device(attacks.pool.gpus_per_actor)
         self.index = index
+        self.known: ray.ObjectRef | None = None
+
+    def _learn(self, ref: ray.ObjectRef) -> None:
+        """Take in the attacker's knowledge (a reference to :class:`AttackerKnowledge`) unless already held."""
+        if self.known == ref:
+            return
+        knowledge: AttackerKnowledge = ray.get(ref)
         self.evaluator = knowledge.evaluator
         self.mean_image = knowledge.mean_image
         self.class_means = knowledge.class_means
@@ -143,7 +152,8 @@ class Attacker:
         self.model = model.to(self.device)
         self.flat = FlatWeights(self.model)
         self.classifier = self.evaluator.model(*knowledge.shape, self.device)
-        self.methods = {m.kind: build_attack(m, knowledge.aux) for m in attacks.methods}
+        self.methods = {m.kind: build_attack(m, knowledge.aux) for m in self.attacks.methods}
+        self.known = ref
 
     def _attacks(self, context: dict | None) -> dict[tuple[str, str], Attack]:
         """Every attack naive; and adaptive too when the defence discloses anything (given the round's broadcast).
@@ -163,11 +173,14 @@ class Attacker:
             attacks.update({(kind, know): a for know, a in told.items() if a.applies()})
         return attacks
 
-    def attack(self, victims: list[Victim], context: dict | None = None) -> dict:
+    def attack(self, victims: list[Victim], context: dict | None, knowledge: list[ray.ObjectRef]) -> dict:
         """Run every configured attack on the stacked victims (all of one round); one row per reconstructed image.
 
         ``context``: the defence's broadcast of the victims' round, which an adaptive attacker uses.
+        ``knowledge``: ``[ref]`` to the :class:`AttackerKnowledge` (in a list, so Ray hands over the reference
+        and the actor fetches it once, not a fresh copy with every job).
         """
+        self._learn(knowledge[0])
         with within_gpu_share("attacks.pool.gpus_per_actor", self.attacks.pool.gpus_per_actor,
                               f"attacker {self.index}"):
             return self._attack(victims, context)
@@ -215,9 +228,11 @@ class Attacker:
 class AttackPool:
     """The attacker actors as seen from the coordinator: submit without waiting, collect when done."""
 
-    def __init__(self, pool: AttackPoolConfig, actors: list, on_done: Callable[[dict, dict], None]) -> None:
+    def __init__(self, pool: AttackPoolConfig, actors: list, knowledge: ray.ObjectRef,
+                 on_done: Callable[[dict, dict], None]) -> None:
         self.cfg = pool
         self.actors = actors
+        self.knowledge = knowledge  # held here for the pool's life: every job (and restarted actor) reads it
         self.on_done = on_done
         self.pending: dict[ray.ObjectRef, tuple[int, dict]] = {}  # ref -> (actor, job)
 
@@ -237,10 +252,15 @@ class AttackPool:
                 max_task_retries=0,
                 name=f"{run_tag}/attacker-{i}",
                 namespace="simfl",
-            ).remote(scenario, i, knowledge)
+            ).remote(scenario, i)
             for i in range(pool.actors)
         ]
-        return cls(pool, actors, on_done)
+        return cls(pool, actors, ray.put(knowledge), on_done)
+
+    def _send(self, actor: int, job: dict) -> None:
+        """Hand ``job`` to attacker ``actor`` (its knowledge by reference) and count it pending."""
+        ref = self.actors[actor].attack.remote(job["victims"], job.get("context"), [self.knowledge])
+        self.pending[ref] = (actor, job)
 
     def submit(self, job: dict) -> bool:
         """Queue one job; False if it was dropped because the pool is full (``when_full: drop``)."""
@@ -252,8 +272,7 @@ class AttackPool:
         load = [0] * len(self.actors)
         for actor, _ in self.pending.values():
             load[actor] += 1
-        actor = int(np.argmin(load))
-        self.pending[self.actors[actor].attack.remote(job["victims"], job.get("context"))] = (actor, job)
+        self._send(int(np.argmin(load)), job)
         return True
 
     def collect(self, timeout: float = 0) -> int:
@@ -276,7 +295,8 @@ class AttackPool:
                 if job["retries"] > MAX_JOB_RETRIES:
                     raise
                 print(f"simfl: attacker {actor} died; re-sending its job of round {job['round']}", file=sys.stderr)
-                self.pending[self.actors[actor].attack.remote(job["victims"], job.get("context"))] = (actor, job)
+                once_restarted(self.actors[actor].__ray_ready__.remote, f"attacker actor {actor}")
+                self._send(actor, job)
                 continue
             self.on_done(job, out)
             handed += 1
@@ -284,11 +304,12 @@ class AttackPool:
 
     def wait_for_one(self) -> None:
         """Block until at least one pending job is collected, saying so while it takes long."""
-        waited = 0
+        since = last_report = time.monotonic()
         while self.pending and not self.collect(timeout=WAIT_REPORT_S):
-            waited += WAIT_REPORT_S
-            print(f"simfl: {len(self.pending)} attack jobs pending, none finished in {waited} s "
-                  "(no resources to place an attacker actor?)", file=sys.stderr)
+            if time.monotonic() - last_report >= WAIT_REPORT_S:  # not after a re-sent job: that returns at once
+                last_report = time.monotonic()
+                print(f"simfl: {len(self.pending)} attack jobs pending, none finished in "
+                      f"{last_report - since:.0f} s (no resources to place an attacker actor?)", file=sys.stderr)
 
     def drain(self) -> None:
         """Wait for every pending job: none is lost at the end of a run."""

@@ -12,7 +12,6 @@ on client state: it is what a restarted actor gets back and what a checkpoint ke
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from actors.client import ClientShard, ShardNotAttached
+from actors.restarts import once_restarted
 from simfl.client_worker import new_client_state
 from simfl.messages import ClientReply, EvalReply, TrainTask
 from simfl.partition import Partition
@@ -33,9 +33,6 @@ from simfl.scheduling import RoundSchedule
 MAX_RERUNS_PER_ROUND = 3
 # How long a round waits on silent actors before saying so (it keeps waiting).
 WAIT_REPORT_S = 60
-# How long a dead client actor may take to come back. Ray notices a death and restarts the
-# actor asynchronously; on a loaded machine, calls sent in between fail for several seconds.
-RESTART_TIMEOUT_S = 300
 
 
 class RayTransport:
@@ -75,19 +72,7 @@ class RayTransport:
 
     def _reattach(self, shard: int) -> None:
         """Re-attach an actor whose call was lost; waits (with backoff) for Ray to restart it if needed."""
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
-        pause = 0.1
-        while True:
-            try:
-                ray.get(self._attach(shard))
-                return
-            except RayActorError:
-                if time.monotonic() + pause > deadline:
-                    break
-                time.sleep(pause)
-                pause = min(2 * pause, 5.0)
-        raise RuntimeError(f"client actor {shard} could not be restarted and re-attached "
-                           f"within {RESTART_TIMEOUT_S} s")
+        once_restarted(lambda: self._attach(shard), f"client actor {shard}")
 
     def _states_to_send(self, shard: int, chunk: list[int]) -> dict[int, dict]:
         """Client states the actor lacks: clients it does not own, or whose home copy is stale."""

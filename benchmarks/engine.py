@@ -6,9 +6,10 @@ width-32 GroupNorm ConvNet; one client actor per core, one torch thread each.
 
 1. **Engine**: the wall time of each round, taken by the driver around
    ``run_round`` (timestamps; the run's own ``rounds`` table gives the
-   coordinator's view beside it), after warm-up rounds that are not counted.
-   Per round, samples/s = the round's samples / its wall time; reported as
-   the median and min–max over the timed rounds.
+   coordinator's view beside it), after 4 warm-up rounds that are not counted
+   (each run starts its own Ray, whose start-up work lingers for the first
+   rounds). Per round, samples/s = the round's samples / its wall time;
+   reported as the median and min–max over the timed rounds.
 2. **Limit**: the plain PyTorch loop (``load_state_dict``, SGD over the same
    clients' samples in the same batches from the same global weights) in as
    many parallel processes as the engine has client actors, each with its
@@ -24,11 +25,18 @@ width-32 GroupNorm ConvNet; one client actor per core, one torch thread each.
    min–max over the passes. The ratio engine / limit is median over median.
    The limit does not wait for the slower process at each round's end (FedAvg
    must); the time it would with that wait (the slower process's time summed
-   over rounds) is printed beside it.
+   over rounds) is printed beside it. Engine run and limit come in pairs, the
+   limit right after its engine run, twice (engine, limit, engine, limit): the
+   machine's speed drifts by several per cent over minutes, and a drift then
+   shows as a spread between the pairs' ratios rather than biasing one side.
+   The table pools both pairs' rounds and passes; each pair's ratio is beside it.
    Also beside the table: how busy the client actors were (their clients'
    ``time_s`` over actors × round time) against the limit's processes, and
    the training time per sample in each: together they split the gap into
-   slower local training and time the actors spend not training.
+   slower local training and time the actors spend not training. And where
+   the CPU went during the timed rounds: cores used by the client actors, the
+   coordinator, the driver, Ray's own processes (raylet and its object store,
+   GCS, agents), and the rest unused (between rounds, the end-of-round tail).
 3. **Scaling**: the same rounds with 10,000 clients (same cohort size); the
    median round time against 500 clients, and peak memory.
 4. **Population**: 100,000 clients of about 5 images (at 50 images each the
@@ -46,9 +54,11 @@ an actor trains it, inside the round: about half of the timed rounds'
 clients at 500 clients, nearly all at 10,000. That cost is in the engine's
 figures (as in a real run) and not in the limit's.
 
-Peak memory (PSS summed over the driver and every process of its private Ray
-instance, object store pages included) is sampled from data preparation to
-the run's end *except* during the timed rounds: the sampler pauses for them,
+Each size runs in a spawned process of its own, with a Ray instance of its
+own: its peak memory is its own, not inflated by what an earlier size's
+driver freed but kept. Peak memory (PSS summed over that process and every
+process of its Ray instance, object store pages included) is sampled from
+data preparation to the run's end *except* during the timed rounds: the sampler pauses for them,
 and extra rounds after them (then the last round, which evaluates and
 checkpoints) are the memory phase. Why: reading every process's ``smaps``
 four times a second costs CPU on a 2-core machine and takes each process's
@@ -75,7 +85,6 @@ where that exceeded 0.1 cores.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import math
 import multiprocessing as mp
@@ -102,7 +111,7 @@ from simfl.client_data import client_data
 from simfl.config import ModelConfig
 from simfl.models import build_model
 from simfl.round import sample_cohort
-from simfl.run import Prepared, prepare, start_coordinator, write_run_header
+from simfl.run import RAY_SYSTEM_CONFIG, Prepared, prepare, start_coordinator, write_run_header
 from simfl.scenario import Scenario, parse_scenario
 from simfl.seeding import torch_generator
 from simfl.training import batch_order
@@ -217,6 +226,39 @@ class OtherLoad:
         return max(other, 0.0) / wall, steal / wall
 
 
+class CpuSplit:
+    """Cores each part of the engine kept busy over an interval: where the CPU of the timed rounds went.
+
+    Parts: the client actors, the coordinator, the driver (this process), and Ray's
+    own processes (raylet with its object store, GCS, agents, log monitor): every
+    other process of this process tree. CPU times are read at the interval's ends only.
+    """
+
+    def __init__(self, actor_pids: list[int], coordinator_pid: int) -> None:
+        self.parts = {**{pid: "client actors" for pid in actor_pids}, coordinator_pid: "coordinator",
+                      os.getpid(): "driver"}
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, dict[int, float]]:
+        me = psutil.Process()
+        cpu: dict[int, float] = {}
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                cpu[proc.pid] = times.user + times.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return time.perf_counter(), cpu
+
+    def lap(self) -> dict[str, float]:
+        """Cores busy per part since construction (a process that started meanwhile counts from 0)."""
+        (t0, before), (t1, after) = self.start, self._read()
+        out = dict.fromkeys(["client actors", "coordinator", "driver", "Ray's own processes"], 0.0)
+        for pid, cpu in after.items():
+            out[self.parts.get(pid, "Ray's own processes")] += (cpu - before.get(pid, 0.0)) / (t1 - t0)
+        return out
+
+
 @dataclass
 class EngineRun:
     """The timed rounds of one engine run."""
@@ -228,6 +270,7 @@ class EngineRun:
     coordinator_times: list[float]  # each timed round's round_time_s in the run's rounds table
     clients: pd.DataFrame  # the timed rounds' rows of the clients table: round, client_id, actor, samples, time_s
     other_load: list[tuple[float, float]]  # OtherLoad of each timed round: (other cores, stolen cores)
+    cpu: dict[str, float]  # CpuSplit over the whole timed block: cores busy per part of the engine
     checkpoint_bytes: int = 0  # the last round's checkpoint file
     journal_clients: int = 0  # clients the coordinator's journal holds a state for at the end
 
@@ -258,11 +301,13 @@ def engine_run(prepared: Prepared, actors: int, warmup: int, timed: int | None =
         run_dir = Path(tmp) / sc.name
         write_run_header(run_dir, prepared)
         coord = start_coordinator(run_dir, prepared, actors, resume=False)
-        ray.get(coord.info.remote())
+        info = ray.get(coord.info.remote())
         for _ in range(1, first):
             ray.get(coord.run_round.remote())
+        pids = [int(a["pid"]) for a in info["actors"]], ray.get(coord.__ray_call__.remote(lambda _: os.getpid()))
         pause: AbstractContextManager[None] = memory.paused() if memory is not None else nullcontext()
         with pause:
+            split = CpuSplit(*pids)
             for _ in range(first, stop):
                 weights.append(ray.get(coord.global_weights.remote()))
                 load = OtherLoad()
@@ -270,6 +315,7 @@ def engine_run(prepared: Prepared, actors: int, warmup: int, timed: int | None =
                 ray.get(coord.run_round.remote())
                 times.append(time.perf_counter() - start)
                 other_load.append(load.lap())
+            cpu = split.lap()
         while ray.get(coord.run_round.remote()) is not None:
             pass
         ray.get(coord.finish.remote())
@@ -289,6 +335,7 @@ def engine_run(prepared: Prepared, actors: int, warmup: int, timed: int | None =
         coordinator_times=[float(t) for t in rounds["round_time_s"]],
         clients=clients,
         other_load=other_load,
+        cpu=cpu,
         checkpoint_bytes=checkpoint_bytes,
         journal_clients=journal_clients,
     )
@@ -487,32 +534,39 @@ def run_limit(jobs: list[LimitJob], passes: int) -> list[LimitPass]:
 
 @dataclass
 class Measured:
-    """One workload size: its timed rounds, its peak memory (outside them), its preparation time; its data
-    only where asked (``keep``), so one size's data never swells the next one's peak."""
+    """One workload size: its timed rounds, its peak memory (outside them), its preparation time."""
 
     clients: int
     images_per_client: int
     run: EngineRun
     peak_memory: int
     setup_s: float
-    prepared: Prepared | None = None
 
 
-def measure(clients: int, actors: int, warmup: int, timed: int, memory_rounds: int, samples: int = 50,
-            keep: bool = False) -> Measured:
+def measure(clients: int, actors: int, warmup: int, timed: int, memory_rounds: int, samples: int = 50) -> Measured:
     """Prepare and run ``clients`` clients of about ``samples`` images: warm-up, timed rounds (sampler paused),
-    memory rounds, the last round. ``keep``: return the prepared data too (the limit replays it)."""
+    memory rounds, the last round; in this process and a Ray instance of its own, started and stopped here."""
     rounds = warmup + timed + memory_rounds + 1
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
-        prepared = prepare(scenario(clients, rounds, samples, 50, actors))
-        setup = time.perf_counter() - t0
-        run = engine_run(prepared, actors, warmup, timed, mem)
-    images = round(len(prepared.dataset.train_y) / clients)
-    measured = Measured(clients, images, run, mem.peak, setup, prepared if keep else None)
-    del prepared
-    gc.collect()
-    return measured
+    cores = len(os.sched_getaffinity(0))
+    ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING,
+             _system_config=dict(RAY_SYSTEM_CONFIG))
+    try:
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            prepared = prepare(scenario(clients, rounds, samples, 50, actors))
+            setup = time.perf_counter() - t0
+            run = engine_run(prepared, actors, warmup, timed, mem)
+    finally:
+        ray.shutdown()
+    return Measured(clients, round(len(prepared.dataset.train_y) / clients), run, mem.peak, setup)
+
+
+def measure_alone(clients: int, actors: int, warmup: int, timed: int, memory_rounds: int,
+                  samples: int = 50) -> Measured:
+    """:func:`measure` in a fresh spawned process: each size's peak memory is its own, not a sum with what an
+    earlier size's driver kept (freed memory a process does not return), and each starts its own Ray."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, (clients, actors, warmup, timed, memory_rounds, samples))
 
 
 def spread(values: np.ndarray | list[float], fmt: str) -> str:
@@ -521,44 +575,64 @@ def spread(values: np.ndarray | list[float], fmt: str) -> str:
     return f"| {np.median(v):{fmt}} | {v.min():{fmt}} | {v.max():{fmt}} |"
 
 
-def report(small: Measured, big: Measured, few: Measured, huge: Measured, limit: list[LimitPass], actors: int,
-           threads: int, warmup: int) -> None:
-    """Print the efficiency table, the diagnostics beside it, and the scaling figures."""
-    cores = len(os.sched_getaffinity(0))
-    run = small.run
-    n_timed, samples = len(run.times), sum(run.samples)
+def diagnose(run: EngineRun, limit: list[LimitPass], actors: int, cores: int, prefix: str) -> None:
+    """Where one engine run's rounds went, beside its limit's passes: busy time, per-sample time, CPU split."""
+    samples = sum(run.samples)
     engine_sps = float(np.median(run.samples_per_s))
-    limit_sps = float(np.median([p.samples_per_s for p in limit]))
-    threads_s = f"{threads} torch thread{'s' * (threads > 1)}"
-    print(f"cores: {cores}; client actors: {actors} x {threads_s}; limit: {actors} processes x {threads_s}")
-    print(f"[efficiency] 500 clients, 50/round, batch 10, 1 local epoch; {n_timed} timed rounds after "
-          f"{warmup} warm-up, {samples} samples; limit: the same samples, {len(limit)} passes")
-    print()
-    print("| 500 clients, 50/round | median | min | max | n |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| engine samples/s {spread(run.samples_per_s, '.1f')} {n_timed} rounds |")
-    print(f"| engine round time (s) {spread(run.times, '.3f')} {n_timed} rounds |")
-    print(f"| limit samples/s {spread([p.samples_per_s for p in limit], '.1f')} {len(limit)} passes |")
-    print(f"| limit pass time (s) {spread([p.wall_s for p in limit], '.3f')} {len(limit)} passes |")
-    print(f"| engine / limit | {engine_sps / limit_sps:.3f} | | | median / median |")
-    print()
-    n_big = big.clients
     sync_sps = [samples / p.synchronised_s for p in limit]
     engine_busy = run.clients.groupby("round")["time_s"].sum().to_numpy() / (actors * np.asarray(run.times))
     limit_busy = [p.busy_s / (actors * p.wall_s) for p in limit]
     per_sample_engine = 1e3 * run.clients["time_s"].sum() / run.clients["samples"].sum()
     per_sample_limit = 1e3 * np.median([p.busy_s for p in limit]) / samples
-    print(f"  engine, all timed rounds: {samples / sum(run.times):.1f} samples/s (total / total); "
+    print(f"{prefix}engine, all timed rounds: {samples / sum(run.times):.1f} samples/s (total / total); "
           f"coordinator's round_time_s median {np.median(run.coordinator_times):.3f} s")
-    print(f"  limit with FedAvg's wait for the slower process at each round's end: {np.median(sync_sps):.1f} "
+    print(f"{prefix}limit with FedAvg's wait for the slower process at each round's end: {np.median(sync_sps):.1f} "
           f"samples/s (median; engine / that {engine_sps / float(np.median(sync_sps)):.3f})")
-    print(f"  busy training: engine client actors {100 * np.median(engine_busy):.0f} % of each round "
+    print(f"{prefix}busy training: engine client actors {100 * np.median(engine_busy):.0f} % of each round "
           f"(clients' time_s / ({actors} x round time), median); limit processes {100 * np.median(limit_busy):.0f} %")
-    print(f"  training time per sample in one process: engine {per_sample_engine:.3f} ms (clients' time_s), "
+    print(f"{prefix}training time per sample in one process: engine {per_sample_engine:.3f} ms (clients' time_s), "
           f"limit {per_sample_limit:.3f} ms")
-    print("  limit passes in order: " + ", ".join(f"{p.wall_s:.2f} s ({p.other_load[0]:.2f} other cores)"
-                                                 for p in limit))
-    loads = {"engine's timed rounds (500 clients)": run.other_load,
+    print(f"{prefix}CPU over the engine's timed rounds (cores, of {cores}): "
+          + ", ".join(f"{part} {cores_:.3f}" for part, cores_ in run.cpu.items())
+          + f"; unused {cores - sum(run.cpu.values()):.3f} (the between-round gap and the end-of-round tail, "
+          "and the benchmark's own reads between rounds)")
+    print(f"{prefix}limit passes in order: " + ", ".join(f"{p.wall_s:.2f} s ({p.other_load[0]:.2f} other cores)"
+                                                       for p in limit))
+
+
+def report(pairs: list[tuple[Measured, list[LimitPass]]], big: Measured, few: Measured, huge: Measured,
+           actors: int, threads: int, warmup: int) -> None:
+    """Print the efficiency table (every pair's rounds and passes pooled), each pair's ratio and diagnostics,
+    and the scaling figures."""
+    cores = len(os.sched_getaffinity(0))
+    runs = [m.run for m, _ in pairs]
+    limit = [p for _, passes in pairs for p in passes]
+    engine_sps_all = np.concatenate([r.samples_per_s for r in runs])
+    times_all = [t for r in runs for t in r.times]
+    engine_sps = float(np.median(engine_sps_all))
+    limit_sps = float(np.median([p.samples_per_s for p in limit]))
+    n_timed, samples = len(runs[0].times), sum(runs[0].samples)
+    threads_s = f"{threads} torch thread{'s' * (threads > 1)}"
+    print(f"cores: {cores}; client actors: {actors} x {threads_s}; limit: {actors} processes x {threads_s}")
+    print(f"[efficiency] 500 clients, 50/round, batch 10, 1 local epoch; {len(pairs)} pair(s) of an engine run "
+          f"({n_timed} timed rounds after {warmup} warm-up, {samples} samples) and the limit on the same samples "
+          f"({len(limit) // len(pairs)} passes) right after it; rounds and passes pooled below")
+    print()
+    print("| 500 clients, 50/round | median | min | max | n |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| engine samples/s {spread(engine_sps_all, '.1f')} {len(times_all)} rounds |")
+    print(f"| engine round time (s) {spread(times_all, '.3f')} {len(times_all)} rounds |")
+    print(f"| limit samples/s {spread([p.samples_per_s for p in limit], '.1f')} {len(limit)} passes |")
+    print(f"| limit pass time (s) {spread([p.wall_s for p in limit], '.3f')} {len(limit)} passes |")
+    print(f"| engine / limit | {engine_sps / limit_sps:.3f} | | | median / median |")
+    print()
+    ratios = [float(np.median(m.run.samples_per_s) / np.median([p.samples_per_s for p in passes]))
+              for m, passes in pairs]
+    print("  engine / limit of each pair, in order: " + ", ".join(f"{r:.3f}" for r in ratios))
+    for i, (m, passes) in enumerate(pairs, 1):
+        diagnose(m.run, passes, actors, cores, f"  pair {i}: ")
+    n_big = big.clients
+    loads = {"engine's timed rounds (500 clients)": [lap for r in runs for lap in r.other_load],
              f"engine's timed rounds ({n_big} clients)": big.run.other_load,
              "limit's passes": [p.other_load for p in limit]}
     print("  other load (cores busy outside this benchmark's processes, max; cores stolen by the hypervisor, max): "
@@ -569,6 +643,7 @@ def report(small: Measured, big: Measured, few: Measured, huge: Measured, limit:
         print(f"  WARNING: the machine was not quiet (over {QUIET_CORES} cores used elsewhere) in "
               + ", ".join(f"{n} of {len(loads[what])} {what}" for what, n in noisy.items() if n)
               + ": those figures are not comparable; run it again on a quiet machine")
+    small, run = pairs[0][0], runs[0]
     print(f"[scaling] {n_big} clients, 50/round: data + partition {big.setup_s:.1f} s")
     print()
     print("| per-round time (s) | median | min | max | n |")
@@ -606,24 +681,30 @@ def main() -> None:
                         help="few rounds and passes; 2,000 and 5,000 clients instead of 10,000 and 100,000")
     parser.add_argument("--timed-rounds", type=int, help="timed rounds per engine run (default 12; quick 3)")
     parser.add_argument("--passes", type=int, help="passes of the limit (default 5; quick 3)")
+    parser.add_argument("--pairs", type=int, help="engine runs at 500 clients, each followed by the limit "
+                        "(default 2; quick 1)")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     actors = cores
     threads = max(1, math.floor(cores / actors))
-    warmup, memory_rounds = (1, 1) if args.quick else (2, 3)
+    warmup, memory_rounds = (1, 1) if args.quick else (4, 3)
     timed = args.timed_rounds or (3 if args.quick else 12)
     passes = args.passes or (3 if args.quick else 5)
     big, huge = (2_000, 5_000) if args.quick else (10_000, 100_000)
 
-    ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING)
-    small = measure(500, actors, warmup, timed, memory_rounds, keep=True)
-    large = measure(big, actors, warmup, timed, memory_rounds)
-    few = measure(500, actors, warmup, timed, memory_rounds, samples=5)
-    population = measure(huge, actors, warmup, timed, memory_rounds, samples=5)
-    ray.shutdown()  # the limit runs on a machine without Ray
-    assert small.prepared is not None
-    limit = run_limit(limit_jobs(small.prepared, small.run, actors, threads), passes)
-    report(small, large, few, population, limit, actors, threads, warmup)
+    # The limit replays each 500-client engine run's timed rounds on the same data (prepared again:
+    # deterministic), on a machine without Ray, right after that run: engine, limit, engine, limit, so that
+    # a drift in the machine's speed shows as a spread between pairs instead of biasing one side.
+    prepared = prepare(scenario(500, warmup + timed + memory_rounds + 1, 50, 50, actors))
+    pairs = []
+    for _ in range(args.pairs or (1 if args.quick else 2)):
+        small = measure_alone(500, actors, warmup, timed, memory_rounds)
+        pairs.append((small, run_limit(limit_jobs(prepared, small.run, actors, threads), passes)))
+    del prepared
+    large = measure_alone(big, actors, warmup, timed, memory_rounds)
+    few = measure_alone(500, actors, warmup, timed, memory_rounds, samples=5)
+    population = measure_alone(huge, actors, warmup, timed, memory_rounds, samples=5)
+    report(pairs, large, few, population, actors, threads, warmup)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from engine import _float_images, engine_run, scenario  # benchmarks/engine.py: 
 from simfl.client_data import client_data
 from simfl.config import ModelConfig
 from simfl.models import build_model
-from simfl.run import Prepared, prepare
+from simfl.run import RAY_SYSTEM_CONFIG, Prepared, prepare
 
 HINT = ('peers: Flower and pfl-research are not installed; install the extra in a venv that sees simfl: '
         'python -m venv --system-site-packages .peers && .peers/bin/pip install -e ".[peers]" '
@@ -159,7 +159,8 @@ def median_spread(times: list[float], samples: list[int]) -> dict[str, Any]:
 def run_simfl(prepared: Prepared, warmup: int, timed: int) -> dict[str, Any]:
     """simfl's engine: warm-up, ``timed`` timed rounds, then its last round (evaluation; not timed)."""
     cores = len(os.sched_getaffinity(0))
-    ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING,
+             _system_config=dict(RAY_SYSTEM_CONFIG))
     run = engine_run(prepared, cores, warmup, timed)
     ray.shutdown()
     return {"setting": f"{cores} client actors x 1 thread"} | median_spread(run.times, run.samples)

@@ -21,6 +21,8 @@ import torch
 import yaml
 from engine_helpers import TINY_STUDY
 
+from simfl.run import RAY_SYSTEM_CONFIG
+
 # Tests that start Ray (directly, or through a fixture that does) are engine tests: `pytest -m "not engine"`
 # is the quick loop. Subprocess benchmarks and the two-node cluster mark themselves.
 ENGINE_FIXTURES = {"ray_local", "tiny_study"}
@@ -45,7 +47,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def ray_local():
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", _system_config=dict(RAY_SYSTEM_CONFIG))
     yield ray
     ray.shutdown()
 

@@ -41,6 +41,15 @@ def test_engine_benchmark_quick_prints_its_figures():
     for values in rows.values():
         assert values[1] <= values[0] <= values[2], proc.stdout  # min <= median <= max
     assert float(memory.group(1)) > 0.1 and float(memory.group(2)) > 0.1, proc.stdout
+    pair = re.search(rf"^  engine / limit of each pair, in order: {number}$", proc.stdout, re.M)
+    assert pair and float(pair.group(1)) == float(ratio.group(1)), proc.stdout  # one pair: its ratio is the pooled
+    cpu = re.search(rf"pair 1: CPU over the engine's timed rounds \(cores, of (\d+)\): client actors {number}, "
+                    rf"coordinator {number}, driver {number}, Ray's own processes {number}; unused {number}",
+                    proc.stdout)
+    assert cpu, proc.stdout
+    cores, parts = int(cpu.group(1)), [float(v) for v in cpu.groups()[1:5]]
+    assert 0 < parts[0] <= cores and all(v >= 0 for v in parts[1:]), proc.stdout
+    assert float(cpu.group(6)) == pytest.approx(cores - sum(parts), abs=2e-3), proc.stdout
     population = {}
     for clients, images in [(500, 50), (2000, 50), (500, 5), (5000, 5)]:
         row = re.search(rf"^\| {clients} x {images} \| {number} \| {number} \| {number} \| {number} \| {number} "

@@ -27,6 +27,8 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from simfl.run import RAY_SYSTEM_CONFIG
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO / "cluster"
 EXPECTED = {"aws-gpu.yaml", "onprem.yaml"}
@@ -45,8 +47,9 @@ def ray_up_validate(config: dict) -> dict:
     return prepared
 
 
-def ray_start_invocations(command: str) -> list[list[str]]:
-    """Argument lists of every `ray start` in a shell command line (`a; b && c` aware)."""
+def ray_starts(command: str) -> list[tuple[list[str], list[str]]]:
+    """(what precedes `ray`, the arguments after `start`) of every `ray start` in a shell command line
+    (`a; b && c` aware)."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     segments: list[list[str]] = [[]]
@@ -56,11 +59,21 @@ def ray_start_invocations(command: str) -> list[list[str]]:
         else:
             segments[-1].append(token)
     return [
-        seg[i + 2 :]
+        (seg[:i], seg[i + 2 :])
         for seg in segments
         for i in range(len(seg) - 1)
         if Path(seg[i]).name == "ray" and seg[i + 1] == "start"
     ]
+
+
+def ray_start_invocations(command: str) -> list[list[str]]:
+    """Argument lists of every `ray start` in a shell command line."""
+    return [args for _, args in ray_starts(command)]
+
+
+def ray_start_environments(command: str) -> list[dict[str, str]]:
+    """The ``NAME=value`` assignments in front of every `ray start` of a shell command line."""
+    return [dict(token.split("=", 1) for token in before) for before, _ in ray_starts(command)]
 
 
 def flag_values(args: list[str], flag: str) -> list[str]:
@@ -184,3 +197,12 @@ def test_dashboard_check_catches_ray_default_start_commands(config_file):
     config = load(config_file)
     del config["head_start_ray_commands"]
     assert dashboard_violations(ray_up_validate(config)) != []
+
+
+def test_every_node_starts_ray_with_the_engines_settings(config_file):
+    """The settings a local instance gets (simfl.run.RAY_SYSTEM_CONFIG) on every node of a cluster too."""
+    merged = ray_up_validate(load(config_file))
+    expected = {f"RAY_{name}": str(value) for name, value in RAY_SYSTEM_CONFIG.items()}
+    starts = [env for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for cmd in merged[key] for env in ray_start_environments(cmd)]
+    assert len(starts) == 2 and all(env == expected for env in starts), starts

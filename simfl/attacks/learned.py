@@ -101,6 +101,7 @@ def layer_inputs(model: nn.Module, flat: FlatWeights, weights: torch.Tensor, ima
     was = model.training
     model.eval()
     latent = model.get_submodule("latent")
+    before = getattr(latent, "generator", None)  # put back after: no generator outlives this call on the model
     if noise is not None:
         latent.train()
         setattr(latent, "generator", noise)  # noqa: B010  (a plain attribute the noise layer reads)
@@ -112,6 +113,8 @@ def layer_inputs(model: nn.Module, flat: FlatWeights, weights: torch.Tensor, ima
     finally:
         handle.remove()
         model.train(was)
+        if noise is not None:
+            setattr(latent, "generator", before)  # noqa: B010
     return torch.cat(captured)
 
 

@@ -31,7 +31,7 @@ from simfl.attacks.base import ATTACKS, AttackConfig, AttackResult, AuxData
 from simfl.attacks.functional import AttackBase, PerRound
 from simfl.attacks.labels import batch_labels
 from simfl.attacks.observation import Observation
-from simfl.disclosure import SharedGradient
+from simfl.disclosure import ModelWrapper, SharedGradient
 from simfl.seeding import torch_generator
 from simfl.weights import FlatWeights, flat_gradient
 
@@ -96,6 +96,11 @@ class LearningToInvert(AttackBase):
     hidden: int = 512
     aux: AuxData | None = None
     shared_gradient: SharedGradient | None = None  # the defence's own (adaptive); None: plain gradients (naive)
+    # The module a plain share is computed on: a naive attacker's view of the victim's (the latent defence's
+    # noise layer switched off). Never the defended module as it stands: its noise layer would draw from
+    # whatever generator an earlier attack or job left on it, and the naive attacker does not know of it.
+    model_wrapper: ModelWrapper | None = None
+    informed: bool = False  # set by adapting: the attacker knows the defence (its wrapper is not a naive view then)
 
     def applies(self) -> bool:
         """It needs the server's data."""
@@ -126,14 +131,19 @@ class LearningToInvert(AttackBase):
         """Simulate ``samples`` shares of server batches at the victims' weights; fit the network to invert them."""
         assert self.aux is not None
         device = flat.vector.device
-        share = self.shared_gradient or plain_share
+        flat.load(obs.weights.to(device))
+        if self.shared_gradient is not None:  # adaptive: the defence computes the share on the defended module
+            share, module = self.shared_gradient, model
+        else:  # naive: the plain gradient of the module as the attacker believes the victim ran it
+            wrapper = self.model_wrapper if not self.informed else None
+            share, module = plain_share, wrapper(model) if wrapper is not None else model
         aux_x, aux_y = self.aux.inputs(device), self.aux.labels.to(device)
         gen = torch_generator(self.aux.seed, "lti-batches")
         inputs, targets = [], []
         for _ in range(self.samples):
             idx = torch.randperm(len(aux_y), generator=gen)[: obs.batch_size].to(device)
-            flat.load(obs.weights.to(device))
-            shared = share(model, flat, aux_x[idx], aux_y[idx], gen)
+            flat.load(obs.weights.to(device))  # a defence's share may move the weights (e.g. a client's own noise)
+            shared = share(module, flat, aux_x[idx], aux_y[idx], gen)
             inputs.append(sketch(shared[flat.trainable].detach()))
             targets.append(aux_x[idx].flatten())
         flat.load(obs.weights.to(device))

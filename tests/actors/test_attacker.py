@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -18,14 +19,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from actors import attacker
 from actors.attacker import AttackerKnowledge, AttackPool, client_device_view, peer_pool
+from simfl.attacks.observation import observe_gradient
 from simfl.attacks.victim import Victim
 from simfl.client_data import client_data
 from simfl.config import AttackPoolConfig
 from simfl.data.synthetic import make_dataset
-from simfl.evaluator import Evaluator
+from simfl.defences import defended_model
+from simfl.evaluator import Evaluator, build_evaluator
 from simfl.round import sample_held_out_victims
 from simfl.run import prepare
 from simfl.scenario import parse_scenario
+from simfl.training import to_input
+from simfl.weights import FlatWeights
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,7 +168,7 @@ class FakeAttacker:
         self.attack = SimpleNamespace(remote=self.remote)
         self.delay = delay
 
-    def remote(self, victims, context=None):
+    def remote(self, victims, context, knowledge):
         if not self.delay:
             return ray.put({"rows": [], "grids": {}})
         return ray.remote(lambda d: time.sleep(d) or {"rows": [], "grids": {}}).options(num_cpus=0).remote(self.delay)
@@ -171,7 +176,7 @@ class FakeAttacker:
 
 def test_finished_jobs_free_the_pool_before_it_is_judged_full(ray_local):
     done = []
-    pool = AttackPool(AttackPoolConfig(max_pending=1, when_full="drop"), [FakeAttacker()],
+    pool = AttackPool(AttackPoolConfig(max_pending=1, when_full="drop"), [FakeAttacker()], ray.put(None),
                       lambda job, out: done.append(job["round"]))
     assert pool.submit({"round": 1, "victims": []})
     # Round 1's job has finished but nobody collected it yet: it must not make round 2's drop.
@@ -185,7 +190,7 @@ def test_a_full_pool_waits_or_drops_as_configured(ray_local):
     for policy, accepted in (("drop", False), ("wait", True)):
         done = []
         pool = AttackPool(AttackPoolConfig(max_pending=1, when_full=policy), [FakeAttacker(delay=1.0)],
-                          lambda job, out, done=done: done.append(job["round"]))
+                          ray.put(None), lambda job, out, done=done: done.append(job["round"]))
         assert pool.submit({"round": 1, "victims": []})
         assert pool.submit({"round": 2, "victims": []}) is accepted
         # wait: round 2 went in only once round 1 was collected
@@ -272,3 +277,34 @@ def test_the_peer_pool_is_the_first_validation_images_of_the_victims_labels(monk
     keep = [i for i in expected if val_y[i] in (0, 2)]
     assert pool.shape == (6, 3, 8, 8)  # no shift: the images themselves, as model inputs
     assert torch.equal(pool, torch.from_numpy(dataset.val_x[keep]).permute(0, 3, 1, 2).float() / 255)
+
+
+def test_an_attacker_restarted_by_ray_takes_its_knowledge_in_again(ray_local):
+    """Nothing the actor needs lives in its constructor arguments: after a crash its next job still runs."""
+    sc = parse_scenario({"data": {"size": 8}, "model": {"width": 4},
+                         "populations": [{"name": "a", "clients": 2}],
+                         "attacks": {"methods": [{"kind": "idlg", "iterations": 2}], "victims": 1}})
+    dataset = make_dataset(train_size=10, val_size=16, test_size=4, image_size=8, num_classes=4, seed=1)
+    shape = (3, 8, 4)
+    knowledge = AttackerKnowledge.from_dataset(
+        dataset, Evaluator(FlatWeights(build_evaluator(*shape)).snapshot(), 0.5, "k"), seed=0)
+    model, _ = defended_model(sc.model, sc.defence, sc.seed, shape)
+    flat = FlatWeights(model)
+    private = torch.from_numpy(dataset.train_x[:1])
+    label = torch.from_numpy(dataset.train_y[:1]).long()
+    victim = Victim(1, 0, observe_gradient(model, flat, flat.snapshot(), to_input(private), label), private, label)
+    done: list[dict] = []
+    pool = AttackPool.start(sc.model_dump(mode="json"), knowledge, "restart-test", lambda job, out: done.append(out))
+    try:
+        pool.submit({"round": 1, "victims": [victim]})
+        pool.drain()
+        pid = ray.get(pool.actors[0].__ray_call__.remote(lambda self: os.getpid()))
+        ray.kill(pool.actors[0], no_restart=False)  # Ray restarts it from its constructor arguments alone
+        pool.submit({"round": 2, "victims": [victim]})
+        pool.drain()
+        assert ray.get(pool.actors[0].__ray_call__.remote(lambda self: os.getpid())) != pid
+    finally:
+        pool.stop()
+    first, second = (pd.DataFrame(out["rows"]) for out in done)
+    assert len(first) == len(second) == 1
+    pd.testing.assert_series_equal(first["mse"], second["mse"])  # the same attack on the same victim

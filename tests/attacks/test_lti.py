@@ -12,6 +12,8 @@ from simfl.attacks.base import AuxData
 from simfl.attacks.lti import CountSketch, plain_share
 from simfl.config import ModelConfig
 from simfl.data.synthetic import make_dataset
+from simfl.defences import defended_model
+from simfl.defences.latent import LatentConfig, latent_off, noise_layer
 from simfl.disclosure import Disclosure
 from simfl.errors import UserError
 from simfl.metrics import mse
@@ -72,3 +74,23 @@ def test_lti_needs_the_gradient_view():
     with pytest.raises(UserError, match="lti needs attacks.view: gradient"):
         parse_scenario({"populations": [{"name": "a", "clients": 2}],
                         "attacks": {"view": "update", "methods": ["lti"]}})
+
+
+def test_the_naive_attacker_on_the_latent_defence_simulates_the_undefended_model(setup):
+    """Naive lti computes plain shares with the noise layer off: no draw from a generator left on the model."""
+    aux, _, _, _, x = setup
+    model, defence = defended_model(ModelConfig(arch="convnet", width=8), LatentConfig(), 0, (3, 16, 4))
+    flat = FlatWeights(model)
+    plain = latent_off(model)
+    observations = [observe_gradient(plain, FlatWeights(plain), flat.snapshot(), x[i : i + 1],
+                                     torch.tensor([i % 4])) for i in range(2)]
+    naive = adapt(build_attack(ATTACKS.configs["lti"](samples=20, steps=5), aux), defence.naive_view())
+    results = []
+    for leftover in (None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)):
+        noise_layer(model).generator = leftover  # what an earlier attack or job may have left on the model
+        torch.manual_seed(len(results))
+        results.append(naive(model, flat, observations, [0, 1]).images)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    undefended = build_attack(ATTACKS.configs["lti"](samples=20, steps=5), aux)(plain, FlatWeights(plain),
+                                                                                observations, [0, 1])
+    assert torch.equal(results[0], undefended.images)
