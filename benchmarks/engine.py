@@ -37,6 +37,10 @@ width-32 GroupNorm ConvNet; one client actor per core, one torch thread each.
    the CPU went during the timed rounds: cores used by the client actors, the
    coordinator, the driver, Ray's own processes (raylet and its object store,
    GCS, agents), and the rest unused (between rounds, the end-of-round tail).
+   Beside them, drift-free: the engine's local training code (``train_client``
+   from uint8 images, as an actor runs it) and the plain loop alternating
+   client by client in one process on the first timed rounds' clients: the
+   per-sample cost of the engine's own training code, whatever the machine did.
 3. **Scaling**: the same rounds with 10,000 clients (same cohort size); the
    median round time against 500 clients, and peak memory.
 4. **Population**: 100,000 clients of about 5 images (at 50 images each the
@@ -108,13 +112,16 @@ import torch.nn.functional as F
 
 from simfl.checkpoint import list_checkpoints, load_latest
 from simfl.client_data import client_data
+from simfl.client_worker import new_client_state
 from simfl.config import ModelConfig
+from simfl.defences import defended_model
 from simfl.models import build_model
 from simfl.round import sample_cohort
 from simfl.run import RAY_SYSTEM_CONFIG, Prepared, prepare, start_coordinator, write_run_header
 from simfl.scenario import Scenario, parse_scenario
 from simfl.seeding import torch_generator
-from simfl.training import batch_order
+from simfl.training import batch_order, train_client
+from simfl.weights import FlatWeights
 
 GIB = 1024**3
 LIMIT_TIMEOUT_S = 900  # a limit process that has not reported by then has died or hangs
@@ -529,6 +536,52 @@ def run_limit(jobs: list[LimitJob], passes: int) -> list[LimitPass]:
     return out
 
 
+# ------------------------------------------------------------------ local training code, side by side
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """Per-sample local training time of the engine's code and of the plain loop, alternating client by client."""
+
+    engine_ms: float
+    plain_ms: float
+    samples: int
+
+
+def side_by_side(prepared: Prepared, run: EngineRun, rounds: int) -> SideBySide:
+    """The first ``rounds`` timed rounds' clients, each trained by the engine's ``train_client`` (from uint8
+    images, as an actor does) and then by the plain loop (float tensors prepared up front), in this one
+    process with one torch thread. Alternating client by client, the machine's drift over minutes (several
+    per cent on this one) falls on both alike: what is left is the cost of the engine's own training code."""
+    sc, ds = prepared.scenario, prepared.dataset
+    torch.set_num_threads(1)
+    shifts = [p.shift for p in sc.populations]
+    shape = (ds.channels, ds.image_size, ds.num_classes)
+    model, defence = defended_model(sc.model, sc.defence, sc.seed, shape)
+    flat = FlatWeights(model)
+    plain = build_model(sc.model, *shape)
+    times, samples = {"engine": 0.0, "plain": 0.0}, 0
+    for i, r in enumerate(run.rounds[:rounds]):
+        weights, state = run.weights[i], _unflatten(plain, run.weights[i])
+        for c in sorted(run.clients.loc[run.clients["round"] == r, "client_id"]):
+            cd = client_data(ds, prepared.partition, shifts, sc.seed, int(c))
+            x, batches = _float_images(cd.x), _batches(prepared, int(c), r, len(cd.y))
+            if not samples:  # first calls allocate and pick kernels: one untimed call of each first
+                train_client(model, flat, weights, cd.x, cd.y, sc.training,
+                             torch_generator(sc.seed, "client-train", c, r), defence, new_client_state())
+                train_plain(plain, state, x, cd.y, batches, sc.training.optimizer.lr)
+            t0 = time.perf_counter()
+            train_client(model, flat, weights, cd.x, cd.y, sc.training, torch_generator(sc.seed, "client-train", c, r),
+                         defence, new_client_state())
+            t1 = time.perf_counter()
+            train_plain(plain, state, x, cd.y, batches, sc.training.optimizer.lr)
+            t2 = time.perf_counter()
+            times["engine"] += t1 - t0
+            times["plain"] += t2 - t1
+            samples += len(cd.y)
+    return SideBySide(1e3 * times["engine"] / samples, 1e3 * times["plain"] / samples, samples)
+
+
 # ------------------------------------------------------------------ one engine measurement, and the report
 
 
@@ -600,8 +653,8 @@ def diagnose(run: EngineRun, limit: list[LimitPass], actors: int, cores: int, pr
                                                        for p in limit))
 
 
-def report(pairs: list[tuple[Measured, list[LimitPass]]], big: Measured, few: Measured, huge: Measured,
-           actors: int, threads: int, warmup: int) -> None:
+def report(pairs: list[tuple[Measured, list[LimitPass]]], side: SideBySide, big: Measured, few: Measured,
+           huge: Measured, actors: int, threads: int, warmup: int) -> None:
     """Print the efficiency table (every pair's rounds and passes pooled), each pair's ratio and diagnostics,
     and the scaling figures."""
     cores = len(os.sched_getaffinity(0))
@@ -631,6 +684,9 @@ def report(pairs: list[tuple[Measured, list[LimitPass]]], big: Measured, few: Me
     print("  engine / limit of each pair, in order: " + ", ".join(f"{r:.3f}" for r in ratios))
     for i, (m, passes) in enumerate(pairs, 1):
         diagnose(m.run, passes, actors, cores, f"  pair {i}: ")
+    print(f"  local training code side by side (one process, one thread, alternating client by client, "
+          f"{side.samples} samples): engine's train_client {side.engine_ms:.3f} ms per sample, plain loop "
+          f"{side.plain_ms:.3f} ms (ratio {side.plain_ms / side.engine_ms:.3f})")
     n_big = big.clients
     loads = {"engine's timed rounds (500 clients)": [lap for r in runs for lap in r.other_load],
              f"engine's timed rounds ({n_big} clients)": big.run.other_load,
@@ -700,11 +756,12 @@ def main() -> None:
     for _ in range(args.pairs or (1 if args.quick else 2)):
         small = measure_alone(500, actors, warmup, timed, memory_rounds)
         pairs.append((small, run_limit(limit_jobs(prepared, small.run, actors, threads), passes)))
+    side = side_by_side(prepared, pairs[0][0].run, 1 if args.quick else 4)
     del prepared
     large = measure_alone(big, actors, warmup, timed, memory_rounds)
     few = measure_alone(500, actors, warmup, timed, memory_rounds, samples=5)
     population = measure_alone(huge, actors, warmup, timed, memory_rounds, samples=5)
-    report(pairs, large, few, population, actors, threads, warmup)
+    report(pairs, side, large, few, population, actors, threads, warmup)
 
 
 if __name__ == "__main__":
