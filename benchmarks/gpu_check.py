@@ -53,7 +53,7 @@ from simfl.attacks import ATTACKS  # noqa: E402
 from simfl.config import ModelConfig  # noqa: E402
 from simfl.models import build_model  # noqa: E402
 from simfl.resources import GpuShareExceeded, actor_device, within_gpu_share  # noqa: E402
-from simfl.run import prepare  # noqa: E402
+from simfl.run import RAY_SYSTEM_CONFIG, prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 900
@@ -256,7 +256,7 @@ def check_throughput(gpu: bool, rounds: int, warmup: int) -> Row:
     cores = len(os.sched_getaffinity(0))
     share = 0.25 if gpu else 0.0
     device = "cuda" if gpu else "cpu"
-    ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING", _system_config=dict(RAY_SYSTEM_CONFIG))
     try:
         on_gpu = prepare(engine.scenario(500, rounds, 50, 50, "auto", gpus_per_actor=share))
         actors = expected_auto_actors(share, 500) if gpu else cores
