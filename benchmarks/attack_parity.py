@@ -76,15 +76,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simfl.attacks import InvertingGradients, Observation, observe_gradient
-from simfl.attacks.analytic import recover
-from simfl.attacks.functional import draw, total_variation, victim_generators
-from simfl.config import ModelConfig
+from simfl.core.config import ModelConfig
+from simfl.core.models import build_model
+from simfl.core.training import to_input
+from simfl.core.weights import FlatWeights
 from simfl.data import DataConfig, SyntheticConfig, load_dataset
-from simfl.metrics import psnr, ssim
-from simfl.models import build_model
-from simfl.training import to_input
-from simfl.weights import FlatWeights
+from simfl.privacy.attacks import InvertingGradients, Observation, observe_gradient
+from simfl.privacy.attacks.analytic import recover
+from simfl.privacy.attacks.functional import draw, total_variation, victim_generators
+from simfl.privacy.metrics import psnr, ssim
 
 with warnings.catch_warnings():  # breaching's objectives use the deprecated torch.jit.script
     warnings.simplefilter("ignore")

@@ -32,15 +32,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from simfl.attacks import ATTACKS, InvertingGradients, Observation, adapt, build_attack, observe_gradient
-from simfl.attacks.base import AuxData
-from simfl.config import ModelConfig
+from simfl.core.config import ModelConfig
+from simfl.core.models import build_model
+from simfl.core.weights import FlatWeights
 from simfl.data.synthetic import make_dataset
-from simfl.decoders import Decoder
-from simfl.disclosure import Disclosure
-from simfl.models import build_model
-from simfl.run import main as run
-from simfl.weights import FlatWeights
+from simfl.privacy.attacks import ATTACKS, InvertingGradients, Observation, adapt, build_attack, observe_gradient
+from simfl.privacy.attacks.base import AuxData
+from simfl.privacy.decoders import Decoder
+from simfl.privacy.disclosure import Disclosure
+from simfl.simulation.runner import main as run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_MODEL = ModelConfig(arch="convnet", norm="group", width=16)

@@ -23,11 +23,11 @@ import time
 import numpy as np
 import torch
 
-from simfl.config import ModelConfig, TrainingConfig
+from simfl.core.config import ModelConfig, TrainingConfig
+from simfl.core.training import train_client
+from simfl.core.weights import FlatWeights
 from simfl.data import Dataset
-from simfl.defences import DEFENCES, defended_model
-from simfl.training import train_client
-from simfl.weights import FlatWeights
+from simfl.privacy.defences import DEFENCES, defended_model
 
 SHAPE = (3, 28, 8)
 KNOBS = {

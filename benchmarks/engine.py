@@ -110,18 +110,18 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from simfl.checkpoint import list_checkpoints, load_latest
-from simfl.client_data import client_data
-from simfl.client_worker import new_client_state
-from simfl.config import ModelConfig
-from simfl.defences import defended_model
-from simfl.models import build_model
-from simfl.round import sample_cohort
-from simfl.run import RAY_SYSTEM_CONFIG, Prepared, prepare, start_coordinator, write_run_header
-from simfl.scenario import Scenario, parse_scenario
-from simfl.seeding import torch_generator
-from simfl.training import batch_order, train_client
-from simfl.weights import FlatWeights
+from simfl.core.checkpoint import list_checkpoints, load_latest
+from simfl.core.config import ModelConfig
+from simfl.core.models import build_model
+from simfl.core.seeding import torch_generator
+from simfl.core.training import batch_order, train_client
+from simfl.core.weights import FlatWeights
+from simfl.data.client_data import client_data
+from simfl.engine.client_work import new_client_state
+from simfl.engine.round import sample_cohort
+from simfl.engine.scenario import Scenario, parse_scenario
+from simfl.privacy.defences import defended_model
+from simfl.simulation.runner import RAY_SYSTEM_CONFIG, Prepared, prepare, start_coordinator, write_run_header
 
 GIB = 1024**3
 LIMIT_TIMEOUT_S = 900  # a limit process that has not reported by then has died or hangs

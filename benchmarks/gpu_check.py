@@ -49,11 +49,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine  # noqa: E402  (the engine benchmark beside this file: same workload)
 
-from simfl.attacks import ATTACKS  # noqa: E402
-from simfl.config import ModelConfig  # noqa: E402
-from simfl.models import build_model  # noqa: E402
-from simfl.resources import GpuShareExceeded, actor_device, within_gpu_share  # noqa: E402
-from simfl.run import RAY_SYSTEM_CONFIG, prepare  # noqa: E402
+from simfl.core.config import ModelConfig  # noqa: E402
+from simfl.core.models import build_model  # noqa: E402
+from simfl.core.resources import GpuShareExceeded, actor_device, within_gpu_share  # noqa: E402
+from simfl.privacy.attacks import ATTACKS  # noqa: E402
+from simfl.simulation.runner import RAY_SYSTEM_CONFIG, prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 900

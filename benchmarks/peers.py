@@ -6,7 +6,7 @@ populations, one colour-shifted), 50 clients per round, 1 local epoch, batch
 
 The peers get simfl's own client images, already shifted and converted to
 float NCHW tensors, written once to an ``.npz`` they load in each worker
-before the timed rounds; they build the same model from ``simfl.models`` with
+before the timed rounds; they build the same model from ``simfl.core.models`` with
 the same initial weights. That favours them: simfl gathers and shifts a
 client's images inside the round the first time an actor trains it, and
 converts uint8 to float per batch. Each side runs in its own process, one
@@ -58,10 +58,10 @@ import torch
 import torch.nn.functional as F
 from engine import _float_images, engine_run, scenario  # benchmarks/engine.py: the same workload and engine driver
 
-from simfl.client_data import client_data
-from simfl.config import ModelConfig
-from simfl.models import build_model
-from simfl.run import RAY_SYSTEM_CONFIG, Prepared, prepare
+from simfl.core.config import ModelConfig
+from simfl.core.models import build_model
+from simfl.data.client_data import client_data
+from simfl.simulation.runner import RAY_SYSTEM_CONFIG, Prepared, prepare
 
 HINT = ('peers: Flower and pfl-research are not installed; install the extra in a venv that sees simfl: '
         'python -m venv --system-site-packages .peers && .peers/bin/pip install -e ".[peers]" '

@@ -1,9 +1,9 @@
 """Writes the README's scenario reference from the schema, so that its tables cannot drift from the code.
 
 Every key's default and meaning come from the pydantic fields of
-:class:`simfl.scenario.Scenario` (``Field(..., description=...)``), walked
+:class:`simfl.engine.scenario.Scenario` (``Field(..., description=...)``), walked
 section by section, and every plugin kind's knobs from its registry
-(``simfl.attacks.ATTACKS``, ``simfl.defences.DEFENCES``): a new key or a newly
+(``simfl.privacy.attacks.ATTACKS``, ``simfl.privacy.defences.DEFENCES``): a new key or a newly
 registered plugin shows up here by itself. To change a meaning, edit the
 field's description, then::
 
@@ -30,10 +30,10 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from simfl.attacks import ATTACKS
-from simfl.defences import DEFENCES
-from simfl.plugins import PluginConfig, Registry
-from simfl.scenario import Scenario
+from simfl.core.plugins import PluginConfig, Registry
+from simfl.engine.scenario import Scenario
+from simfl.privacy.attacks import ATTACKS
+from simfl.privacy.defences import DEFENCES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START = "<!-- scenario-reference:start -->"

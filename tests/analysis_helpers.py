@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import stats
 
-from simfl.scenario import load_scenario, scenario_to_yaml
-from simfl.tables import SCHEMAS
+from simfl.engine.run_tables import SCHEMAS
+from simfl.engine.scenario import load_scenario, scenario_to_yaml
 
 SMOKE = Path(__file__).resolve().parents[1] / "scenarios" / "defences_smoke.yaml"
 

@@ -4,10 +4,10 @@ import dataclasses
 
 import torch
 
-from simfl.attacks import observe_gradient, observe_update
-from simfl.config import ModelConfig
-from simfl.models import build_model
-from simfl.weights import FlatWeights
+from simfl.core.config import ModelConfig
+from simfl.core.models import build_model
+from simfl.core.weights import FlatWeights
+from simfl.privacy.attacks import observe_gradient, observe_update
 
 
 def victims(model, flat, view, batch=2, count=3, seed=100, lr=0.1, same_weights=False, momentum=0.0,

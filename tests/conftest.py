@@ -21,7 +21,7 @@ import torch
 import yaml
 from engine_helpers import TINY_STUDY
 
-from simfl.run import RAY_SYSTEM_CONFIG
+from simfl.simulation.runner import RAY_SYSTEM_CONFIG
 
 # Tests that start Ray (directly, or through a fixture that does) are engine tests: `pytest -m "not engine"`
 # is the quick loop. Subprocess benchmarks and the two-node cluster mark themselves.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from simfl.run import main
+from simfl.simulation.runner import main
 
 # Columns that legitimately differ between equal runs (timing, placement, retries).
 VOLATILE = {"time_s", "round_time_s", "finished_at", "actor", "node_id", "attempt", "reruns"}

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from simfl.models import AvgPoolTo
+from simfl.core.models import AvgPoolTo
 
 
 def with_adaptive_pooling(model: nn.Module) -> nn.Module:

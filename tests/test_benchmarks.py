@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simfl.attacks import ATTACKS
+from simfl.privacy.attacks import ATTACKS
 
 pytestmark = pytest.mark.engine  # whole benchmarks or clusters in subprocesses: minutes
 

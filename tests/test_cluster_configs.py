@@ -27,7 +27,7 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from simfl.run import RAY_SYSTEM_CONFIG
+from simfl.simulation.runner import RAY_SYSTEM_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO / "cluster"
@@ -200,7 +200,7 @@ def test_dashboard_check_catches_ray_default_start_commands(config_file):
 
 
 def test_every_node_starts_ray_with_the_engines_settings(config_file):
-    """The settings a local instance gets (simfl.run.RAY_SYSTEM_CONFIG) on every node of a cluster too."""
+    """The settings a local instance gets (simfl.simulation.runner.RAY_SYSTEM_CONFIG) on every node of a cluster too."""
     merged = ray_up_validate(load(config_file))
     expected = {f"RAY_{name}": str(value) for name, value in RAY_SYSTEM_CONFIG.items()}
     starts = [env for key in ("head_start_ray_commands", "worker_start_ray_commands")

@@ -1,4 +1,5 @@
-"""The layers stay layers: no import cycle among simfl/actors modules, and pure modules never load Ray.
+"""The layers stay layers: each subpackage imports only its own floor and those below, no import cycle, and pure
+modules never load Ray.
 
 The import graph is read from the source (every ``import``/``from`` statement,
 wherever it stands), so a cycle hidden inside a function counts too.
@@ -14,13 +15,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Modules that drive Ray (the CLI drivers and the actors); every other simfl module is pure.
-RAY_MODULES = {"simfl.run", "simfl.study", "simfl.cell_pool", "simfl.study_search", "simfl.calibrate"}
+# simfl's floors, bottom first: a module may import its own floor and those below it, never one above.
+# The top-level modules (the API and the thin command lines) stand above them all.
+FLOORS = ["core", "data", "privacy", "engine", "results", "simulation", "studies"]
+# Modules that drive Ray (the simulation, the study drivers, the command lines); every other simfl module is pure.
+RAY_MODULES = {"simfl.run", "simfl.study", "simfl.calibrate", "simfl.studies.cell_pool", "simfl.studies.probes",
+               "simfl.studies.study", "simfl.studies.calibrate"}
 
 
 def modules() -> dict[str, Path]:
     found = {}
-    for path in [*ROOT.glob("simfl/**/*.py"), *ROOT.glob("actors/**/*.py")]:
+    for path in ROOT.glob("simfl/**/*.py"):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         found[name] = path
     return found
@@ -94,16 +99,40 @@ def test_no_import_cycle_among_project_modules():
     assert cycles(import_graph()) == []
 
 
+def floor(module: str) -> int:
+    """The module's floor (index in FLOORS); top-level modules are above every floor."""
+    parts = module.split(".")
+    return FLOORS.index(parts[1]) if len(parts) > 1 and parts[1] in FLOORS else len(FLOORS)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets if floor(t) > floor(m))
+
+
+def test_every_module_sits_on_a_floor():
+    assert sorted(m for m in modules() if m.count(".") == 1 and floor(m) == len(FLOORS)) == [
+        "simfl.calibrate", "simfl.run", "simfl.study"]
+
+
+def test_no_floor_imports_one_above_it():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_floor_check_finds_an_upward_import():
+    assert upward_imports({"simfl.core.x": {"simfl.engine.y"}, "simfl.engine.y": {"simfl.core.x"}}) == [
+        "simfl.core.x -> simfl.engine.y"]
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-PURE = sorted(m for m in modules() if m.startswith("simfl") and m not in RAY_MODULES)
-# One fresh interpreter imports the pure modules one by one and names the first after which Ray or actors is loaded.
+PURE = sorted(m for m in modules() if m not in RAY_MODULES and not m.startswith("simfl.simulation"))
+# One fresh interpreter imports the pure modules one by one and names the first after which Ray or an actor is loaded.
 PROBE = """
 import importlib, json, sys
 def loaded():
-    return sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "actors"))
+    return sorted(m for m in sys.modules if m.split(".")[0] == "ray" or m.startswith("simfl.simulation"))
 for module in json.loads(sys.argv[1]):
     importlib.import_module(module)
     if loaded():
@@ -117,10 +146,13 @@ def test_pure_modules_load_neither_ray_nor_the_actors():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"importing this pure module loads Ray or the actors: {out.stdout.strip()}"
-    assert {"simfl.round", "simfl.report", "simfl.scenario", "simfl.client_worker"} <= set(PURE)
+    assert {"simfl.engine.round", "simfl.studies.report", "simfl.engine.scenario",
+            "simfl.engine.client_work"} <= set(PURE)
 
 
 if __name__ == "__main__":
     found = cycles(import_graph())
-    print("\n".join(" -> ".join(c) for c in found) or "no import cycle among simfl/ and actors/ modules")
-    sys.exit(1 if found else 0)
+    up = upward_imports(import_graph())
+    print("\n".join(" -> ".join(c) for c in found) or "no import cycle among simfl's modules")
+    print("\n".join(up) or "no import runs up a floor")
+    sys.exit(1 if found or up else 0)

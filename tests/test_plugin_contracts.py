@@ -21,19 +21,19 @@ import torch
 import torch.nn.functional as F
 from attack_helpers import assert_batched_equals_single, victims
 
-from simfl.attacks import ATTACKS, adapt, build_attack, observe_gradient
-from simfl.attacks.base import AuxData
-from simfl.config import ModelConfig, TrainingConfig
+from simfl.core.config import ModelConfig, TrainingConfig
+from simfl.core.models import build_model
+from simfl.core.seeding import torch_generator
+from simfl.core.training import train_client
+from simfl.core.weights import FlatWeights
 from simfl.data import Dataset
-from simfl.decoders import Decoder
-from simfl.defences import DEFENCES, defended_model
-from simfl.disclosure import Disclosure
-from simfl.models import build_model
-from simfl.scenario import parse_scenario
-from simfl.seeding import torch_generator
-from simfl.tables import CLIENT_DEFENCE_COLUMNS, ROUND_DEFENCE_COLUMNS, SCHEMAS
-from simfl.training import train_client
-from simfl.weights import FlatWeights
+from simfl.engine.run_tables import CLIENT_DEFENCE_COLUMNS, ROUND_DEFENCE_COLUMNS, SCHEMAS
+from simfl.engine.scenario import parse_scenario
+from simfl.privacy.attacks import ATTACKS, adapt, build_attack, observe_gradient
+from simfl.privacy.attacks.base import AuxData
+from simfl.privacy.decoders import Decoder
+from simfl.privacy.defences import DEFENCES, defended_model
+from simfl.privacy.disclosure import Disclosure
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (3, 16, 4)

@@ -11,12 +11,12 @@ import inspect
 import sys
 from pathlib import Path
 
-import simfl.config
+import simfl.core.config
 import simfl.data
-import simfl.scenario
-from simfl.plugins import PluginConfig
-from simfl.scenario import Scenario
-from simfl.validation import Strict
+import simfl.engine.scenario
+from simfl.core.plugins import PluginConfig
+from simfl.core.validation import Strict
+from simfl.engine.scenario import Scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location("scenario_reference", ROOT / "scripts" / "scenario_reference.py")
@@ -49,7 +49,7 @@ def test_every_plugin_kind_and_knob_is_described():
 
 def test_the_walk_reaches_every_section_and_plugin_family():
     # A section the walk skipped would be left out of the reference and of the description check.
-    defined = {cls for module in (simfl.config, simfl.data, simfl.scenario)
+    defined = {cls for module in (simfl.core.config, simfl.data, simfl.engine.scenario)
                for _, cls in inspect.getmembers(module, inspect.isclass)
                if cls.__module__ == module.__name__ and issubclass(cls, Strict) and not issubclass(cls, PluginConfig)}
     keys = list(ref.walk(Scenario))
@@ -72,9 +72,9 @@ def test_defaults_render_as_in_yaml():
     assert ref.default_text(fields["arms"]) == "none"
     assert ref.default_text(fields["populations"]) == "required"
     assert ref.default_text(fields["data"]) == ""
-    assert ref.default_text(simfl.scenario.AttacksConfig.model_fields["methods"]) == "`[ig]`"
-    assert ref.default_text(simfl.config.ResourcesConfig.model_fields["client_actors"]) == "`auto`"
-    assert ref.default_text(simfl.config.ShiftConfig.model_fields["color"]) == "`[1.0, 1.0, 1.0]`"
+    assert ref.default_text(simfl.engine.scenario.AttacksConfig.model_fields["methods"]) == "`[ig]`"
+    assert ref.default_text(simfl.core.config.ResourcesConfig.model_fields["client_actors"]) == "`auto`"
+    assert ref.default_text(simfl.core.config.ShiftConfig.model_fields["color"]) == "`[1.0, 1.0, 1.0]`"
 
 
 def test_check_flags_a_stale_readme_and_the_rewrite_fixes_it(tmp_path, capsys):

@@ -7,6 +7,7 @@ partitioning, actors and attacks never care where images came from.
 
 from __future__ import annotations
 
+from simfl.core.errors import UserError
 from simfl.data.camelyon17 import LABEL_NAMES as CAMELYON17_LABELS
 from simfl.data.camelyon17 import SITES as CAMELYON17_SITES
 from simfl.data.camelyon17 import camelyon17_records
@@ -16,7 +17,6 @@ from simfl.data.dataset import Dataset
 from simfl.data.folder import dataset_from_records, load_folder, manifest_sites
 from simfl.data.medmnist_loader import load_medmnist
 from simfl.data.synthetic import make_dataset
-from simfl.errors import UserError
 
 
 def load_dataset(cfg: DataConfig, train_size: int, seed: int) -> Dataset:
@@ -24,7 +24,7 @@ def load_dataset(cfg: DataConfig, train_size: int, seed: int) -> Dataset:
 
     ``train_size`` is what the partition needs: the synthetic generator makes
     exactly that many training images; real datasets must hold at least that many.
-    Raises :class:`simfl.errors.UserError` with one line naming the key to fix.
+    Raises :class:`simfl.core.errors.UserError` with one line naming the key to fix.
     """
     if cfg.name == "synthetic":
         return make_dataset(

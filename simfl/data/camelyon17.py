@@ -37,7 +37,7 @@ from typing import Any, TextIO
 import numpy as np
 import pandas as pd
 
-from simfl.errors import UserError
+from simfl.core.errors import UserError
 
 LABEL_NAMES: list[str] = ["normal", "tumor"]
 SITES: list[str] = [f"hospital_{h}" for h in range(5)]  # the `site` of the records, from WILDS's `hospital`

@@ -14,9 +14,9 @@ import numpy as np
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 
+from simfl.core.errors import UserError
+from simfl.core.seeding import rng
 from simfl.data.dataset import Dataset
-from simfl.errors import UserError
-from simfl.seeding import rng
 
 VAL_SIZE = 5000
 

@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from simfl.core.validation import Strict
 from simfl.data.medmnist_flags import MEDMNIST_2D
-from simfl.validation import Strict
 
 DATASETS: frozenset[str] = frozenset({"synthetic", "cifar10", "folder", "camelyon17", *MEDMNIST_2D})
 # Datasets whose image files are decoded by simfl.data.folder, and so take the data.folder settings.

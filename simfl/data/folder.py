@@ -34,10 +34,10 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from simfl.core.errors import UserError
+from simfl.core.seeding import rng
 from simfl.data.config import DataConfig
 from simfl.data.dataset import Dataset
-from simfl.errors import UserError
-from simfl.seeding import rng
 
 RESAMPLING: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,

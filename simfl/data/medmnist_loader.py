@@ -2,7 +2,7 @@
 
 Going through medmnist keeps its file names, download URLs and checksums the
 authority; this module only turns its failures into one-line
-:class:`~simfl.errors.UserError` messages that say which file to put where, and
+:class:`~simfl.core.errors.UserError` messages that say which file to put where, and
 reshapes its arrays into a :class:`~simfl.data.Dataset`.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import medmnist
 import numpy as np
 
+from simfl.core.errors import UserError
 from simfl.data.dataset import Dataset
-from simfl.errors import UserError
 
 _SPLITS = ("train", "val", "test")
 

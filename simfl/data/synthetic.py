@@ -24,8 +24,8 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from simfl.core.seeding import rng
 from simfl.data.dataset import Dataset
-from simfl.seeding import rng
 
 CHUNK = 1024
 _SPLITS = {"train": 0, "val": 1, "test": 2}

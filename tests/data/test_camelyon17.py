@@ -23,10 +23,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from simfl.core.errors import UserError
 from simfl.data import FolderConfig
 from simfl.data.camelyon17 import COLUMNS, FOLDER, LABEL_NAMES, RELEASE_MARKER, camelyon17_records
 from simfl.data.folder import dataset_from_records, decode_image
-from simfl.errors import UserError
 
 HEADER = ["patient", "node", "x_coord", "y_coord", "tumor", "slide", "center", "split"]
 PATIENTS_PER_HOSPITAL = 4  # patients 20*h + 3, 7, 11 and 15

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from torchvision.datasets import CIFAR10
 
+from simfl.core.errors import UserError
 from simfl.data.cifar10 import load_cifar10, split_val
-from simfl.errors import UserError
 
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PER_BATCH = 8  # 5 train batches -> 40 train images, 4 of them carved off for validation

@@ -18,9 +18,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 import simfl.data.folder as folder
+from simfl.core.errors import UserError
 from simfl.data import DataConfig, Dataset, dataset_from_records, load_dataset
-from simfl.errors import UserError
-from simfl.run import main as run_main
+from simfl.simulation.runner import main as run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 SITES = ("hospital_a", "hospital_b", "hospital_c")

@@ -10,10 +10,10 @@ import medmnist
 import numpy as np
 import pytest
 
+from simfl.core.errors import UserError
 from simfl.data import DataConfig, load_dataset
 from simfl.data.medmnist_flags import MEDMNIST_2D
 from simfl.data.medmnist_loader import load_medmnist
-from simfl.errors import UserError
 
 SIZES = {"train": 12, "val": 4, "test": 6}
 

@@ -1,0 +1,107 @@
+"""A study's search, run as a user runs it: knobs found at the target, the unreachable named, probes resumed.
+
+The pure search is tested in test_search.py; here one small study runs end to
+end (minutes): a DP-SGD level whose bracket spans the target, and one whose
+bracket cannot reach it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from engine_helpers import TINY_STUDY
+
+from simfl.engine.scenario import load_scenario
+from simfl.results.analysis import final_values, run_metrics
+from simfl.studies.probes import plan_searches, with_setting
+from simfl.studies.spec import expand, load_study
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = 0.14
+
+
+def spec(tmp: Path) -> dict:
+    out = dict(TINY_STUDY, base=str(ROOT / "scenarios" / "defences_smoke.yaml"), output={"dir": str(tmp), "name": "s"})
+    # Enough training that utility moves with σ (at TINY_STUDY's two rounds it stays near chance).
+    out["set"] = {**out["set"], "training.rounds": 4, "training.local_epochs": 3, "evaluation.every": 4,
+                  "training.optimizer": {"kind": "sgd", "lr": 0.05, "momentum": 0.9}}
+    out["grid"] = {"defence": {"none": {"defence": "none"}}, "seed": [0]}
+    out["search"] = {"levels": {"dp": {"defence": {"kind": "dpsgd"}},
+                                "dp_noisy": {"defence": {"kind": "dpsgd"}}},
+                     "knobs": {"dp_noisy": {"low": 4.0, "high": 5.0}},  # too noisy for the target anywhere
+                     "budget": 3, "tolerance": 0.01}
+    out["comparison"] = {"target_accuracy": TARGET, "proposed": "dpsgd", "baselines": ["none"]}
+    return out
+
+
+def test_searched_levels_join_the_grid_axis_and_probes_drop_attacks(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec(tmp_path), sort_keys=False))
+    study, base = load_study(path)
+    cells = expand(study, base)
+    assert [c.name for c in cells] == ["none__seed-0", "dp__seed-0", "dp_noisy__seed-0"]
+    assert [c.searched for c in cells] == [None, "dp", "dp_noisy"]
+    plans = plan_searches(study, cells)
+    assert [(p.knob.name, p.knob.low, p.knob.high) for p in plans] == [("noise_multiplier", 0.05, 5.0),
+                                                                      ("noise_multiplier", 4.0, 5.0)]
+    probe = with_setting(plans[0].cell, plans[0].knob, 0.7, {"training.optimizer.lr": 0.3}, attacks=False)
+    assert probe.attacks is None and probe.defence.noise_multiplier == 0.7 and probe.training.optimizer.lr == 0.3
+
+
+def test_a_defence_without_a_search_knob_is_one_line(tmp_path):
+    s = spec(tmp_path)
+    s["search"] = {"levels": {"plain": {"defence": "none"}}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(s, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "simfl.study", str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "simfl: error: study: search.levels.plain: defence none declares no knob to search"]
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.engine
+def test_search_finds_the_target_names_the_unreachable_and_resumes(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec(tmp_path), sort_keys=False))
+    cmd = [sys.executable, "-m", "simfl.study", "--no-dashboard", "--num-cpus", "2"]
+    proc = subprocess.run([*cmd, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    study_dir = tmp_path / "s"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EXCLUDED" in proc.stderr and "dp_noisy__seed-0" in proc.stderr
+
+    probes = pd.read_parquet(study_dir / "search.parquet")
+    dp = probes[probes["cell"] == "dp__seed-0"]
+    assert set(probes[probes["cell"] == "dp_noisy__seed-0"]["status"]) == {"unreachable"}
+    assert dp["status"].iloc[0] in {"matched", "nearest"}
+    assert list(dp["value"][:2]) == [5.0, 0.05]  # the most private end first, then the other end
+    assert dp["utility"].iloc[0] < TARGET < dp["utility"].iloc[1]  # the bracket spans the target
+    chosen = dp[dp["chosen"]].iloc[0]
+    assert abs(chosen["utility"] - TARGET) == min(abs(dp["utility"] - TARGET))
+
+    # The cell ran at the chosen setting, with attacks, and training did not change: same utility as its probe.
+    cell = study_dir / "cells" / "dp__seed-0"
+    assert load_scenario(cell / "scenario.yaml").defence.noise_multiplier == pytest.approx(chosen["value"])
+    assert (cell / "attacks").is_dir()
+    m = run_metrics(cell)
+    m.insert(0, "cell", "x")
+    assert final_values(m, "local_val_accuracy")["value"].iloc[0] == pytest.approx(chosen["utility"], abs=1e-12)
+    assert not (study_dir / "cells" / "dp_noisy__seed-0").exists()
+
+    report = (study_dir / "report.md").read_text()
+    assert "Matched-utility comparison (searched" in report
+    assert "**Excluded" in report and "dp_noisy__seed-0 (dp_noisy)" in report
+
+    # Resumed: every probe and cell is found finished, nothing runs again.
+    stamps = {p: p.stat().st_mtime_ns for p in study_dir.glob("*/*/final_weights.pt")}
+    resumed = subprocess.run([*cmd, "--resume", str(study_dir)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in study_dir.glob("*/*/final_weights.pt")} == stamps
+    assert pd.read_parquet(study_dir / "search.parquet").equals(probes)
