@@ -1,4 +1,4 @@
-"""``python -m simfl.studies.report RUN_OR_STUDY_DIR``: report.md with figures, from the directory alone.
+"""``python -m simfl.report RUN_OR_STUDY_DIR``: report.md with figures, from the directory alone.
 
 Works on a study directory (``simfl.study``), on a scenario's arms (the parent
 directory ``simfl.run`` writes for ``arms:``) and on a single run. Every figure
@@ -335,7 +335,7 @@ def _verdict(metrics: pd.DataFrame, cell: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a user error, reported in one line)."""
-    p = argparse.ArgumentParser(prog="python -m simfl.studies.report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m simfl.report", description=__doc__.splitlines()[0])
     p.add_argument("directory", help="a run, a scenario's arms, or a study directory")
     p.add_argument("--target", type=float, help="utility to match defences at (default: the study's, else 0.9)")
     p.add_argument("--utility", choices=sorted(analysis.UTILITY_METRIC), help="which accuracy is the utility")
@@ -352,7 +352,3 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     print(f"simfl: report written to {report}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

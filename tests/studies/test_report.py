@@ -58,7 +58,7 @@ def test_study_report_has_every_figure_and_the_numbers_behind_them(tiny_study, t
 
 def test_report_cli_rewrites_a_study_report_with_another_target(tiny_study):
     study_dir = tiny_study["dir"]
-    proc = subprocess.run([sys.executable, "-m", "simfl.studies.report", str(study_dir), "--target", "0.15"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "simfl.report", str(study_dir), "--target", "0.15"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "utility client_val = 0.15" in (study_dir / "report.md").read_text()
