@@ -1,4 +1,4 @@
-"""``python -m simfl.report DIR``: write the report of a run, arms or study (the CLI over :mod:`simfl.studies.report`)."""
+"""``python -m simfl.report DIR``: the report of a run, arms or study (the CLI over :mod:`simfl.studies.report`)."""
 
 import sys
 
