@@ -1,4 +1,4 @@
-"""Writes the README's scenario reference from the schema, so that its tables cannot drift from the code.
+"""Writes the docs' scenario reference from the schema, so that its tables cannot drift from the code.
 
 Every key's default and meaning come from the pydantic fields of
 :class:`simfl.engine.scenario.Scenario` (``Field(..., description=...)``), walked
@@ -7,8 +7,8 @@ section by section, and every plugin kind's knobs from its registry
 registered plugin shows up here by itself. To change a meaning, edit the
 field's description, then::
 
-    python scripts/scenario_reference.py          # rewrite README.md's block in place
-    python scripts/scenario_reference.py --check  # exit 1 if README.md's block is stale
+    python scripts/scenario_reference.py          # rewrite docs/reference/scenario.md's block in place
+    python scripts/scenario_reference.py --check  # exit 1 if its block is stale
 
 Only the text between ``<!-- scenario-reference:start -->`` and
 ``<!-- scenario-reference:end -->`` is written; the prose around it is left alone.
@@ -35,7 +35,7 @@ from simfl.engine.scenario import Scenario
 from simfl.privacy.attacks import ATTACKS
 from simfl.privacy.defences import DEFENCES
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "scenario.md"
 START = "<!-- scenario-reference:start -->"
 END = "<!-- scenario-reference:end -->"
 # The plugin families a scenario key may choose from; each gets a table of its kinds.
@@ -167,29 +167,29 @@ def reference() -> str:
 
 
 def split(text: str) -> tuple[str, str, str]:
-    """README text as (before the start marker, the block between the markers, from the end marker on)."""
+    """The page's text as (before the start marker, the block between the markers, from the end marker on)."""
     head, start, rest = text.partition(START)
     block, end, tail = rest.partition(END)
     if not start or not end:
-        raise SystemExit(f"README.md: no {START} ... {END} block to write the scenario reference into")
+        raise SystemExit(f"no {START} ... {END} block to write the scenario reference into")
     return head, block.strip("\n"), tail
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Rewrite the README's block, or with ``--check`` only say (exit 1) whether it is stale."""
+    """Rewrite the page's block, or with ``--check`` only say (exit 1) whether it is stale."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README's block is stale; write nothing")
-    parser.add_argument("--readme", type=Path, default=README, help="the README to write (default: the repo's)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page's block is stale; write nothing")
+    parser.add_argument("--page", type=Path, default=PAGE, help="the page to write (default: the docs' own)")
     args = parser.parse_args(argv)
-    head, block, tail = split(args.readme.read_text())
+    head, block, tail = split(args.page.read_text())
     fresh = reference()
     if args.check:
         if block != fresh:
-            print(f"{args.readme}: the scenario reference is stale; run python scripts/scenario_reference.py",
+            print(f"{args.page}: the scenario reference is stale; run python scripts/scenario_reference.py",
                   file=sys.stderr)
             return 1
         return 0
-    args.readme.write_text(f"{head}{START}\n\n{fresh}\n\n{END}{tail}")
+    args.page.write_text(f"{head}{START}\n\n{fresh}\n\n{END}{tail}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The README's scenario reference is generated from the schema: it must be current, and every key described.
+"""The scenario reference (docs/reference/scenario.md) is generated from the schema: current, every key described.
 
 A stale block or a field added without ``Field(description=...)`` fails here, so
 the reference cannot drift from the code (``scripts/scenario_reference.py``).
@@ -25,9 +25,9 @@ sys.modules[_SPEC.name] = ref  # dataclasses look their module up there
 _SPEC.loader.exec_module(ref)
 
 
-def test_readme_reference_is_current():
-    _, block, _ = ref.split((ROOT / "README.md").read_text())
-    assert block == ref.reference(), "README.md is stale: run python scripts/scenario_reference.py"
+def test_docs_reference_is_current():
+    _, block, _ = ref.split(ref.PAGE.read_text())
+    assert block == ref.reference(), f"{ref.PAGE} is stale: run python scripts/scenario_reference.py"
 
 
 def test_every_scenario_key_has_a_description():
@@ -77,13 +77,13 @@ def test_defaults_render_as_in_yaml():
     assert ref.default_text(simfl.core.config.ShiftConfig.model_fields["color"]) == "`[1.0, 1.0, 1.0]`"
 
 
-def test_check_flags_a_stale_readme_and_the_rewrite_fixes_it(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nprose\n\n{ref.START}\n| old | table |\n{ref.END}\n\n## next\n")
-    assert ref.main(["--check", "--readme", str(readme)]) == 1
+def test_check_flags_a_stale_page_and_the_rewrite_fixes_it(tmp_path, capsys):
+    page = tmp_path / "scenario.md"
+    page.write_text(f"# title\n\nprose\n\n{ref.START}\n| old | table |\n{ref.END}\n\n## next\n")
+    assert ref.main(["--check", "--page", str(page)]) == 1
     assert "stale" in capsys.readouterr().err
-    assert ref.main(["--readme", str(readme)]) == 0
-    assert ref.main(["--check", "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    assert ref.main(["--page", str(page)]) == 0
+    assert ref.main(["--check", "--page", str(page)]) == 0
+    text = page.read_text()
     assert text.startswith("# title\n\nprose\n\n") and text.endswith(f"{ref.END}\n\n## next\n")
     assert "| old | table |" not in text
