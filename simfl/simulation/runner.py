@@ -1,8 +1,10 @@
 """``python -m simfl.run SCENARIO.yaml``: run one scenario on a local Ray instance or a cluster.
 
-Everything a user can get wrong (the scenario, the data, the cluster address)
-is checked before the run directory exists, and reported in one line with exit
-code 2. The driver then only starts the coordinator and shows progress.
+The same from Python: :func:`simulate` (the command line, :func:`main`, is a thin
+layer over the same functions). Everything a user can get wrong (the scenario,
+the data, the cluster address) is checked before the run directory exists, and
+reported in one line (a :class:`~simfl.core.errors.UserError`; exit code 2 at
+the command line). The driver then only starts the coordinator and shows progress.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -29,8 +31,9 @@ from simfl.core.resources import GpuShareExceeded, plan_actors
 from simfl.data import Dataset, load_dataset
 from simfl.data.partition import Partition, client_sizes, make_partition
 from simfl.data.sites import require_test_images
-from simfl.engine.scenario import Scenario, deep_merge, load_scenario, scenario_to_yaml
+from simfl.engine.scenario import Scenario, deep_merge, load_scenario, parse_scenario, scenario_to_yaml, set_keys
 from simfl.privacy.evaluator import Evaluator, load_or_train
+from simfl.results.run import Run
 from simfl.results.summary import arms_table
 from simfl.simulation.actors.coordinator import Coordinator
 
@@ -58,6 +61,25 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dashboard", action="store_true", help="do not start Ray's dashboard (local instance only)")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="interface the local dashboard binds to (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where the actors run: the Ray cluster to join, or the private local instance to start.
+
+    The command lines' ``--address``, ``--num-cpus``, ``--no-dashboard`` and ``--dashboard-host``
+    (:func:`add_ray_arguments`); the instance is started once and reused while it runs.
+    """
+
+    address: str | None = None  # a cluster to join ('auto': the one `ray start`/`ray up` started); None: start one
+    num_cpus: int | None = None  # CPUs of the private local instance (None: all)
+    dashboard: bool = False  # Ray's dashboard of the local instance
+    dashboard_host: str = "127.0.0.1"  # the interface it binds to (0.0.0.0 exposes it to the network)
+
+
+def ray_options(args: argparse.Namespace) -> RayOptions:
+    """The :class:`RayOptions` of a command line built with :func:`add_ray_arguments`."""
+    return RayOptions(args.address, args.num_cpus, not args.no_dashboard, args.dashboard_host)
 
 
 @dataclass
@@ -107,23 +129,23 @@ def prepare(scenario: Scenario) -> Prepared:
 RAY_SYSTEM_CONFIG: Mapping[str, Any] = MappingProxyType({"max_direct_call_object_size": 8 * 2**20})
 
 
-def connect_ray(args: argparse.Namespace) -> None:
-    """Join the cluster at ``--address``, or start a private local Ray instance; reuse one already running."""
+def connect_ray(options: RayOptions) -> None:
+    """Join the cluster at ``options.address``, or start a private local Ray instance; reuse one already running."""
     if ray.is_initialized():  # embedded use (tests, notebooks): reuse the caller's instance
         return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
-    if args.address:
+    if options.address:
         try:
-            ray.init(address=args.address, **kwargs)
+            ray.init(address=options.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(
-                f"--address {args.address}: cannot join a Ray cluster there ({str(exc).splitlines()[0]})"
+                f"--address {options.address}: cannot join a Ray cluster there ({str(exc).splitlines()[0]})"
             ) from None
         return
     ray.init(
-        num_cpus=args.num_cpus,
-        include_dashboard=not args.no_dashboard,
-        dashboard_host=args.dashboard_host,
+        num_cpus=options.num_cpus,
+        include_dashboard=options.dashboard,
+        dashboard_host=options.dashboard_host,
         _system_config=dict(RAY_SYSTEM_CONFIG),
         **kwargs,
     )
@@ -256,83 +278,147 @@ def execute(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool, quie
     return last
 
 
+# What :func:`simulate` takes: a scenario as a file, as the mapping its YAML holds, or validated;
+# overrides as the command line's ``--set`` strings or as a mapping of key paths to values.
+ScenarioSource = str | Path | Mapping[str, Any] | Scenario
+Overrides = Sequence[str] | Mapping[str, Any]
+
+
+def simulate(scenario: ScenarioSource | None = None, overrides: Overrides | None = None, *,
+             resume: str | Path | None = None, address: str | None = None, num_cpus: int | None = None,
+             dashboard: bool = False, quiet: bool = True) -> Run:
+    """Run a scenario (each of its arms, if it has ``arms``) and open the run directory it wrote.
+
+    ``scenario``: a YAML file, a mapping as the YAML would hold, or a :class:`Scenario`;
+    ``overrides``: ``["training.rounds=3"]`` as ``--set`` takes them, or ``{"training.rounds": 3}``.
+    ``resume``: a killed run's directory to continue (then no scenario). Ray: joins the cluster at
+    ``address``, or starts a private local instance (``num_cpus``, ``dashboard``) and leaves it
+    running for the next call; an instance already started (``ray.init``) is used as it is.
+    ``quiet``: no progress bar. Bad input raises :class:`UserError` with the command line's
+    one-line message, before any run directory exists.
+    """
+    loaded, top = load_run(scenario, overrides, resume)
+    try:
+        run_dir, _ = run_scenario_or_arms(loaded, top, RayOptions(address, num_cpus, dashboard), quiet=quiet)
+    except GpuShareExceeded as exc:
+        raise gpu_share_cause(exc) from None
+    return Run(run_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a user error, reported in one line)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.resume:
-            if args.scenario or args.overrides:
-                raise UserError("--resume: a resumed run uses its saved scenario.yaml; drop the scenario and --set")
-            top = Path(args.resume)
-            if not (top / "scenario.yaml").is_file():
-                raise UserError(f"--resume {top}: not a run directory (no scenario.yaml)")
-            scenario = load_scenario(top / "scenario.yaml")
-        elif args.scenario:
-            scenario = load_scenario(args.scenario, args.overrides)
-            top = None
-        else:
-            raise UserError("give a scenario file, or --resume RUN_DIR")
-        if scenario.arms is None:
-            run_dir, last = run_scenario(args, scenario, top)
-        else:
-            run_dir, last = run_arms(args, scenario, top)
+        scenario, top = load_run(args.scenario or None, args.overrides, args.resume or None)
+        run_dir, last = run_scenario_or_arms(scenario, top, ray_options(args), quiet=args.quiet)
     except UserError as exc:
         print(f"simfl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except GpuShareExceeded as exc:  # raised in an actor: Ray wraps it, possibly twice (client -> coordinator)
-        while (cause := getattr(exc, "cause", None)) is not None:
-            exc = cause
-        print(f"simfl: error: {exc}", file=sys.stderr)
+    except GpuShareExceeded as exc:
+        print(f"simfl: error: {gpu_share_cause(exc)}", file=sys.stderr)
         return 1
+    if scenario.arms is not None:
+        print((run_dir / "summary.md").read_text().rstrip("\n"))
     acc = f", test accuracy {last['test_accuracy']:.4f}" if "test_accuracy" in last else ""
     print(f"simfl: finished {scenario.training.rounds} rounds{acc}; results in {run_dir}")
     return 0
 
 
-def run_scenario(args: argparse.Namespace, scenario: Scenario, resume: Path | None,
-                 planned: tuple[Prepared, int] | None = None) -> tuple[Path, dict]:
-    """One run: fresh into a new run directory, or resumed from ``resume``; a failed fresh run leaves nothing.
+def gpu_share_cause(exc: BaseException) -> BaseException:
+    """The :class:`GpuShareExceeded` an actor raised, out of Ray's wrapping (possibly twice: client -> coordinator)."""
+    while (cause := getattr(exc, "cause", None)) is not None:
+        exc = cause
+    return exc
 
-    ``planned``: the data and actor count already prepared (arms do it all up front).
-    """
+
+def load_run(scenario: ScenarioSource | None, overrides: Overrides | None, resume: str | Path | None
+             ) -> tuple[Scenario, Path | None]:
+    """The scenario to run and, resuming, the run directory it continues; checked before anything starts."""
+    if resume is not None:
+        if scenario is not None or overrides:
+            raise UserError("--resume: a resumed run uses its saved scenario.yaml; drop the scenario and --set")
+        top = Path(resume)
+        if not (top / "scenario.yaml").is_file():
+            raise UserError(f"--resume {top}: not a run directory (no scenario.yaml)")
+        return load_scenario(top / "scenario.yaml"), top
+    if scenario is None:
+        raise UserError("give a scenario file, or --resume RUN_DIR")
+    return scenario_from(scenario, overrides), None
+
+
+def scenario_from(source: ScenarioSource, overrides: Overrides | None = None) -> Scenario:
+    """A validated scenario from a file, a mapping or a :class:`Scenario`, with the overrides laid over it."""
+    keyed = isinstance(overrides, Mapping)
+    sets = [overrides] if isinstance(overrides, str) else [] if keyed or overrides is None else list(overrides)
+    if isinstance(source, str | Path):
+        scenario = load_scenario(source, sets)
+        if not keyed:
+            return scenario
+        raw = scenario.model_dump(mode="json")
+    elif isinstance(source, Scenario):
+        raw = source.model_dump(mode="json")
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        raise UserError(f"scenario: expected a YAML file, a mapping or a Scenario, not {type(source).__name__}")
+    if isinstance(overrides, Mapping):
+        raw = set_keys(raw, list(overrides.items()))
+    return parse_scenario(raw, sets)
+
+
+def run_scenario_or_arms(scenario: Scenario, resume: Path | None, options: RayOptions, *, quiet: bool
+                         ) -> tuple[Path, dict]:
+    """The scenario's run, or its arms' runs under one parent: the directory, and the last round's summary."""
+    if scenario.arms is None:
+        return run_scenario(scenario, resume, options, quiet=quiet)
+    return run_arms(scenario, resume, options, quiet=quiet)
+
+
+def run_scenario(scenario: Scenario, resume: Path | None, options: RayOptions, *, quiet: bool
+                 ) -> tuple[Path, dict]:
+    """One run: fresh into a new run directory, or resumed from ``resume``; a failed fresh run leaves nothing."""
+    if resume is not None:
+        check_resumable(resume)
+    prepared = prepare(scenario)
+    if resume is not None:
+        check_same_partition(resume, prepared)
+    return run_planned(prepared, plan_run(prepared, options, quiet=quiet), resume, quiet=quiet)
+
+
+def run_planned(prepared: Prepared, n_actors: int, resume: Path | None, *, quiet: bool) -> tuple[Path, dict]:
+    """Run what is prepared and planned: into a new run directory, or on from ``resume``'s checkpoint."""
     run_dir = resume
     created = False
     try:
-        if resume is not None:
-            check_resumable(resume)
-        prepared, n_actors = planned or (prepare(scenario), None)
-        if resume is not None:
-            check_same_partition(resume, prepared)
-        if n_actors is None:
-            n_actors = plan_run(args, prepared)
         if resume is None:
             run_dir = create_run_dir(prepared)
             created = True
         assert run_dir is not None  # resumed, or just created
-        last = execute(run_dir, prepared, n_actors, resume=resume is not None, quiet=args.quiet)
+        last = execute(run_dir, prepared, n_actors, resume=resume is not None, quiet=quiet)
     except BaseException:
         _discard(run_dir, created)
         raise
     return run_dir, last
 
 
-def plan_run(args: argparse.Namespace, prepared: Prepared) -> int:
+def plan_run(prepared: Prepared, options: RayOptions, *, quiet: bool) -> int:
     """Join Ray, fit the actors to it and have the evaluation classifier ready: the last checks before writing."""
-    connect_ray(args)
-    n_actors = plan(prepared, elastic=bool(args.address))
-    prepare_evaluator(prepared, args.quiet)
+    connect_ray(options)
+    n_actors = plan(prepared, elastic=bool(options.address))
+    prepare_evaluator(prepared, quiet)
     return n_actors
 
 
-def run_arms(args: argparse.Namespace, scenario: Scenario, resume: Path | None) -> tuple[Path, dict]:
+def run_arms(scenario: Scenario, resume: Path | None, options: RayOptions, *, quiet: bool) -> tuple[Path, dict]:
     """Every arm of the scenario in turn, each a complete run directory under one parent.
 
     All arms are validated, their data loaded and their actors planned before
     anything is written (arms with the same data and partition share one copy). On ``--resume``,
-    finished arms are skipped, killed ones resumed and missing ones started.
+    finished arms are skipped, killed ones resumed and missing ones started. The arms'
+    table goes to ``summary.md``.
     """
     parent = resume or new_run_dir(scenario)
-    prepared = prepare_under(args, parent, scenario.arm_scenarios())
+    prepared = prepare_under(parent, scenario.arm_scenarios(), options, quiet=quiet)
     if resume is None:
         try:
             parent.mkdir(parents=True)
@@ -340,18 +426,16 @@ def run_arms(args: argparse.Namespace, scenario: Scenario, resume: Path | None) 
             raise UserError(f"output.dir: cannot create {parent} ({exc.strerror})") from None
         (parent / "scenario.yaml").write_text(scenario_to_yaml(scenario))
     try:
-        last = _run_each_arm(args, parent, prepared)
+        last = _run_each_arm(parent, prepared, quiet=quiet)
     except BaseException:
         if resume is None and not any(p.is_dir() for p in parent.iterdir()):
             shutil.rmtree(parent, ignore_errors=True)  # no arm got as far as a run directory
         raise
-    table = arms_table(parent)
-    (parent / "summary.md").write_text(table + "\n")
-    print(table)
+    (parent / "summary.md").write_text(arms_table(parent) + "\n")
     return parent, last
 
 
-def prepare_under(args: argparse.Namespace, parent: Path, scenarios: dict[str, Scenario]
+def prepare_under(parent: Path, scenarios: dict[str, Scenario], options: RayOptions, *, quiet: bool
                   ) -> dict[str, tuple[Prepared, int]]:
     """Each scenario set to write ``parent/<name>``, its data loaded and its actors planned.
 
@@ -363,15 +447,15 @@ def prepare_under(args: argparse.Namespace, parent: Path, scenarios: dict[str, S
                                                 {"output": {"dir": str(parent), "name": name}}))
         same = next((p for p, _ in prepared.values() if same_data(p.scenario, sc)), None)
         prep = Prepared(sc, same.dataset, same.partition, same.evaluator) if same else prepare(sc)
-        prepared[name] = (prep, plan_run(args, prep))
+        prepared[name] = (prep, plan_run(prep, options, quiet=quiet))
     return prepared
 
 
-def _run_each_arm(args: argparse.Namespace, parent: Path, prepared: dict[str, tuple[Prepared, int]]) -> dict:
+def _run_each_arm(parent: Path, prepared: dict[str, tuple[Prepared, int]], *, quiet: bool) -> dict:
     last: dict = {}
     for name, (prep, n_actors) in prepared.items():
         print(f"simfl: arm {name} (defence: {prep.scenario.defence.kind})", file=sys.stderr)
-        out = run_in(args, parent / name, prep, n_actors)
+        out = run_in(parent / name, prep, n_actors, quiet=quiet)
         if out is None:
             print(f"simfl: arm {name}: finished already, skipped", file=sys.stderr)
         else:
@@ -379,7 +463,7 @@ def _run_each_arm(args: argparse.Namespace, parent: Path, prepared: dict[str, tu
     return last
 
 
-def run_in(args: argparse.Namespace, run_dir: Path, prep: Prepared, n_actors: int) -> tuple[Path, dict] | None:
+def run_in(run_dir: Path, prep: Prepared, n_actors: int, *, quiet: bool) -> tuple[Path, dict] | None:
     """Run ``prep`` into ``run_dir`` whatever state a killed parent (arms, study) left it in.
 
     Finished (final weights saved): nothing to do, returns None. Checkpointed:
@@ -389,7 +473,11 @@ def run_in(args: argparse.Namespace, run_dir: Path, prep: Prepared, n_actors: in
         return None
     if run_dir.is_dir() and not list_checkpoints(run_dir):
         shutil.rmtree(run_dir)
-    return run_scenario(args, prep.scenario, run_dir if run_dir.is_dir() else None, (prep, n_actors))
+    if not run_dir.is_dir():
+        return run_planned(prep, n_actors, None, quiet=quiet)
+    check_resumable(run_dir)
+    check_same_partition(run_dir, prep)
+    return run_planned(prep, n_actors, run_dir, quiet=quiet)
 
 
 def same_data(a: Scenario, b: Scenario) -> bool:

@@ -49,7 +49,15 @@ from simfl.core.errors import UserError  # noqa: E402
 from simfl.engine.scenario import Scenario, load_scenario, parse_scenario, scenario_to_yaml, set_keys  # noqa: E402
 from simfl.results.analysis import UTILITY_METRIC, run_metrics  # noqa: E402
 from simfl.results.markdown import fmt, table  # noqa: E402
-from simfl.simulation.runner import EXIT_USER_ERROR, Prepared, add_ray_arguments, connect_ray, prepare_under  # noqa: E402
+from simfl.simulation.runner import (  # noqa: E402
+    EXIT_USER_ERROR,
+    Prepared,
+    RayOptions,
+    add_ray_arguments,
+    connect_ray,
+    prepare_under,
+    ray_options,
+)
 from simfl.studies.cell_pool import run_cells  # noqa: E402
 from simfl.studies.halving import (  # noqa: E402
     EPOCHS,
@@ -123,30 +131,34 @@ def probe_scenario(scenario: Scenario, candidate: Candidate, rounds: int) -> Sce
         raise UserError(f"candidate {candidate.name}: {exc}") from None
 
 
-def check_inputs(args: argparse.Namespace, scenario: Scenario) -> tuple[list[Candidate], int, Path]:
-    """Every check before anything is written: the target, budget, grid, each candidate's scenario and DIR."""
-    if not 0 < args.target <= 1:
-        raise UserError(f"--target {args.target:g}: must be in (0, 1]")
-    budget = scenario.training.rounds if args.rounds is None else args.rounds
+def check_inputs(scenario: Scenario, *, target: float, rounds: int | None, window: int, utility: str,
+                 lrs: str | None, epochs: str | None, out: str | None) -> tuple[list[Candidate], int, Path]:
+    """Every check before anything is written: the target, budget, grid, each candidate's scenario and DIR.
+
+    The arguments are the command line's (``--lrs 0.01,0.1`` as given).
+    """
+    if not 0 < target <= 1:
+        raise UserError(f"--target {target:g}: must be in (0, 1]")
+    budget = scenario.training.rounds if rounds is None else rounds
     if budget < 1:
         raise UserError(f"--rounds {budget}: must be at least 1")
-    if args.window < 1:
-        raise UserError(f"--window {args.window}: must be at least 1")
+    if window < 1:
+        raise UserError(f"--window {window}: must be at least 1")
     if scenario.training.local_steps is not None:
         raise UserError("training.local_steps: calibration sweeps training.local_epochs; unset local_steps "
                         "(--set training.local_steps=null) to calibrate this scenario")
-    if args.utility == "client_val" and scenario.evaluation.local_val_fraction == 0:
+    if utility == "client_val" and scenario.evaluation.local_val_fraction == 0:
         raise UserError("--utility client_val needs evaluation.local_val_fraction > 0; or use --utility test")
-    lrs = parse_list("--lrs", args.lrs, float) if args.lrs else None
-    epochs = parse_list("--epochs", args.epochs, int) if args.epochs else None
-    candidates = make_candidates(scenario.training.optimizer.lr, scenario.training.local_epochs, lrs, epochs)
+    lr_grid = parse_list("--lrs", lrs, float) if lrs else None
+    epoch_grid = parse_list("--epochs", epochs, int) if epochs else None
+    candidates = make_candidates(scenario.training.optimizer.lr, scenario.training.local_epochs, lr_grid, epoch_grid)
     for c in candidates:
         probe_scenario(scenario, c, budget)
-    out = Path(args.out) if args.out else Path(scenario.output.dir).expanduser() / f"{scenario.name}.calibration"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: exists already and is not empty; calibration never overwrites "
+    where = Path(out) if out else Path(scenario.output.dir).expanduser() / f"{scenario.name}.calibration"
+    if where.exists() and (not where.is_dir() or any(where.iterdir())):
+        raise UserError(f"--out {where}: exists already and is not empty; calibration never overwrites "
                         "(remove it or give another --out)")
-    return candidates, budget, out
+    return candidates, budget, where
 
 
 def utility_curve(run_dir: Path, kind: str) -> Curve:
@@ -174,27 +186,27 @@ def run_names(rung: int, candidates: list[Candidate]) -> dict[str, Candidate]:
     return {f"{c.name}.rung{rung}": c for c in candidates}
 
 
-def prepare_rung(quiet: argparse.Namespace, out: Path, scenario: Scenario, rung: int, rounds: int,
+def prepare_rung(options: RayOptions, out: Path, scenario: Scenario, rung: int, rounds: int,
                  candidates: list[Candidate]) -> dict[str, tuple[Prepared, int]]:
     """A rung's runs with their data loaded (once for all) and their actors planned; nothing written."""
     scenarios = {n: probe_scenario(scenario, c, rounds) for n, c in run_names(rung, candidates).items()}
-    return prepare_under(quiet, out / "candidates", scenarios)
+    return prepare_under(out / "candidates", scenarios, options, quiet=True)  # one line per run, not per step
 
 
-def run_rung(args: argparse.Namespace, quiet: argparse.Namespace, out: Path, rung: int, rounds: int,
-             candidates: list[Candidate], prepared: dict[str, tuple[Prepared, int]]) -> dict[Candidate, Curve]:
+def run_rung(out: Path, rung: int, rounds: int, candidates: list[Candidate],
+             prepared: dict[str, tuple[Prepared, int]], utility: str, *, quiet: bool) -> dict[Candidate, Curve]:
     """One rung: each candidate a fresh run of ``rounds`` rounds, run concurrently; the curves of those that ran."""
     names = run_names(rung, candidates)
     runs_dir = out / "candidates"
-    if not args.quiet:
+    if not quiet:
         print(f"simfl calibrate: rung {rung}: {len(candidates)} candidates x {rounds_text(rounds)}", file=sys.stderr)
-    status = run_cells(args, quiet, runs_dir, prepared, "auto")
+    status = run_cells(runs_dir, prepared, "auto", quiet=quiet)
     curves: dict[Candidate, Curve] = {}
     for name, c in names.items():
         if status.get(name, "").startswith("failed"):
             print(f"simfl calibrate: {name} {status[name]}", file=sys.stderr)
             continue
-        curves[c] = utility_curve(runs_dir / name, args.utility)
+        curves[c] = utility_curve(runs_dir / name, utility)
     return curves
 
 
@@ -326,16 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         scenario = load_scenario(args.scenario, args.overrides)
-        candidates, budget, out = check_inputs(args, scenario)
-        quiet = argparse.Namespace(**{**vars(args), "quiet": True})  # one line per run, not one per step
+        candidates, budget, out = check_inputs(scenario, target=args.target, rounds=args.rounds, window=args.window,
+                                               utility=args.utility, lrs=args.lrs, epochs=args.epochs, out=args.out)
+        options = ray_options(args)
         if not args.quiet:
             print(f"simfl calibrate: {scenario.name}: {len(candidates)} candidates (lr "
                   f"{', '.join(f'{v:g}' for v in sorted({c.lr for c in candidates}))} x local_epochs "
                   f"{', '.join(str(v) for v in sorted({c.local_epochs for c in candidates}))}), "
                   f"budget {budget} rounds; loading data and planning actors", file=sys.stderr)
-        connect_ray(args)
+        connect_ray(options)
         # The first rung's data and actors, planned before DIR exists: a missing dataset costs nothing.
-        first = prepare_rung(quiet, out, scenario, 1, rung_rounds(budget)[0], candidates)
+        first = prepare_rung(options, out, scenario, 1, rung_rounds(budget)[0], candidates)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -346,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
     def evaluate(rung: int, rounds: int, alive: list[Candidate]) -> dict[Candidate, Curve]:
-        prepared = first if rung == 1 else prepare_rung(quiet, out, scenario, rung, rounds, alive)
-        return run_rung(args, quiet, out, rung, rounds, alive, prepared)
+        prepared = first if rung == 1 else prepare_rung(options, out, scenario, rung, rounds, alive)
+        return run_rung(out, rung, rounds, alive, prepared, args.utility, quiet=args.quiet)
 
     try:
         halving = successive_halving(candidates, budget, args.target, evaluate, args.window)

@@ -5,7 +5,6 @@ Shared by a study's cells and by its searches' probe runs (:mod:`simfl.studies.p
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
@@ -30,14 +29,14 @@ def cell_demand(prep: Prepared, n_actors: int) -> tuple[float, float]:
     return cpus, gpus
 
 
-def run_cells(args: argparse.Namespace, quiet: argparse.Namespace, cells_dir: Path,
-              prepared: dict[str, tuple[Prepared, int]], concurrency: int | Literal["auto"]) -> dict[str, str]:
+def run_cells(cells_dir: Path, prepared: dict[str, tuple[Prepared, int]], concurrency: int | Literal["auto"], *,
+              quiet: bool) -> dict[str, str]:
     """Run every cell, packing as many at once as the cluster holds; returns each cell's status.
 
     A cell is started when its actors' CPUs and GPUs fit beside the running
     cells' (one always runs, however large), so no cell's actors sit waiting
     for another cell's resources. A cell that fails is reported and the others
-    go on.
+    go on. Each cell runs without a progress bar; ``quiet``: no line per cell either.
     """
     totals = ray.cluster_resources()
     cpus, gpus = totals.get("CPU", 0.0), totals.get("GPU", 0.0)
@@ -55,7 +54,7 @@ def run_cells(args: argparse.Namespace, quiet: argparse.Namespace, cells_dir: Pa
         return not running or (used_c + need_c <= cpus + 1e-9 and used_g + need_g <= gpus + 1e-9)
 
     def say(text: str) -> None:
-        if not args.quiet:
+        if not quiet:
             with lock:
                 print(f"simfl study [{time.monotonic() - started_at:6.0f} s] {text}", file=sys.stderr, flush=True)
 
@@ -66,7 +65,7 @@ def run_cells(args: argparse.Namespace, quiet: argparse.Namespace, cells_dir: Pa
                 prep, n_actors = prepared[name]
                 need_c, need_g = cell_demand(prep, n_actors)
                 say(f"cell {name}: started ({n_actors} client actors)")
-                future = pool.submit(run_in, quiet, cells_dir / name, prep, n_actors)
+                future = pool.submit(run_in, cells_dir / name, prep, n_actors, quiet=True)
                 running[future] = (name, need_c, need_g, time.monotonic())
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in done:

@@ -15,7 +15,6 @@ every seed of the group, and stated in ``search.parquet``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -30,7 +29,7 @@ from simfl.engine.scenario import Scenario, parse_scenario, set_keys
 from simfl.privacy.defences import DEFENCES
 from simfl.privacy.defences.base import SearchKnob
 from simfl.results.analysis import UTILITY_METRIC, final_values, run_metrics
-from simfl.simulation.runner import prepare_under
+from simfl.simulation.runner import RayOptions, prepare_under
 from simfl.studies.cell_pool import run_cells
 from simfl.studies.search import Search, more_private
 from simfl.studies.spec import CELL_SEPARATOR, Cell, StudyConfig
@@ -163,12 +162,12 @@ def _wave(study: StudyConfig, plans: list[CellSearch]) -> dict[str, tuple[CellSe
     return wave
 
 
-def run_searches(args: argparse.Namespace, quiet: argparse.Namespace, study_dir: Path, study: StudyConfig,
-                 plans: list[CellSearch]) -> dict[str, Scenario | None]:
+def run_searches(study_dir: Path, study: StudyConfig, plans: list[CellSearch], options: RayOptions, *,
+                 quiet: bool) -> dict[str, Scenario | None]:
     """Run every search to its end; returns each searched cell's scenario at its setting (None: excluded).
 
     Writes ``search.parquet``: every probe with its knob value, combination and utility,
-    and each search's outcome.
+    and each search's outcome. ``quiet``: no line per probe.
     """
     assert study.search is not None
     probes_dir = study_dir / "search"
@@ -182,8 +181,8 @@ def run_searches(args: argparse.Namespace, quiet: argparse.Namespace, study_dir:
             break
         scenarios = {name: with_setting(plan.cell, plan.knob, value, plan.combos[j], attacks=False)
                      for name, (plan, j, value) in wave.items()}
-        prepared = prepare_under(quiet, probes_dir, scenarios)
-        status = run_cells(args, quiet, probes_dir, prepared, study.concurrency)
+        prepared = prepare_under(probes_dir, scenarios, options, quiet=True)
+        status = run_cells(probes_dir, prepared, study.concurrency, quiet=quiet)
         for name, (plan, j, value) in wave.items():
             search = plan.searches[j]
             if status.get(name, "").startswith("failed"):
@@ -194,7 +193,7 @@ def run_searches(args: argparse.Namespace, quiet: argparse.Namespace, study_dir:
                 continue
             utility = _utility(probes_dir / name, kind)
             search.record(value, utility)
-            if not args.quiet:
+            if not quiet:
                 print(f"simfl study: search {plan.cell.name}: {plan.knob.name} = {value:.4g}"
                       f"{'' if len(plan.combos) == 1 else f' ({json.dumps(plan.combos[j])})'} → {kind} {utility:.3f} "
                       f"(target {study.comparison.target_accuracy:g})", file=sys.stderr)

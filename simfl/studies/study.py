@@ -9,13 +9,16 @@ metrics go to one tidy Parquet (``metrics.parquet``) and the report is written
 (``report.md``, figures/).
 
 Everything is validated, every cell's data loaded and its actors planned before
-the study directory exists, so a typo in cell 37 costs nothing.
+the study directory exists, so a typo in cell 37 costs nothing. From Python:
+:func:`run_study`, which returns the study directory opened (:class:`~simfl.studies.study_dir.Study`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,21 @@ import yaml
 from simfl.core.errors import UserError
 from simfl.engine.scenario import parse_override
 from simfl.results.analysis import write_study_tables
-from simfl.simulation.runner import EXIT_USER_ERROR, add_ray_arguments, connect_ray, fresh_dir, prepare_under
+from simfl.simulation.runner import (
+    EXIT_USER_ERROR,
+    Overrides,
+    RayOptions,
+    add_ray_arguments,
+    connect_ray,
+    fresh_dir,
+    prepare_under,
+    ray_options,
+)
 from simfl.studies.cell_pool import run_cells
 from simfl.studies.probes import plan_searches, run_searches
 from simfl.studies.report import write_report
 from simfl.studies.spec import StudyConfig, expand, load_study, study_cells
+from simfl.studies.study_dir import Study
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,73 +59,108 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_study(study: str | Path | None = None, overrides: Overrides | None = None, *,
+              out: str | Path | None = None, resume: str | Path | None = None,
+              address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
+              report: bool = True, quiet: bool = True) -> Study:
+    """Run a study file's grid of cells (searches first, if it has them) and open the study directory.
+
+    ``overrides``: keys of the base scenario set in every cell, as ``--set`` strings or a mapping of
+    key paths to values. ``out``: the study directory to create (default: ``output.dir/<name>-<time>``);
+    ``resume``: a killed study's directory to continue (then no study file, overrides or ``out``).
+    Ray as :func:`simfl.simulate` has it. ``report``: write ``report.md``; ``quiet``: no line per cell.
+    Bad input raises :class:`~simfl.core.errors.UserError` before anything is written. A cell that
+    fails is reported on stderr and left unfinished (see :attr:`Study.cell_table`; resume to retry it).
+    """
+    outcome = drive_study(study, overrides, out=out, resume=resume, options=RayOptions(address, num_cpus, dashboard),
+                          report=report, quiet=quiet)
+    return Study(outcome.study_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a user error, reported in one line)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.resume:
-            if args.study or args.overrides or args.out:
-                raise UserError(
-                    "--resume: a resumed study uses its saved study.yaml; drop the study file, --set and --out"
-                )
-            study_dir = Path(args.resume)
-            if not (study_dir / "study.yaml").is_file():
-                raise UserError(f"--resume {study_dir}: not a study directory (no study.yaml)")
-            study, base = load_study(study_dir / "study.yaml")
-        elif args.study:
-            study, base = load_study(args.study)
-            study = study.model_copy(update={"set": {**study.set, **dict(map(parse_override, args.overrides))}})
-            study_dir = None
-        else:
-            raise UserError("give a study file, or --resume STUDY_DIR")
-        cells = expand(study, base)
-        plans = plan_searches(study, cells) if study.search is not None else []
-        if study_dir is None:
-            study_dir = Path(args.out) if args.out else fresh_dir(study.output.dir, study.output.name, study.name)
-            if study_dir.exists():
-                raise UserError(f"--out {study_dir}: exists already (use --resume to continue a study)")
-        cells_dir = study_dir / "cells"
-        if not args.quiet:
-            print(f"simfl study: {study.name}: {len(cells)} cells over {', '.join(study.grid)}; "
-                  "loading data and planning actors", file=sys.stderr)
-        connect_ray(args)
-        quiet = argparse.Namespace(**{**vars(args), "quiet": True})  # one line per cell, not one per step
-        prepared = prepare_under(quiet, cells_dir, {c.name: c.scenario for c in cells})
-        fresh = not study_dir.exists()
-        if fresh:
-            _write_header(study_dir, study, base)
+        outcome = drive_study(args.study or None, args.overrides, out=args.out or None, resume=args.resume or None,
+                              options=ray_options(args), report=not args.no_report, quiet=args.quiet)
     except UserError as exc:
         print(f"simfl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    done = outcome.cells - len(outcome.failed) - len(outcome.excluded)
+    print(f"simfl: study {outcome.name}: {done} of {outcome.cells} cells done"
+          f"{f', {len(outcome.excluded)} excluded' if outcome.excluded else ''}; results in {outcome.study_dir}")
+    if outcome.failed:
+        print(f"simfl: {len(outcome.failed)} cells failed: {', '.join(outcome.failed)} "
+              f"(re-run with --resume {outcome.study_dir})", file=sys.stderr)
+    return 0 if outcome.summarised and not outcome.failed else 1
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """What a study run left: its directory, the cells that failed or were excluded, whether it was tabulated."""
+
+    name: str
+    study_dir: Path
+    cells: int
+    failed: list[str]
+    excluded: list[str]  # searched cells whose target utility is out of reach
+    summarised: bool  # cells.parquet, metrics.parquet (and report.md) written
+
+
+def drive_study(source: str | Path | None, overrides: Overrides | None, *,
+                out: str | Path | None, resume: str | Path | None, options: RayOptions,
+                report: bool, quiet: bool) -> StudyOutcome:
+    """Everything :func:`run_study` and the command line do; a bad input raises before anything is written."""
+    study_dir: Path | None = None
+    if resume is not None:
+        if source is not None or overrides or out is not None:
+            raise UserError("--resume: a resumed study uses its saved study.yaml; drop the study file, --set and --out")
+        study_dir = Path(resume)
+        if not (study_dir / "study.yaml").is_file():
+            raise UserError(f"--resume {study_dir}: not a study directory (no study.yaml)")
+        study, base = load_study(study_dir / "study.yaml")
+    elif source is not None:
+        study, base = load_study(source)
+        sets = (dict(overrides) if isinstance(overrides, Mapping)
+                else dict(map(parse_override, [overrides] if isinstance(overrides, str) else overrides or [])))
+        study = study.model_copy(update={"set": {**study.set, **sets}})
+    else:
+        raise UserError("give a study file, or --resume STUDY_DIR")
+    cells = expand(study, base)
+    plans = plan_searches(study, cells) if study.search is not None else []
+    if study_dir is None:
+        study_dir = Path(out) if out is not None else fresh_dir(study.output.dir, study.output.name, study.name)
+        if study_dir.exists():
+            raise UserError(f"--out {study_dir}: exists already (use --resume to continue a study)")
+    cells_dir = study_dir / "cells"
+    if not quiet:
+        print(f"simfl study: {study.name}: {len(cells)} cells over {', '.join(study.grid)}; "
+              "loading data and planning actors", file=sys.stderr)
+    connect_ray(options)
+    # Each cell and probe without a progress bar: one line per cell, not one per step.
+    prepared = prepare_under(cells_dir, {c.name: c.scenario for c in cells}, options, quiet=True)
+    if not study_dir.exists():
+        _write_header(study_dir, study, base)
     excluded: list[str] = []
     if plans:
-        try:
-            found = run_searches(args, quiet, study_dir, study, plans)
-            excluded = sorted(name for name, sc in found.items() if sc is None)
-            prepared.update(prepare_under(quiet, cells_dir, {n: sc for n, sc in found.items() if sc is not None}))
-        except UserError as exc:
-            print(f"simfl: error: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
+        found = run_searches(study_dir, study, plans, options, quiet=quiet)
+        excluded = sorted(name for name, sc in found.items() if sc is None)
+        prepared.update(prepare_under(cells_dir, {n: sc for n, sc in found.items() if sc is not None}, options,
+                                      quiet=True))
         for name in excluded:
             prepared.pop(name)
         if excluded:
             print(f"simfl study: EXCLUDED (the target utility {study.comparison.target_accuracy:g} is out of reach): "
                   f"{', '.join(excluded)}; see search.parquet", file=sys.stderr)
-    status = run_cells(args, quiet, cells_dir, prepared, study.concurrency)
+    status = run_cells(cells_dir, prepared, study.concurrency, quiet=quiet)
     failed = sorted(n for n, s in status.items() if s.startswith("failed"))
     summarised = True
     try:
-        _summarise(study_dir, args.no_report)
+        _summarise(study_dir, not report)
     except UserError as exc:  # e.g. no cell finished: nothing to tabulate or report
         print(f"simfl: error: {exc}", file=sys.stderr)
         summarised = False
-    done = len(cells) - len(failed) - len(excluded)
-    print(f"simfl: study {study.name}: {done} of {len(cells)} cells done"
-          f"{f', {len(excluded)} excluded' if excluded else ''}; results in {study_dir}")
-    if failed:
-        print(f"simfl: {len(failed)} cells failed: {', '.join(failed)} (re-run with --resume {study_dir})",
-              file=sys.stderr)
-    return 0 if summarised and not failed else 1
+    return StudyOutcome(study.name, study_dir, len(cells), failed, excluded, summarised)
 
 
 def _summarise(study_dir: Path, no_report: bool) -> None:
