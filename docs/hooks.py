@@ -6,7 +6,8 @@ when, where and by what command it was measured, its note, and, when the code
 it measures changed since its stamp's commit (the rule of
 ``scripts/table_stamps.py``), a warning naming that commit and the changed files.
 An unknown name, a table no page includes, or a table without a full stamp is
-a build warning, so ``mkdocs build --strict`` refuses it.
+a build warning, so ``mkdocs build --strict`` refuses it. The API pages
+lose the Sphinx roles (``:func:``) in front of the code their docstrings cite.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ sys.modules[_SPEC.name] = stamps  # dataclasses look their module up there
 _SPEC.loader.exec_module(stamps)
 
 MARKER = re.compile(r"^<!-- table: ([\w.-]+) -->$", re.MULTILINE)
+# Docstrings cite code with Sphinx roles (:func:`x`, :class:`~a.B`); the API pages show the code alone.
+ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):(<code>)~?")
 log = logging.getLogger("mkdocs.hooks.tables")
 _tables: dict = {}
 _stale: dict = {}
@@ -72,6 +75,11 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         _included.add(name)
         return render(_tables[name])
     return MARKER.sub(include, markdown)
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """Drop the Sphinx roles in front of code that docstrings cite."""
+    return ROLE.sub(r"\1", html)
 
 
 def on_post_build(config) -> None:

@@ -225,6 +225,12 @@ def test_the_hook_marks_a_stale_table_visibly():
     assert "`simfl/engine/round.py`" in marked
 
 
+def test_the_api_pages_drop_sphinx_roles_before_cited_code():
+    html = "see :func:<code>a.b</code> and :class:<code>~c.D</code>, and :note: <code>x</code>"
+    expected = "see <code>a.b</code> and <code>c.D</code>, and :note: <code>x</code>"
+    assert hooks.on_page_content(html, None, None, None) == expected
+
+
 def test_the_stale_command_lists_and_exits_zero(capsys):
     assert docs_tables.main(["--stale"]) == 0
     out = capsys.readouterr().out
