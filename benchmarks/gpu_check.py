@@ -26,7 +26,7 @@ can sit in the test suite. With CUDA it checks, each as a row of the table:
    same engine on the CPU.
 
 Exit code 1 if any check fails. Nothing here is timed against a target: the
-figures are for the README's GPU section.
+figures are for the GPUs guide (docs/guides/gpus.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ From Python::
 
 Bad input raises :class:`UserError` with the command line's one-line message.
 The floors of the package (``simfl.core`` < ``data`` < ``privacy`` < ``engine``
-< ``results`` < ``simulation`` < ``studies``) are README "Code layout".
+< ``results`` < ``simulation`` < ``studies``) are in docs/guides/architecture.md.
 """
 
 from __future__ import annotations

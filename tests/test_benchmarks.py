@@ -157,7 +157,7 @@ def test_peers_without_the_extra_says_how_to_install_it_in_one_line():
 
 @pytest.mark.timeout(900)
 def test_peers_run_flower_and_pfl_beside_simfl_in_a_venv_with_the_extra(tmp_path):
-    """The venv README describes, made here (the extra installs from the package index in ~15 s)."""
+    """The venv the Benchmarks guide describes, made here (the extra installs from the package index in ~15 s)."""
     venv = tmp_path / "peers"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")

@@ -82,7 +82,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("accuracy", pa.float64()),
         ]
     ),
-    # One row per reconstructed image; see README "Attack metrics" for every column.
+    # One row per reconstructed image; docs/guides/attacks.md "Attack metrics" explains every column.
     "attacks": pa.schema(
         [
             ("round", pa.int32()),

@@ -136,7 +136,7 @@ class AttacksConfig(Strict):
 
 
 class Scenario(Strict):
-    """A whole scenario; `scripts/scenario_reference.py` makes the README's reference from its fields."""
+    """A whole scenario; `scripts/scenario_reference.py` makes the docs' reference from its fields."""
 
     name: str = Field("scenario", pattern=NAME_PATTERN, description="run name prefix (letters, digits, `_.-`); "
                       "a scenario file's defaults to its file name")

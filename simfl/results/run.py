@@ -30,7 +30,7 @@ class Run:
     """A run directory (or a scenario's arms under one parent: see :attr:`arms`).
 
     ``run.rounds``, ``run.clients``, ``run.evals``, ``run.client_evals``, ``run.attacks``: the
-    run's tables (README "Run directory" says every column). A table the run wrote no row of
+    run's tables (docs/reference/run-directory.md says every column). A table the run wrote no row of
     (``attacks`` in a run without attacks) is an empty frame with the table's columns.
     """
 
