@@ -13,15 +13,24 @@ real defaults and its own validators) and registers its class with it::
 The scenario's ``defence`` and each ``attacks.methods`` entry are then a union
 of the registered configs, discriminated by ``kind`` (:meth:`Registry.config_type`),
 so no central table lists a plugin's knobs and a saved scenario holds only the
-chosen plugin's. Adding a plugin is its module, its tests and one import line
+chosen plugin's. A built-in plugin is its module, its tests and one import line
 in its package's ``__init__``.
+
+Third-party plugins need no edit to simfl: a distribution declares an entry
+point in the family's group (``simfl.defences``, ``simfl.attacks``) naming the
+module whose import registers it, and the family's ``__init__`` loads them
+right after the built-ins (:meth:`Registry.load_entry_points`), before any
+scenario union is built. A plugin that fails to load says so in one line on
+stderr and is skipped: the built-ins and every other plugin still load.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
+import sys
 from collections.abc import Callable, Iterator
+from importlib.metadata import EntryPoint, entry_points
 from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BeforeValidator, Discriminator, Tag
@@ -44,6 +53,12 @@ class PluginConfig(Strict):
         """Checks against the rest of the (otherwise valid) scenario; raise ValueError naming the keys."""
 
 
+def _distribution(point: EntryPoint) -> str:
+    """``name version`` of the distribution that declares ``point`` (how a user finds the plugin to fix or remove)."""
+    dist = point.dist
+    return f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+
+
 def _tag(kind: str) -> str:
     # With a '-', so that error key paths drop it like pydantic's own union labels (validation.key_path).
     return f"kind-{kind}"
@@ -57,6 +72,8 @@ class Registry(Generic[P]):
         self.default = default  # the kind of a mapping without `kind` (e.g. `defence: {}` is no defence)
         self.plugins: dict[str, P] = {}
         self.configs: dict[str, type[PluginConfig]] = {}
+        self.loaded: set[EntryPoint] = set()  # entry points already tried, loaded or not
+        self.failed: dict[str, str] = {}  # "'entry point' (distribution version)" -> why it did not load
 
     def register(self, config: type[PluginConfig]) -> Callable[[P], P]:
         """Class decorator: register the plugin under its config's ``kind``."""
@@ -66,7 +83,8 @@ class Registry(Generic[P]):
 
         def add(plugin: P) -> P:
             if kind in self.plugins and self.plugins[kind] is not plugin:
-                raise ValueError(f"{self.family} {kind!r} is registered twice")
+                first, second = (f"{p.__module__}.{p.__qualname__}" for p in (self.plugins[kind], plugin))
+                raise ValueError(f"{self.family} {kind!r} is registered twice ({first} and {second})")
             self.plugins[kind] = plugin
             self.configs[kind] = config
             plugin.config_class = config  # type: ignore[attr-defined]
@@ -74,6 +92,31 @@ class Registry(Generic[P]):
             return plugin
 
         return add
+
+    def load_entry_points(self, group: str) -> None:
+        """Import every installed plugin of entry point ``group``; its import registers it as a built-in's does.
+
+        Each entry point is tried once per process (calling again loads only
+        newly installed ones). One that fails (import error, an exception while
+        registering, a kind already taken) is skipped with one line on stderr
+        and kept in :attr:`failed`; whatever it registered before failing is
+        removed, so a half-loaded plugin never reaches a scenario.
+        """
+        for point in entry_points(group=group):
+            if point in self.loaded:
+                continue
+            self.loaded.add(point)
+            before = set(self.plugins)
+            try:
+                point.load()
+            except Exception as exc:  # a plugin may fail in any way; it must not stop simfl or other plugins
+                for kind in set(self.plugins) - before:
+                    del self.plugins[kind], self.configs[kind]
+                lines = str(exc).strip().splitlines()
+                plugin = f"{point.name!r} ({_distribution(point)})"
+                self.failed[plugin] = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+                print(f"simfl: warning: {self.family} plugin {plugin} not loaded: {self.failed[plugin]}",
+                      file=sys.stderr)
 
     def kinds(self) -> list[str]:
         """Registered kinds, in registration order."""
@@ -97,6 +140,8 @@ class Registry(Generic[P]):
 
         union = functools.reduce(operator.or_, [Annotated[c, Tag(_tag(k))] for k, c in self.configs.items()])
         message = f"unknown {self.family}; choose one of: {', '.join(self.configs)}"
+        if self.failed:
+            message += f" (plugins that failed to load: {', '.join(self.failed)})"
         return Annotated[
             union,
             Discriminator(discriminate, custom_error_type="unknown_plugin", custom_error_message=message),

@@ -2,7 +2,9 @@
 
 Every attack follows :class:`~simfl.privacy.attacks.base.Attack`: it receives what
 victims shared (``Observation``) and never their images. Each registers itself
-in its module; importing this package registers them all (one line each).
+in its module; importing this package registers them all (one line each),
+then the installed third-party attacks (entry point group ``simfl.attacks``,
+docs/guides/plugins.md).
 """
 
 from __future__ import annotations
@@ -30,3 +32,6 @@ __all__ = [
     "observe_update",
     "recover_labels",
 ]
+
+# Installed third-party attacks, after the built-ins, so every scenario union sees them.
+ATTACKS.load_entry_points("simfl.attacks")

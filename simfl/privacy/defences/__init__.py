@@ -2,8 +2,9 @@
 
 ``base.Defence`` lists every place a defence may act; each defence overrides
 only what it changes, and registers itself with its config in its own module.
-Importing this package registers them all (one line each). Pure torch (and
-Opacus): no Ray, testable alone.
+Importing this package registers them all (one line each), then the
+installed third-party defences (entry point group ``simfl.defences``,
+docs/guides/plugins.md). Pure torch (and Opacus): no Ray, testable alone.
 """
 
 from __future__ import annotations
@@ -40,3 +41,6 @@ __all__ = [
     "DEFENCES", "BiDO", "DPSGD", "Defence", "GaussianNoise", "LatentDefence", "NoDefenceConfig", "Pruning",
     "defended_model", "make_defence",
 ]
+
+# Installed third-party defences, after the built-ins, so every scenario union sees them.
+DEFENCES.load_entry_points("simfl.defences")

@@ -1,0 +1,1 @@
+"""simfl plugins that fail to load (for simfl's tests)."""
