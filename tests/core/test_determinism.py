@@ -58,9 +58,12 @@ def _every_gpu_path(arch: str, kind: str) -> tuple[list[str], set[str]]:
         grad_view = observe_gradient(model, flat, weights, x[:1], y[:1], defence, gen)
         update_view = observe_update(model, flat, weights, x[:2], y[:2], lr=0.1, local_steps=2, local_batch_size=1)
         flat.load(weights)
+        naive, adaptive = defence.naive_view(), defence.disclosure(server.broadcast())
+        # Both None: nothing to adapt to, so the adaptive attack is the naive one, the same path (run once).
+        views = [naive] if naive is None and adaptive is None else [naive, adaptive]
         for name, options in (("ig", {"iterations": 2}), ("dlg", {"iterations": 2})):
             attack = get_attack(name, **options)
-            for disclosure in (defence.naive_view(), defence.disclosure(server.broadcast())):
+            for disclosure in views:
                 adapt(attack, disclosure)(model, flat, [dataclasses.replace(grad_view, labels=None)], [1])
         get_attack("ig", iterations=2)(model, flat, [update_view], [2])
 

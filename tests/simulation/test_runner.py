@@ -39,7 +39,7 @@ BAD_INPUT = [
     (["defence={kind: dpsgd, lam: 1}"], "defence.lam: unknown key (not a setting of dpsgd)"),
     (["attacks={methods: [{kind: ig, iterations: 0}]}"], "attacks.methods.0.iterations"),
 ]
-# The cluster's size is Ray's to say: these start a local instance before they fail.
+# The cluster's size is Ray's to say: these ask the session's Ray instance before they fail.
 BAD_FOR_THE_CLUSTER = [
     (["resources.gpus_per_actor=0.5"], "resources.gpus_per_actor"),
     (["resources.client_actors=64"], "resources.client_actors"),
@@ -62,21 +62,21 @@ def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, capsys, overrides
     _assert_one_line_and_nothing_written(code, capsys.readouterr().err, key, out)
 
 
-@pytest.mark.engine
 @pytest.mark.parametrize(("overrides", "key"), BAD_FOR_THE_CLUSTER)
-def test_a_plan_the_cluster_cannot_hold_is_one_line_exit_2_and_no_run_dir(tmp_path, overrides, key):
+def test_a_plan_the_cluster_cannot_hold_is_one_line_exit_2_and_no_run_dir(ray_local, tmp_path, capsys, overrides,
+                                                                          key):
     out = tmp_path / "runs"
     sets = [item for o in overrides for item in ("--set", o)]
-    proc = cli("scenarios/smoke.yaml", "--set", f"output.dir={out}", "--no-dashboard", "--num-cpus", "1", *sets)
-    _assert_one_line_and_nothing_written(proc.returncode, proc.stderr, key, out)
+    code = main(["scenarios/smoke.yaml", "--set", f"output.dir={out}", "--no-dashboard", *sets])
+    _assert_one_line_and_nothing_written(code, capsys.readouterr().err, key, out)
 
 
-def test_missing_dataset_offline_is_one_line_naming_the_file_and_where_to_put_it(tmp_path):
+def test_missing_dataset_offline_is_one_line_naming_the_file_and_where_to_put_it(tmp_path, capsys):
     out = tmp_path / "runs"
-    proc = cli("scenarios/noniid_500.yaml", "--set", "data.download=false", "--set", f"data.root={tmp_path}",
-               "--set", f"output.dir={out}")
-    assert proc.returncode == 2
-    (line,) = proc.stderr.strip().splitlines()
+    code = main(["scenarios/noniid_500.yaml", "--set", "data.download=false", "--set", f"data.root={tmp_path}",
+                 "--set", f"output.dir={out}"])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("simfl: error: data.root") and "bloodmnist.npz" in line and str(tmp_path) in line
     assert not out.exists()
 
@@ -119,8 +119,7 @@ def test_sigkilled_run_resumes_to_the_same_results(ray_local, tmp_path):
     done = pd.read_parquet(run_dir / "rounds")["round"].max()
     assert done < 6
 
-    resumed = cli("--resume", str(run_dir), "--quiet", "--no-dashboard", "--num-cpus", "2")
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["--resume", str(run_dir), "--quiet"]) == 0  # in this process, on the session's Ray instance
     assert pd.read_parquet(run_dir / "rounds")["round"].tolist() == [1, 2, 3, 4, 5, 6]
     assert_same_results(reference, run_dir)
     # TensorBoard: rounds logged before the kill and again after the resume are purged, not doubled.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from simfl.privacy.defences import defended_model
 from simfl.privacy.evaluator import Evaluator, build_evaluator
 from simfl.simulation.actors import attacker
 from simfl.simulation.actors.attacker import AttackerKnowledge, AttackPool, client_device_view, peer_pool
-from simfl.simulation.runner import prepare
+from simfl.simulation.runner import main, prepare
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -226,10 +225,7 @@ def test_attacks_pending_at_a_kill_are_rerun_after_resume(ray_local, data_root, 
     kill_at_checkpoint(cmd, ROOT, run_dir, 2)
     assert not (run_dir / "attacks").exists(), "the attacks finished before the kill; make them slower"
 
-    resumed = subprocess.run([sys.executable, "-m", "simfl.run", "--resume", str(run_dir), "--quiet",
-                              "--no-dashboard", "--num-cpus", "3"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=500)
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["--resume", str(run_dir), "--quiet"]) == 0  # in this process, on the session's Ray instance
     rows = pd.read_parquet(run_dir / "attacks")
     # Both attacked rounds' victims, each exactly once.
     assert sorted(rows.groupby("round").size().items()) == [(1, 2), (2, 2)]
