@@ -22,6 +22,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from simfl.core.plugins import REPORTED
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "tests" / "plugins"
 WARNINGS = [
@@ -36,14 +38,20 @@ SCENARIO = {
     "defence": {"kind": "round_update", "step": 0.001},
     "attacks": {"methods": [{"kind": "class_mean", "per_class": False}, {"kind": "ig", "iterations": 3}]},
 }
-# The scenario's plugins and their knobs, validated (defaults filled in) and as the JSON schema offers them.
+# The scenario's plugins and their knobs, validated (defaults filled in), as the JSON schema offers them, and a
+# plugin's knob out of its range.
 VALIDATE = """
 import json, sys
+from simfl.core.errors import UserError
 from simfl.engine.scenario import Scenario, load_scenario
 sc = load_scenario(sys.argv[1])
 schema = json.dumps(Scenario.model_json_schema())
+try:
+    load_scenario(sys.argv[1], ["defence.step=-1"])
+except UserError as exc:
+    error = str(exc)
 print(json.dumps({"defence": sc.defence.model_dump(), "methods": [m.model_dump() for m in sc.attacks.methods],
-                  "in_schema": [kind in schema for kind in ("round_update", "class_mean")]}))
+                  "in_schema": [kind in schema for kind in ("round_update", "class_mean")], "error": error}))
 """
 
 
@@ -69,6 +77,7 @@ def installed(tmp_path_factory) -> dict[str, Path]:
 def _simfl(args: list[str], *path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python args`` in the repository, with the plugin folders ``path`` on PYTHONPATH."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, path)))
+    env.pop(REPORTED, None)  # as a process started from a shell: nothing reported yet
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -84,15 +93,7 @@ def test_a_scenario_with_the_plugins_kinds_validates(installed, tmp_path):
     assert parsed["methods"] == [{"kind": "class_mean", "per_class": False},
                                  {"kind": "ig", "iterations": 3, "lr": 0.1, "tv_weight": 0.1, "restarts": 1}]
     assert parsed["in_schema"] == [True, True]
-
-
-def test_a_plugins_knob_is_checked_like_a_built_ins(installed, tmp_path):
-    path = tmp_path / "scenario.yaml"
-    path.write_text(yaml.safe_dump({**SCENARIO, "defence": {"kind": "round_update", "step": -1}}))
-    out = _simfl(["-m", "simfl.run", str(path)], installed["example"])
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        "simfl: error: scenario: defence.step: Input should be greater than 0 (got -1)"]
+    assert parsed["error"] == "scenario: defence.step: Input should be greater than 0 (got -1)"  # like a built-in's
 
 
 def test_the_scenario_reference_lists_the_plugins_kinds_and_knobs(installed):
@@ -162,8 +163,10 @@ TINY_RUN = [
 @pytest.mark.timeout(900)
 def test_a_run_uses_the_plugins_in_its_ray_workers(installed, tmp_path):
     out = _simfl(["-m", "simfl.run", "scenarios/defences_smoke.yaml", "--set", f"output.dir={tmp_path}",
-                  "--set", "output.name=plug", *TINY_RUN], installed["example"], timeout=900)
+                  "--set", "output.name=plug", *TINY_RUN], installed["example"], installed["broken"], timeout=900)
     assert out.returncode == 0, out.stderr[-5000:]
+    # The broken plugin is reported once, by the driver: not again by each Ray worker loading it.
+    assert [line for line in out.stderr.splitlines() if "simfl: warning" in line] == WARNINGS
     run = tmp_path / "plug"
     assert yaml.safe_load((run / "scenario.yaml").read_text())["defence"] == {"kind": "round_update", "step": 0.0001}
     # The clients (in the client actors) rounded what they shared, and logged it.

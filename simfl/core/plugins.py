@@ -21,13 +21,15 @@ point in the family's group (``simfl.defences``, ``simfl.attacks``) naming the
 module whose import registers it, and the family's ``__init__`` loads them
 right after the built-ins (:meth:`Registry.load_entry_points`), before any
 scenario union is built. A plugin that fails to load says so in one line on
-stderr and is skipped: the built-ins and every other plugin still load.
+stderr (once, not again in each Ray worker) and is skipped: the built-ins and
+every other plugin still load.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
+import os
 import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import EntryPoint, entry_points
@@ -38,6 +40,8 @@ from pydantic import BeforeValidator, Discriminator, Tag
 from simfl.core.validation import Strict, kind_shorthand
 
 P = TypeVar("P", bound=type)
+# The environment variable holding the plugin failures already reported (one a line), for child processes.
+REPORTED = "SIMFL_PLUGIN_FAILURES_REPORTED"
 
 
 class PluginConfig(Strict):
@@ -57,6 +61,19 @@ def _distribution(point: EntryPoint) -> str:
     """``name version`` of the distribution that declares ``point`` (how a user finds the plugin to fix or remove)."""
     dist = point.dist
     return f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+
+
+def _warn_once(line: str) -> None:
+    """``line`` on stderr, unless a parent process already said it.
+
+    Processes started from this one (Ray's workers on this machine, subprocesses)
+    inherit the environment and load the same plugins: ``REPORTED`` in it keeps
+    them from saying the same thing again, once per worker.
+    """
+    said = os.environ.get(REPORTED, "").split("\n")
+    if line not in said:
+        print(f"simfl: warning: {line}", file=sys.stderr)
+        os.environ[REPORTED] = "\n".join([*filter(None, said), line])
 
 
 def _tag(kind: str) -> str:
@@ -115,8 +132,7 @@ class Registry(Generic[P]):
                 lines = str(exc).strip().splitlines()
                 plugin = f"{point.name!r} ({_distribution(point)})"
                 self.failed[plugin] = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-                print(f"simfl: warning: {self.family} plugin {plugin} not loaded: {self.failed[plugin]}",
-                      file=sys.stderr)
+                _warn_once(f"{self.family} plugin {plugin} not loaded: {self.failed[plugin]}")
 
     def kinds(self) -> list[str]:
         """Registered kinds, in registration order."""

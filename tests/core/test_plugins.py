@@ -8,6 +8,8 @@ registry of its own, so simfl's defences and attacks are left untouched.
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Literal
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from simfl.core.plugins import PluginConfig, Registry
+from simfl.core.plugins import REPORTED, PluginConfig, Registry
 
 GROUP = "simfl_test.widgets"
 # The distribution's modules; each registers into widgets_registry.WIDGETS when imported.
@@ -100,6 +102,7 @@ def widgets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: widgets-dist\nVersion: 1.2\n")
     (info / "entry_points.txt").write_text(ENTRY_POINTS)
     monkeypatch.syspath_prepend(str(tmp_path))  # also clears the import system's caches
+    monkeypatch.setenv(REPORTED, "")  # what this process has reported, restored afterwards
     yield importlib.import_module("widgets_registry").WIDGETS
     for name in MODULES:
         sys.modules.pop(name, None)
@@ -182,6 +185,7 @@ def test_an_unknown_kind_lists_the_plugins_that_failed_to_load(widgets, capsys):
 def test_loading_again_is_quiet_and_changes_nothing(widgets, capsys):
     widgets.load_entry_points(GROUP)
     capsys.readouterr()
+    os.environ[REPORTED] = ""  # quiet because nothing is tried twice, not because it was said
     widgets.load_entry_points(GROUP)
     assert widgets.kinds() == ["spin", "hum"]
     assert capsys.readouterr().err == ""
@@ -191,3 +195,18 @@ def test_a_group_with_nothing_installed_is_quiet(widgets, capsys):
     widgets.load_entry_points("simfl_test.nothing_installed")
     assert widgets.kinds() == [] and widgets.failed == {}
     assert capsys.readouterr().err == ""
+
+
+LOAD = f"from widgets_registry import WIDGETS; WIDGETS.load_entry_points({GROUP!r}); print(WIDGETS.kinds())"
+
+
+def test_a_process_started_from_one_that_reported_a_failure_stays_quiet(widgets, tmp_path, capsys):
+    # As Ray's workers are: they inherit the environment and load the same plugins.
+    widgets.load_entry_points(GROUP)
+    said = capsys.readouterr().err.splitlines()
+    child = subprocess.run([sys.executable, "-c", LOAD], env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                           capture_output=True, text=True, timeout=300)
+    assert child.stdout.strip() == "['spin', 'hum']" and child.stderr == ""
+    fresh = dict(os.environ, PYTHONPATH=str(tmp_path), **{REPORTED: ""})
+    alone = subprocess.run([sys.executable, "-c", LOAD], env=fresh, capture_output=True, text=True, timeout=300)
+    assert alone.stdout.strip() == "['spin', 'hum']" and alone.stderr.splitlines() == said and len(said) == 3
