@@ -8,6 +8,8 @@ start it themselves.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -22,6 +24,7 @@ import yaml
 from engine_helpers import TINY_STUDY
 
 from simfl.simulation.runner import RAY_SYSTEM_CONFIG
+from simfl.studies.study import main as study_main
 
 # Tests that start Ray (directly, or through a fixture that does) are engine tests: `pytest -m "not engine"`
 # is the quick loop. Subprocess benchmarks and the two-node cluster mark themselves.
@@ -53,10 +56,12 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def tiny_study(tmp_path_factory):
+def tiny_study(ray_local, tmp_path_factory):
     """A six-cell study run as a user runs it: SIGKILLed once a cell has finished, then resumed.
 
-    Shared by the study and report tests (a study costs minutes here).
+    The one study the suite runs end to end (CI runs none of its own): shared by the study and report
+    tests, whose report test checks every figure. The killed run is ``python -m simfl.study`` in its own
+    process group; the resume runs in this process, on the session's Ray instance (no second Ray start).
     """
     root = Path(__file__).resolve().parents[1]
     tmp = tmp_path_factory.mktemp("study")
@@ -75,8 +80,9 @@ def tiny_study(tmp_path_factory):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in study_dir.glob("cells/*/final_weights.pt")}
-    resumed = subprocess.run([*cmd, "--resume", str(study_dir)], cwd=root, capture_output=True, text=True,
-                             timeout=900)
-    assert resumed.returncode == 0, resumed.stderr
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        code = study_main(["--no-dashboard", "--resume", str(study_dir)])
+    assert code == 0, log.getvalue()
     cells = [f"{d}__seed-{s}" for d in ("none", "dp_lo", "dp_hi") for s in (0, 1)]
-    return {"dir": study_dir, "cells": cells, "killed": {"finished": finished}, "resume_log": resumed.stderr}
+    return {"dir": study_dir, "cells": cells, "killed": {"finished": finished}, "resume_log": log.getvalue()}

@@ -7,8 +7,6 @@ bracket cannot reach it.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +18,7 @@ from simfl.engine.scenario import load_scenario
 from simfl.results.analysis import final_values, run_metrics
 from simfl.studies.probes import plan_searches, with_setting
 from simfl.studies.spec import expand, load_study
+from simfl.studies.study import main as study_main
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = 0.14
@@ -53,28 +52,25 @@ def test_searched_levels_join_the_grid_axis_and_probes_drop_attacks(tmp_path):
     assert probe.attacks is None and probe.defence.noise_multiplier == 0.7 and probe.training.optimizer.lr == 0.3
 
 
-def test_a_defence_without_a_search_knob_is_one_line(tmp_path):
+def test_a_defence_without_a_search_knob_is_one_line(tmp_path, capsys):
     s = spec(tmp_path)
     s["search"] = {"levels": {"plain": {"defence": "none"}}}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(s, sort_keys=False))
-    proc = subprocess.run([sys.executable, "-m", "simfl.study", str(path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+    assert study_main([str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "simfl: error: study: search.levels.plain: defence none declares no knob to search"]
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.engine
-def test_search_finds_the_target_names_the_unreachable_and_resumes(tmp_path):
+def test_search_finds_the_target_names_the_unreachable_and_resumes(ray_local, tmp_path, capsys):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec(tmp_path), sort_keys=False))
-    cmd = [sys.executable, "-m", "simfl.study", "--no-dashboard", "--num-cpus", "2"]
-    proc = subprocess.run([*cmd, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    code = study_main(["--no-dashboard", str(path)])
     study_dir = tmp_path / "s"
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "EXCLUDED" in proc.stderr and "dp_noisy__seed-0" in proc.stderr
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert "EXCLUDED" in err and "dp_noisy__seed-0" in err
 
     probes = pd.read_parquet(study_dir / "search.parquet")
     dp = probes[probes["cell"] == "dp__seed-0"]
@@ -100,8 +96,6 @@ def test_search_finds_the_target_names_the_unreachable_and_resumes(tmp_path):
 
     # Resumed: every probe and cell is found finished, nothing runs again.
     stamps = {p: p.stat().st_mtime_ns for p in study_dir.glob("*/*/final_weights.pt")}
-    resumed = subprocess.run([*cmd, "--resume", str(study_dir)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert study_main(["--no-dashboard", "--resume", str(study_dir)]) == 0, capsys.readouterr().err[-3000:]
     assert {p: p.stat().st_mtime_ns for p in study_dir.glob("*/*/final_weights.pt")} == stamps
     assert pd.read_parquet(study_dir / "search.parquet").equals(probes)
