@@ -126,11 +126,6 @@ class GaussianNoise(SharedEntriesDefence):
         self._figures = {"noise_norm_ratio": noise / update if update > 0 else (math.inf if noise > 0 else 0.0)}
         return noisy
 
-    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]:
-        """The figure of the update :meth:`share` noised for this client."""
-        figures, self._figures = self._figures, {}
-        return figures
-
     def shared_gradient(
         self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
         state: dict[str, Any] | None = None,

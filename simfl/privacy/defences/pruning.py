@@ -156,6 +156,11 @@ class SharedEntriesDefence(Defence):
             raise RuntimeError(f"{self.kind}: the weight layout is unknown; build the model with this defence first")
         return self._segments
 
+    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]:
+        """The figures :meth:`share` recorded for this client's update (then forgotten)."""
+        figures, self._figures = self._figures, {}
+        return figures
+
 
 class PruningConfig(PluginConfig):
     """``pruning``: each client zeroes the smallest-magnitude entries of every parameter tensor it shares."""
@@ -212,11 +217,6 @@ class Pruning(SharedEntriesDefence):
             "prune_kept_norm": float(after.norm()) / norm if norm > 0 else 1.0,
         }
         return pruned
-
-    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]:
-        """The figures of the update :meth:`share` pruned for this client."""
-        figures, self._figures = self._figures, {}
-        return figures
 
     def shared_gradient(
         self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,

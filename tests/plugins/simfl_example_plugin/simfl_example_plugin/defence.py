@@ -56,11 +56,6 @@ class RoundUpdate(SharedEntriesDefence):
         self._figures = {"round_zeroed": float((rounded[mask] == 0).sum()) / max(int(mask.sum()), 1)}
         return rounded
 
-    def account(self, state: dict[str, Any], n: int, steps: int) -> dict[str, float]:
-        """The figure of the update :meth:`share` rounded for this client."""
-        figures, self._figures = self._figures, {}
-        return figures
-
     def shared_gradient(
         self, model: nn.Module, flat: FlatWeights, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
         state: dict[str, Any] | None = None,
