@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -261,9 +262,22 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise UserError(f"--set {key}: value is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (see :func:`parse_override`)."""
-    return set_keys(raw, [parse_override(item) for item in overrides])
+# Overrides as the command line gives them (``--set`` strings) or as Python does (``{"training.rounds": 3}``).
+Overrides = str | Sequence[str] | Mapping[str, Any]
+
+
+def override_items(overrides: Overrides | None) -> list[tuple[str, Any]]:
+    """``(key path, value)`` pairs from ``--set`` strings (values parsed as YAML) or a key-path mapping."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    return [parse_override(item) for item in ([overrides] if isinstance(overrides, str) else overrides)]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Overrides | None) -> dict[str, Any]:
+    """Apply overrides to a raw scenario mapping (see :func:`override_items`)."""
+    return set_keys(raw, override_items(overrides))
 
 
 def set_keys(raw: dict[str, Any], items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -309,14 +323,14 @@ def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_scenario(raw: Any, overrides: list[str] | None = None, name: str | None = None) -> Scenario:
-    """Validate a scenario mapping after ``--set`` overrides; ``name`` is the default name.
+def parse_scenario(raw: Any, overrides: Overrides | None = None, name: str | None = None) -> Scenario:
+    """Validate a scenario mapping after the overrides; ``name`` is the default name.
 
     Raises :class:`~simfl.core.errors.UserError` with one line naming the key to fix.
     """
     if not isinstance(raw, dict):
         raise UserError("scenario: the file must hold a YAML mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(raw, overrides)
     if name is not None:
         raw.setdefault("name", name)
     try:
@@ -352,8 +366,13 @@ def expand_populations(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "populations": expand_from_sites(raw["populations"], site_names(cfg))}
 
 
-def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+def load_scenario(path: str | Path, overrides: Overrides | None = None) -> Scenario:
     """Read, override and validate a scenario file; every failure is a one-line UserError."""
+    return parse_scenario(read_scenario_file(path), overrides, name=Path(path).stem)
+
+
+def read_scenario_file(path: str | Path) -> Any:
+    """A scenario file's YAML as it stands (validated by :func:`parse_scenario`); one-line UserError if unreadable."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -366,7 +385,7 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or exc
         raise UserError(f"scenario file {path}{where}: not valid YAML ({problem})") from None
-    return parse_scenario(raw, overrides, name=path.stem)
+    return raw
 
 
 def scenario_to_yaml(scenario: Scenario) -> str:

@@ -14,7 +14,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -31,7 +31,7 @@ from simfl.core.resources import GpuShareExceeded, plan_actors
 from simfl.data import Dataset, load_dataset
 from simfl.data.partition import Partition, client_sizes, make_partition
 from simfl.data.sites import require_test_images
-from simfl.engine.scenario import Scenario, deep_merge, load_scenario, parse_scenario, scenario_to_yaml, set_keys
+from simfl.engine.scenario import Overrides, Scenario, deep_merge, load_scenario, parse_scenario, scenario_to_yaml
 from simfl.privacy.evaluator import Evaluator, load_or_train
 from simfl.results.run import Run
 from simfl.results.summary import arms_table
@@ -278,10 +278,9 @@ def execute(run_dir: Path, prepared: Prepared, n_actors: int, resume: bool, quie
     return last
 
 
-# What :func:`simulate` takes: a scenario as a file, as the mapping its YAML holds, or validated;
-# overrides as the command line's ``--set`` strings or as a mapping of key paths to values.
+# What :func:`simulate` takes: a scenario as a file, as the mapping its YAML holds, or validated
+# (overrides: :data:`simfl.engine.scenario.Overrides`).
 ScenarioSource = str | Path | Mapping[str, Any] | Scenario
-Overrides = Sequence[str] | Mapping[str, Any]
 
 
 def simulate(scenario: ScenarioSource | None = None, overrides: Overrides | None = None, *,
@@ -348,22 +347,13 @@ def load_run(scenario: ScenarioSource | None, overrides: Overrides | None, resum
 
 def scenario_from(source: ScenarioSource, overrides: Overrides | None = None) -> Scenario:
     """A validated scenario from a file, a mapping or a :class:`Scenario`, with the overrides laid over it."""
-    keyed = isinstance(overrides, Mapping)
-    sets = [overrides] if isinstance(overrides, str) else [] if keyed or overrides is None else list(overrides)
     if isinstance(source, str | Path):
-        scenario = load_scenario(source, sets)
-        if not keyed:
-            return scenario
-        raw = scenario.model_dump(mode="json")
-    elif isinstance(source, Scenario):
-        raw = source.model_dump(mode="json")
-    elif isinstance(source, Mapping):
-        raw = dict(source)
-    else:
-        raise UserError(f"scenario: expected a YAML file, a mapping or a Scenario, not {type(source).__name__}")
-    if isinstance(overrides, Mapping):
-        raw = set_keys(raw, list(overrides.items()))
-    return parse_scenario(raw, sets)
+        return load_scenario(source, overrides)  # laid over the file as written, as `--set` is
+    if isinstance(source, Scenario):
+        return parse_scenario(source.model_dump(mode="json"), overrides)
+    if isinstance(source, Mapping):
+        return parse_scenario(dict(source), overrides)
+    raise UserError(f"scenario: expected a YAML file, a mapping or a Scenario, not {type(source).__name__}")
 
 
 def run_scenario_or_arms(scenario: Scenario, resume: Path | None, options: RayOptions, *, quiet: bool

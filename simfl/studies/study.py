@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,10 @@ from typing import Any
 import yaml
 
 from simfl.core.errors import UserError
-from simfl.engine.scenario import parse_override
+from simfl.engine.scenario import Overrides, override_items
 from simfl.results.analysis import write_study_tables
 from simfl.simulation.runner import (
     EXIT_USER_ERROR,
-    Overrides,
     RayOptions,
     add_ray_arguments,
     connect_ray,
@@ -121,9 +119,7 @@ def drive_study(source: str | Path | None, overrides: Overrides | None, *,
         study, base = load_study(study_dir / "study.yaml")
     elif source is not None:
         study, base = load_study(source)
-        sets = (dict(overrides) if isinstance(overrides, Mapping)
-                else dict(map(parse_override, [overrides] if isinstance(overrides, str) else overrides or [])))
-        study = study.model_copy(update={"set": {**study.set, **sets}})
+        study = study.model_copy(update={"set": {**study.set, **dict(override_items(overrides))}})
     else:
         raise UserError("give a study file, or --resume STUDY_DIR")
     cells = expand(study, base)

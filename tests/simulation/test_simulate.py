@@ -12,7 +12,7 @@ from engine_helpers import SMOKE_FAST, VOLATILE, final_weights, run_smoke, table
 
 import simfl
 from simfl.engine.scenario import load_scenario
-from simfl.simulation.runner import main
+from simfl.simulation.runner import main, scenario_from
 
 SMOKE = "scenarios/smoke.yaml"
 # The scenario's file, as a mapping and validated: simulate takes each.
@@ -45,6 +45,18 @@ def test_a_key_in_the_scenario_mapping_itself_is_checked(tmp_path):
     with pytest.raises(simfl.UserError, match="^scenario: bogus: unknown key"):
         simfl.simulate(raw)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_mapping_of_overrides_is_laid_over_the_scenario_as_written_like_set(tmp_path, source):
+    # Switching a plugin's kind: laid over the validated scenario (every knob of the old kind filled in), the
+    # old knobs would be unknown keys of the new kind; laid over the scenario as written, both spellings agree.
+    path = tmp_path / "noised.yaml"
+    path.write_text(yaml.safe_dump({**SOURCES["mapping"], "defence": {"kind": "gaussian_noise", "sigma": 0.01}}))
+    noised = {"file": path, "mapping": yaml.safe_load(path.read_text()), "scenario": load_scenario(path)}[source]
+    keyed = scenario_from(noised, {"defence": {"kind": "pruning"}, "training.rounds": 2})
+    assert keyed == scenario_from(noised, ["defence={kind: pruning}", "training.rounds=2"])
+    assert keyed.defence.kind == "pruning" and keyed.training.rounds == 2
 
 
 def test_resume_takes_no_scenario_and_needs_a_run_directory(tmp_path):
