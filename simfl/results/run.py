@@ -19,7 +19,7 @@ from simfl.engine.knowledge import naive_attacker_is_exact
 from simfl.engine.run_tables import SCHEMAS
 from simfl.engine.scenario import Scenario, load_scenario
 from simfl.results.analysis import UTILITY_METRIC, run_metrics
-from simfl.results.summary import WORST, final_value, training_attacks
+from simfl.results.summary import WORST, attack_groups, final_value, training_attacks
 
 # summary()'s columns: per run, then per attack and attacker knowledge (null without attacks).
 SUMMARY_COLUMNS = ["rounds", "defence", "test_accuracy", "client_val_accuracy", "dp_epsilon_max",
@@ -116,15 +116,9 @@ class Run:
                 "test_accuracy": final_value(metrics, "test_accuracy"),
                 "client_val_accuracy": final_value(metrics, UTILITY_METRIC["client_val"]),
                 "dp_epsilon_max": final_value(metrics, "dp_epsilon_max")}
-        exact = naive_attacker_is_exact(self.scenario)
-        attacks = training_attacks(metrics)
-        rows = []
-        for (attack, knowledge), g in attacks[attacks["attack"] != "worst"].groupby(["attack", "knowledge"]):
-            if exact and knowledge != "naive":  # the adaptive rows repeat the naive ones (run_metrics)
-                continue
-            by = g.set_index("metric")
-            rows.append({**head, "attack": attack, "knowledge": "naive = adaptive" if exact else knowledge,
-                         "images": int(by.loc["attacker_acc", "n"]), **{m: float(by.loc[m, "value"]) for m in WORST}})
+        groups = attack_groups(training_attacks(metrics), naive_attacker_is_exact(self.scenario))
+        rows = [{**head, "attack": attack, "knowledge": knowledge, "images": int(by.loc["attacker_acc", "n"]),
+                 **{m: float(by.loc[m, "value"]) for m in WORST}} for attack, knowledge, by in groups]
         return pd.DataFrame(rows or [head], columns=SUMMARY_COLUMNS)
 
     def _require_rounds(self) -> None:

@@ -8,6 +8,7 @@ for any run after the fact and never disagrees with the report.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +38,24 @@ def training_attacks(metrics: pd.DataFrame) -> pd.DataFrame:
                    & (metrics["held_out"] == False)]  # noqa: E712 (nullable boolean)
 
 
-def attack_cells(attacks: pd.DataFrame, naive_is_exact: bool) -> list[list[str]]:
-    """Per attack and attacker knowledge: who attacks, images, and each privacy metric with its interval.
+def attack_groups(attacks: pd.DataFrame, naive_is_exact: bool) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """(attack, attacker knowledge, its rows indexed by metric) for each attack and knowledge, sorted.
 
-    Where the naive attacker is exact it is also the adaptive one: one row, "naive = adaptive".
+    Where the naive attacker is exact it is also the adaptive one (its rows repeat the naive ones):
+    one group, knowledge "naive = adaptive".
     """
-    rows = []
     for (attack, knowledge), g in attacks[attacks["attack"] != "worst"].groupby(["attack", "knowledge"], sort=True):
         if naive_is_exact and knowledge != "naive":
             continue
-        by = g.set_index("metric")
-        rows.append([attack, "naive = adaptive" if naive_is_exact else knowledge, str(int(by.loc["attacker_acc", "n"])),
-                     *(fmt_interval(by.loc[m, "value"], by.loc[m, "low"], by.loc[m, "high"], digits)
-                       for m, digits in ATTACK_DIGITS.items())])
-    return rows
+        yield attack, "naive = adaptive" if naive_is_exact else knowledge, g.set_index("metric")
+
+
+def attack_cells(attacks: pd.DataFrame, naive_is_exact: bool) -> list[list[str]]:
+    """Per attack and attacker knowledge: who attacks, images, and each privacy metric with its interval."""
+    return [[attack, knowledge, str(int(by.loc["attacker_acc", "n"])),
+             *(fmt_interval(by.loc[m, "value"], by.loc[m, "low"], by.loc[m, "high"], digits)
+               for m, digits in ATTACK_DIGITS.items())]
+            for attack, knowledge, by in attack_groups(attacks, naive_is_exact)]
 
 
 def baseline_cells(metrics: pd.DataFrame) -> list[list[str]]:
