@@ -68,10 +68,13 @@ def run_study(study: str | Path | None = None, overrides: Overrides | None = Non
     ``resume``: a killed study's directory to continue (then no study file, overrides or ``out``).
     Ray as :func:`simfl.simulate` has it. ``report``: write ``report.md``; ``quiet``: no line per cell.
     Bad input raises :class:`~simfl.core.errors.UserError` before anything is written. A cell that
-    fails is reported on stderr and left unfinished (see :attr:`Study.cell_table`; resume to retry it).
+    fails is reported on stderr and left unfinished (see :attr:`Study.cell_table`; resume to retry it);
+    if no cell finished, nothing can be tabulated: ``UserError`` naming the study directory.
     """
     outcome = drive_study(study, overrides, out=out, resume=resume, options=RayOptions(address, num_cpus, dashboard),
                           report=report, quiet=quiet)
+    if outcome.summary_error is not None:
+        raise UserError(f"{outcome.study_dir}: {outcome.summary_error}")
     return Study(outcome.study_dir)
 
 
@@ -84,13 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"simfl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if outcome.summary_error is not None:  # e.g. no cell finished: nothing to tabulate or report
+        print(f"simfl: error: {outcome.summary_error}", file=sys.stderr)
+    elif outcome.report is not None:
+        if table := headline(outcome.report.read_text()):
+            print(table)  # as a scenario's arms print their table
+        print(f"simfl study: report: {outcome.report}", file=sys.stderr)
     done = outcome.cells - len(outcome.failed) - len(outcome.excluded)
     print(f"simfl: study {outcome.name}: {done} of {outcome.cells} cells done"
           f"{f', {len(outcome.excluded)} excluded' if outcome.excluded else ''}; results in {outcome.study_dir}")
     if outcome.failed:
         print(f"simfl: {len(outcome.failed)} cells failed: {', '.join(outcome.failed)} "
               f"(re-run with --resume {outcome.study_dir})", file=sys.stderr)
-    return 0 if outcome.summarised and not outcome.failed else 1
+    return 0 if outcome.summary_error is None and not outcome.failed else 1
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,8 @@ class StudyOutcome:
     cells: int
     failed: list[str]
     excluded: list[str]  # searched cells whose target utility is out of reach
-    summarised: bool  # cells.parquet, metrics.parquet (and report.md) written
+    report: Path | None  # report.md, when asked for and written
+    summary_error: str | None  # why cells.parquet and metrics.parquet could not be written (None: they were)
 
 
 def drive_study(source: str | Path | None, overrides: Overrides | None, *,
@@ -150,25 +160,25 @@ def drive_study(source: str | Path | None, overrides: Overrides | None, *,
                   f"{', '.join(excluded)}; see search.parquet", file=sys.stderr)
     status = run_cells(cells_dir, prepared, study.concurrency, quiet=quiet)
     failed = sorted(n for n, s in status.items() if s.startswith("failed"))
-    summarised = True
+    written, error = None, None
     try:
-        _summarise(study_dir, not report)
+        written = _summarise(study_dir, report)
     except UserError as exc:  # e.g. no cell finished: nothing to tabulate or report
-        print(f"simfl: error: {exc}", file=sys.stderr)
-        summarised = False
-    return StudyOutcome(study.name, study_dir, len(cells), failed, excluded, summarised)
+        error = str(exc)
+    return StudyOutcome(study.name, study_dir, len(cells), failed, excluded, written, error)
 
 
-def _summarise(study_dir: Path, no_report: bool) -> None:
-    """The study's tables, then its report, whose headline table is printed as arms print theirs."""
+def _summarise(study_dir: Path, report: bool) -> Path | None:
+    """The study's tables, then (if asked) its report; the report's path."""
     write_study_tables(study_dir, study_cells(study_dir))
-    if no_report:
-        return
-    report = write_report(study_dir)
-    text = report.read_text()
-    if "## Matched-utility comparison (" in text:
-        print(text.split("## Matched-utility comparison")[1].split("\n## ")[0].split("\n\n", 2)[-1].strip())
-    print(f"simfl study: report: {report}", file=sys.stderr)
+    return write_report(study_dir) if report else None
+
+
+def headline(report: str) -> str:
+    """The report's matched-utility comparison table (empty if it has none)."""
+    if "## Matched-utility comparison (" not in report:
+        return ""
+    return report.split("## Matched-utility comparison")[1].split("\n## ")[0].split("\n\n", 2)[-1].strip()
 
 
 def _write_header(study_dir: Path, study: StudyConfig, base: dict[str, Any]) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 from test_spec import study_file
 
+from simfl.studies.study import headline
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,6 +27,13 @@ def test_bad_study_on_the_command_line_is_one_line_exit_2_and_no_directory(tmp_p
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("simfl: error: study: cell seed-0__rounds-ten") and "training.rounds" in line
     assert not out.exists()
+
+
+def test_the_headline_is_the_reports_matched_comparison_table():
+    report = ("# Study\n\n## Matched-utility comparison (client_val 0.35)\n\nWhat it shows.\n\n| a | b |\n|---|---|\n"
+              "| 1 | 2 |\n\n## Cells\n\n| c |\n")
+    assert headline(report) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert headline("# Study\n\n## Cells\n\n| c |\n") == ""
 
 
 def test_killed_study_resumes_without_redoing_finished_cells(tiny_study):
