@@ -21,7 +21,7 @@ import pytest
 import ray
 import torch
 import yaml
-from engine_helpers import TINY_STUDY
+from engine_helpers import TINY_STUDY, wait_for_workers_of
 
 from simfl.simulation.runner import RAY_SYSTEM_CONFIG
 from simfl.studies.study import main as study_main
@@ -79,6 +79,7 @@ def tiny_study(ray_local, tmp_path_factory):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_for_workers_of(proc.pid)
     finished = {p.parent.name: p.stat().st_mtime_ns for p in study_dir.glob("cells/*/final_weights.pt")}
     log = io.StringIO()
     with contextlib.redirect_stderr(log):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import torch
 
 from simfl.simulation.runner import main
@@ -85,3 +87,29 @@ def kill_at_checkpoint(cmd: list[str], cwd: Path, run_dir: Path, round_: int) ->
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_for_workers_of(proc.pid)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has ended)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for_workers_of(driver_pid: int, timeout: float = 120) -> None:
+    """Wait until the Ray workers of a killed driver's local instance have exited.
+
+    They are not in the driver's process group: killed with it, its actors live on for a moment, and
+    a coordinator could still write a cell (final weights, then nothing else) while a resume reads it.
+    Ray names a local session's directory after its driver's pid and each worker's log after the worker's.
+    """
+    logs = list(Path(tempfile.gettempdir(), "ray").glob(f"session_*_{driver_pid}/logs/python-core-worker-*_*.log"))
+    assert logs, f"no Ray worker logs of driver {driver_pid}: has Ray changed how it names them?"
+    pids = {int(p.stem.rsplit("_", 1)[1]) for p in logs}
+    deadline = time.monotonic() + timeout
+    while alive := [pid for pid in pids if running(pid)]:
+        assert time.monotonic() < deadline, f"Ray workers {alive} of killed driver {driver_pid} still running"
+        time.sleep(0.1)
+
