@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import psutil
 import torch
+from ray._common.utils import get_default_ray_temp_dir
 
 from simfl.simulation.runner import main
 
@@ -105,7 +105,8 @@ def wait_for_workers_of(driver_pid: int, timeout: float = 120) -> None:
     a coordinator could still write a cell (final weights, then nothing else) while a resume reads it.
     Ray names a local session's directory after its driver's pid and each worker's log after the worker's.
     """
-    logs = list(Path(tempfile.gettempdir(), "ray").glob(f"session_*_{driver_pid}/logs/python-core-worker-*_*.log"))
+    sessions = Path(get_default_ray_temp_dir())  # RAY_TMPDIR, else TMPDIR, else /tmp: as Ray chooses it
+    logs = list(sessions.glob(f"session_*_{driver_pid}/logs/python-core-worker-*_*.log"))
     assert logs, f"no Ray worker logs of driver {driver_pid}: has Ray changed how it names them?"
     pids = {int(p.stem.rsplit("_", 1)[1]) for p in logs}
     deadline = time.monotonic() + timeout
