@@ -31,10 +31,45 @@ from simfl.studies.study import main as study_main
 ENGINE_FIXTURES = {"ray_local", "tiny_study"}
 
 
+# Fixtures every xdist worker starts for itself (cheap, or needed once per process).
+PER_WORKER_FIXTURES = {"ray_local", "one_torch_thread"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (README runs `-n 2 --dist loadgroup`)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.engine)
+    for item, group in shared_fixture_groups(items).items():
+        item.add_marker(pytest.mark.xdist_group(group))
+    # Longest first: the engine tests (minutes each) start while the quick ones can still fill the workers' gaps.
+    items.sort(key=lambda item: item.get_closest_marker("engine") is None)
+
+
+def shared_fixture_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
+    """One xdist group per set of tests that share a module- or session-scoped fixture of ours (a study, a run).
+
+    Such a fixture runs once per worker that needs it: tests sharing one (directly or through another test's
+    second shared fixture) go to the same worker, so each runs once. Every other test is scheduled alone.
+    """
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)  # pytest's resolved fixture closure (no public accessor)
+        keys = sorted(f"{defs[-1].baseid}::{name}" for name, defs in (info.name2fixturedefs if info else {}).items()
+                      if defs and defs[-1].scope != "function" and defs[-1].baseid.startswith("tests")
+                      and name not in PER_WORKER_FIXTURES)
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+        if keys:
+            shared[item] = keys[0]
+    return {item: root(key) for item, key in shared.items()}
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from simfl.core.config import ModelConfig
@@ -149,7 +148,9 @@ def _resnet18(channels: int, image_size: int, latent_dim: int, norm: str) -> nn.
     At 28–32 px the stem keeps full resolution; at 64 px and above it strides by 2
     so that compute stays close to the 32 px case.
     """
-    net = torchvision.models.resnet18(weights=None, norm_layer=norm_layer(norm))
+    from torchvision.models import resnet18  # noqa: PLC0415  (lazy: seconds per Ray worker, and most runs never use it)
+
+    net = resnet18(weights=None, norm_layer=norm_layer(norm))
     stride = 1 if image_size <= 32 else 2
     net.conv1 = nn.Conv2d(channels, 64, 3, stride=stride, padding=1, bias=False)
     net.maxpool = nn.Identity()

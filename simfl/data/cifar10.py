@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import check_integrity
 
 from simfl.core.errors import UserError
 from simfl.core.seeding import rng
@@ -23,6 +21,8 @@ VAL_SIZE = 5000
 
 def load_cifar10(root: Path, download: bool) -> Dataset:
     """Load CIFAR-10 from ``root/cifar-10-batches-py``, downloading it on first use."""
+    from torchvision.datasets import CIFAR10  # noqa: PLC0415  (lazy: seconds per Ray worker, and most runs never use it)
+
     try:
         train = CIFAR10(str(root), train=True, download=download)
         test = CIFAR10(str(root), train=False)
@@ -49,8 +49,10 @@ def split_val(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
 
-def _explain(cifar: type[CIFAR10], root: Path, download: bool, err: Exception) -> str:
+def _explain(cifar: type, root: Path, download: bool, err: Exception) -> str:
     """One line saying what is wrong with ``root`` and how to fix it."""
+    from torchvision.datasets.utils import check_integrity  # noqa: PLC0415  (lazy: seconds per Ray worker, and most runs never use it)
+
     folder = root / cifar.base_folder
     expected = [*cifar.train_list, *cifar.test_list, [cifar.meta["filename"], cifar.meta["md5"]]]
     missing = [name for name, _ in expected if not (folder / name).is_file()]

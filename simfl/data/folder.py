@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageOps
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from simfl.core.errors import UserError
 from simfl.core.seeding import rng
@@ -134,6 +133,8 @@ def folder_records(root: Path, classes: list[str] | None = None) -> pd.DataFrame
     Class folders and image files are found by torchvision, as its ImageFolder
     finds them, except hidden folders (our ``.simfl-cache``, ``.ipynb_checkpoints``).
     """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset  # noqa: PLC0415  (lazy: seconds per Ray worker, and most runs never use it)
+
     if not root.is_dir():
         raise UserError(f"data.root: {root} is not a folder; with data.name: folder, point data.root at an "
                         f"ImageFolder tree (<root>/<class>/<image>) or set data.manifest")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-import medmnist
 import numpy as np
 
 from simfl.core.errors import UserError
@@ -22,6 +21,8 @@ _SPLITS = ("train", "val", "test")
 
 def load_medmnist(flag: str, root: Path, size: int, download: bool) -> Dataset:
     """Load MedMNIST ``flag`` at ``size`` px from ``root``, downloading it on first use."""
+    import medmnist  # noqa: PLC0415  (lazy: seconds per Ray worker, and most runs never use it)
+
     info = medmnist.INFO[flag]
     suffix = "" if size == 28 else f"_{size}"
     path = root / f"{flag}{suffix}.npz"

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid, save_image
 
 from simfl.engine.run_tables import RunTables
 
@@ -85,6 +84,8 @@ class AttackLog:
             row["submitted_at"] = job["submitted_at"]
         self.tables.append("attacks", rows)
         first = job["victims"][0].client_id
+        from torchvision.utils import make_grid, save_image  # noqa: PLC0415  (lazy: seconds per Ray worker, and most runs never use it)
+
         png_dir = self.run_dir / "reconstructions"
         png_dir.mkdir(exist_ok=True)
         grids = {}

@@ -34,7 +34,7 @@ def _dataset(size: int, classes: int = 4, n: int = 64) -> Dataset:
 
 def _every_gpu_path(arch: str, kind: str) -> tuple[list[str], set[str]]:
     """Build the defended model, then run every path it takes in the engine; return what the guard found."""
-    size = 16 if arch == "resnet18" else 28
+    size = 8 if arch == "resnet18" else 28
     ds = _dataset(size)
     shape = (ds.channels, ds.image_size, ds.num_classes)
     torch.manual_seed(0)

@@ -172,7 +172,7 @@ def test_defended_runs_do_not_depend_on_the_number_of_actors(ray_local, tmp_path
 def test_a_killed_defended_run_resumes_to_the_same_results(ray_local, tmp_path, defence):
     """The defence's server state (decoder, its optimiser, λ), the clients' DP steps and the pending
     attack jobs with their round's broadcast all come back from the checkpoint."""
-    args = ["--set", "arms=null", "--set", f"defence.kind={defence}", *SMALL[:-1], "--set", "training.rounds=4",
+    args = ["--set", "arms=null", "--set", f"defence.kind={defence}", *SMALL[:-1], "--set", "training.rounds=3",
             "--set", "checkpoint.every=1", "--set", "attacks.rounds=[1, 3]"]
     assert main(["scenarios/defences_smoke.yaml", "--set", f"output.dir={tmp_path}", "--set", "output.name=ref",
                  *args, "--quiet"]) == 0
