@@ -9,12 +9,16 @@ is carved from the training images, the same in every run.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from simfl.core.errors import UserError
 from simfl.core.seeding import rng
 from simfl.data.dataset import Dataset
+
+if TYPE_CHECKING:  # imported where used (see load_cifar10)
+    from torchvision.datasets import CIFAR10
 
 VAL_SIZE = 5000
 
@@ -49,7 +53,7 @@ def split_val(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
 
-def _explain(cifar: type, root: Path, download: bool, err: Exception) -> str:
+def _explain(cifar: type[CIFAR10], root: Path, download: bool, err: Exception) -> str:
     """One line saying what is wrong with ``root`` and how to fix it."""
     from torchvision.datasets.utils import check_integrity  # noqa: PLC0415  (lazy: seconds per Ray worker, and most runs never use it)
 
