@@ -106,6 +106,19 @@ def test_defence_benchmark_quick_prints_its_figures():
     assert re.search(r"server step per round [0-9.]+ s", proc.stdout), proc.stdout
 
 
+def test_reproducibility_check_prints_its_table_and_the_pinned_kernels_ignore_the_caps():
+    # Exit 0 or 1: 1 says this machine's pinned fingerprint differs from the record (another model); the
+    # pinned kernels must still ignore the instruction-set caps on any machine.
+    proc = subprocess.run([sys.executable, "benchmarks/reproducibility.py"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    rows = dict(re.findall(r"^\| ([A-Za-z0-9, ]+) \| ([0-9a-f]{16}) \|$", proc.stdout, flags=re.M))
+    assert set(rows) == {"pinned", "pinned, AVX2 caps", "native", "native, AVX2 caps"}, proc.stdout
+    assert rows["pinned"] == rows["pinned, AVX2 caps"]
+    assert "pinned = pinned with AVX2 caps: yes" in proc.stdout
+    assert (proc.returncode == 0) == ("pinned = recorded" in proc.stdout and proc.stdout.rstrip().endswith("yes"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="this machine has CUDA: the one-line answer is for machines without")
 def test_gpu_check_without_cuda_says_so_in_one_line():

@@ -1,4 +1,34 @@
-"""Deterministic GPU kernels: the switch every GPU actor turns on, and the audit that keeps it safe.
+"""Deterministic kernels: the CPU kernels every actor pins, the GPU switch, and the audit that keeps it safe.
+
+Same scenario and seed, same results on another machine of the same kind: on
+the CPU the float results of PyTorch depend on which kernels its libraries pick
+for the processor they find, not only on the code (issue 28: the smoke scenario's
+test accuracy was 0.499 on one 2-core AMD EPYC and 0.559 on another, same commit;
+the run-to-run, actor-count, packing and --num-cpus results were identical). Measured
+on one machine by capping each library's instruction set (6-round smoke run,
+final weights compared): ATen's vectorised kernels (AVX-512 vs AVX2), oneDNN's
+convolutions (its AVX-512 vs AVX2 kernels; it also sizes its blocks by the
+caches it finds) and MKL's GEMM (its CNR mode on or off) each change the
+results; numpy's dispatch did not. So every actor (:func:`pin_cpu_kernels`,
+started with :func:`actor_runtime_env`):
+
+- runs ATen's AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``, read once when ATen
+  first dispatches, hence set in the actor's environment before it starts);
+- turns oneDNN and NNPACK off, so convolutions are im2col + GEMM
+  (``slow_conv2d``) and every GEMM goes to MKL;
+- runs MKL in conditional-numerical-reproducibility mode (``MKL_CBWR=AVX2``:
+  fixed cache sizes, deterministic reductions, static scheduling; Intel
+  documents identical results on every Intel CPU with AVX2 at a fixed number
+  of threads, which the scenario fixes). On AMD processors MKL takes this as
+  its ``AUTO`` CNR branch (read back through ``mkl_serv_cbwr_get``), which
+  still fixes cache sizes and reductions but dispatches by the processor's
+  instruction sets: identical results on AMD machines of one kind, not
+  guaranteed between AMD and Intel. ``MKL_CBWR=COMPATIBLE`` (SSE2 kernels) is
+  documented identical on every x86-64 CPU; set it in the environment to use
+  it (simfl passes the user's own ``ATEN_CPU_CAPABILITY`` and ``MKL_CBWR`` on).
+
+Cost, measured on the 2-core machine (smoke, 12 rounds, summed round time):
+native kernels 11.1 s, these pins 16.5 s (1.5x), with ``COMPATIBLE`` 25.6 s (2.3x).
 
 Same scenario and seed, same results, whatever the number of actors: on a
 GPU that needs ``torch.use_deterministic_algorithms(True)`` (no ``warn_only``),
@@ -38,13 +68,99 @@ server steps and every attack, naive and adaptive. What it found and how:
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+# The environment that pins the CPU kernels of an actor's process (the module docstring says why each).
+PORTABLE_CPU_ENV: Mapping[str, str] = MappingProxyType({"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"})
+
+
+def cpu_kernel_env() -> dict[str, str]:
+    """The kernel-pinning variables an actor starts with: simfl's, or the user's own values of the same variables."""
+    return {name: os.environ.get(name, value) for name, value in PORTABLE_CPU_ENV.items()}
+
+
+def actor_runtime_env() -> dict[str, dict[str, str]]:
+    """Ray ``runtime_env`` for every simfl actor: its process starts with the pinned CPU kernels."""
+    return {"env_vars": cpu_kernel_env()}
+
+
+def pin_cpu_kernels(threads: int) -> None:
+    """First call in every actor: ``threads`` intra-op threads, oneDNN and NNPACK off, ATen's dispatch checked.
+
+    Raises ``RuntimeError`` when ATen does not run the kernels the environment asks for (the
+    process was started without :func:`actor_runtime_env`, or the CPU lacks AVX2): results would
+    then depend on the machine without anyone noticing.
+    """
+    wanted = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    running = torch.backends.cpu.get_cpu_capability().lower()
+    if wanted != running:
+        raise RuntimeError(
+            f"ATen runs {running!r} kernels, not {wanted or 'unset'!r}: start simfl actors with "
+            "simfl.core.determinism.actor_runtime_env() (and a CPU with AVX2) for machine-independent results"
+        )
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp: assigning sets it
+    torch.backends.nnpack.set_flags(False)
+
+
+def kernel_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of a small ConvNet's weights after 8 SGD steps in this process, as it is set up.
+
+    The kernels a run uses (convolutions forward and backward, GEMMs, group norm, the
+    optimiser's vectorised updates) on fixed data: two processes print the same value
+    exactly when those kernels give them the same float results. ``benchmarks/reproducibility.py``
+    compares it across environments and with the value recorded for the project's machines.
+    """
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 8),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) * 0.2 - 0.1)
+    x = torch.rand(8, 16, 3, 28, 28, generator=g)
+    y = torch.randint(0, 8, (8, 16), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(8):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[step]), y[step]).backward()
+        opt.step()
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return hashlib.sha256(weights.numpy().tobytes()).hexdigest()[:16]
+
+
+# What a machine without AVX-512 runs: oneDNN, MKL and ATen capped at AVX2 (for kernel_fingerprint_in).
+AVX2_MACHINE_ENV: Mapping[str, str] = MappingProxyType(
+    {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+)
+
+
+def kernel_fingerprint_in(env: Mapping[str, str], pin: bool) -> str:
+    """:func:`kernel_fingerprint` in a fresh Python process started with ``env`` (over this one's, less the
+    kernel variables), pinned as an actor is (``pin``) or with PyTorch's own kernels; the variables are read
+    when the libraries load, so only a new process shows their effect."""
+    call = "pin_cpu_kernels(1)" if pin else "torch.set_num_threads(1)"
+    code = (f"import torch; from simfl.core.determinism import kernel_fingerprint, pin_cpu_kernels; {call}; "
+            "print(kernel_fingerprint())")
+    clean = {k: v for k, v in os.environ.items() if k not in {*AVX2_MACHINE_ENV, *PORTABLE_CPU_ENV}}
+    proc = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"kernel fingerprint process failed: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout.strip()
+
 
 # Module types with no deterministic CUDA kernel (backward, or forward for the unpooling ones).
 NONDETERMINISTIC_MODULES: tuple[type[nn.Module], ...] = (

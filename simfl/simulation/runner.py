@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from simfl.core.checkpoint import list_checkpoints, load_latest
+from simfl.core.determinism import actor_runtime_env
 from simfl.core.errors import UserError
 from simfl.core.resources import GpuShareExceeded, plan_actors
 from simfl.data import Dataset, load_dataset
@@ -244,7 +245,7 @@ def start_coordinator(run_dir: Path, prepared: Prepared, n_actors: int, resume: 
         refs["evaluator"] = ray.put(prepared.evaluator)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return Coordinator.options(  # type: ignore[attr-defined]  # Ray's decorator adds .options
-        num_cpus=sc.resources.coordinator_cpus, scheduling_strategy=here
+        num_cpus=sc.resources.coordinator_cpus, scheduling_strategy=here, runtime_env=actor_runtime_env()
     ).remote(sc.model_dump(mode="json"), str(run_dir), refs, n_actors, resume)
 
 

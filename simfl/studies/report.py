@@ -18,6 +18,7 @@ import pandas as pd
 from simfl.core.errors import UserError
 from simfl.engine.scenario import load_scenario
 from simfl.results import analysis
+from simfl.results.compare import differences
 from simfl.results.markdown import DIGITS, fmt, fmt_interval, table
 from simfl.studies import figures, matched
 from simfl.studies.spec import ComparisonConfig, load_study, search_outcomes, study_cells
@@ -339,16 +340,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory", help="a run, a scenario's arms, or a study directory")
     p.add_argument("--target", type=float, help="utility to match defences at (default: the study's, else 0.9)")
     p.add_argument("--utility", choices=sorted(analysis.UTILITY_METRIC), help="which accuracy is the utility")
+    p.add_argument("--compare", metavar="OTHER_DIR",
+                   help="write nothing: list every result that differs from OTHER_DIR's (a re-run of the same "
+                        "scenario or study); exit 1 if any does")
     args = p.parse_args(argv)
     try:
         if args.target is not None and not 0 < args.target < 1:
             raise UserError(f"--target {args.target}: a utility lies strictly between 0 and 1")
         path = Path(args.directory)
-        if not path.is_dir():
-            raise UserError(f"{path}: no such directory")
+        for d in (path, *([Path(args.compare)] if args.compare else [])):
+            if not d.is_dir():
+                raise UserError(f"{d}: no such directory")
+        if args.compare:
+            return _print_differences(path, Path(args.compare))
         report = write_report(path, args.target, args.utility)
     except UserError as exc:
         print(f"simfl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(f"simfl: report written to {report}")
     return 0
+
+
+def _print_differences(path: Path, other: Path) -> int:
+    found = differences(path, other)
+    for line in found:
+        print(line)
+    print(f"simfl: {len(found)} difference(s) between {path} and {other}" if found
+          else f"simfl: {path} reproduces {other}: every table, final weights and report.md identical")
+    return 1 if found else 0

@@ -1,5 +1,6 @@
-"""The CPU-side guard for GPU determinism: no model, defence or attack path may use an op without a
-deterministic CUDA kernel (``torch.use_deterministic_algorithms(True)`` would raise on the GPU)."""
+"""Deterministic kernels. On the CPU: the pinned kernels give results that do not depend on the instruction
+sets a machine offers. For the GPU, the CPU-side guard: no model, defence or attack path may use an op without
+a deterministic CUDA kernel (``torch.use_deterministic_algorithms(True)`` would raise on the GPU)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from model_helpers import with_adaptive_pooling
 from torch import nn
 
 from simfl.core.config import ModelConfig, TrainingConfig
-from simfl.core.determinism import denied_modules, denied_ops
+from simfl.core.determinism import (
+    AVX2_MACHINE_ENV,
+    actor_runtime_env,
+    cpu_kernel_env,
+    denied_modules,
+    denied_ops,
+    kernel_fingerprint_in,
+    pin_cpu_kernels,
+)
 from simfl.core.models import build_model
 from simfl.core.seeding import torch_generator
 from simfl.core.training import train_client
@@ -99,3 +108,29 @@ def test_the_guard_sees_functional_calls_and_their_arguments():
     assert denied_ops(lambda: torch.rand(2, 5).median(dim=1)) == {"aten.median.dim"}
     assert denied_modules(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"))) == ["Upsample at 0"]
     assert denied_modules(nn.Sequential(nn.Upsample(scale_factor=2))) == []
+
+
+def test_pinned_kernels_give_the_same_results_on_a_machine_with_fewer_instruction_sets():
+    pinned = actor_runtime_env()["env_vars"]
+    assert kernel_fingerprint_in(pinned, pin=True) == kernel_fingerprint_in({**AVX2_MACHINE_ENV, **pinned}, pin=True)
+
+
+@pytest.mark.skipif("avx512" not in torch.backends.cpu.get_cpu_capability().lower(),
+                    reason="needs a CPU with AVX-512 to show that unpinned kernels follow the instruction sets")
+def test_unpinned_kernels_follow_the_instruction_sets_so_the_check_above_can_fail():
+    assert kernel_fingerprint_in({}, pin=False) != kernel_fingerprint_in(AVX2_MACHINE_ENV, pin=False)
+
+
+def test_a_process_started_without_the_pinned_environment_is_refused(monkeypatch):
+    running = torch.backends.cpu.get_cpu_capability().lower()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default" if running != "default" else "avx2")
+    with pytest.raises(RuntimeError, match=f"ATen runs '{running}' kernels, not"):
+        pin_cpu_kernels(1)
+    assert torch.backends.mkldnn.enabled  # refused before changing anything in this process
+
+
+def test_the_users_own_kernel_settings_are_passed_on(monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert cpu_kernel_env() == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+    assert actor_runtime_env() == {"env_vars": cpu_kernel_env()}

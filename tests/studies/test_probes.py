@@ -2,11 +2,16 @@
 
 The pure search is tested in test_search.py; here one small study runs end to
 end (minutes): a DP-SGD level whose bracket spans the target, and one whose
-bracket cannot reach it.
+bracket cannot reach it; then again from the command line on another number of
+CPUs, which must reproduce every result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +21,7 @@ from engine_helpers import TINY_STUDY
 
 from simfl.engine.scenario import load_scenario
 from simfl.results.analysis import final_values, run_metrics
+from simfl.results.compare import differences
 from simfl.studies.probes import plan_searches, with_setting
 from simfl.studies.spec import expand, load_study
 from simfl.studies.study import main as study_main
@@ -63,13 +69,21 @@ def test_a_defence_without_a_search_knob_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-def test_search_finds_the_target_names_the_unreachable_and_resumes(ray_local, tmp_path, capsys):
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec(tmp_path), sort_keys=False))
-    code = study_main(["--no-dashboard", str(path)])
-    study_dir = tmp_path / "s"
-    err = capsys.readouterr().err
-    assert code == 0, err[-3000:]
+@pytest.fixture(scope="module")
+def searched_study(ray_local, tmp_path_factory) -> dict:
+    """The study above, run in this process on the session's Ray instance (4 CPUs); its stderr kept."""
+    tmp = tmp_path_factory.mktemp("searched")
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(spec(tmp), sort_keys=False))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = study_main(["--no-dashboard", str(path)])
+    assert code == 0, err.getvalue()[-3000:]
+    return {"dir": tmp / "s", "spec": path, "err": err.getvalue()}
+
+
+def test_search_finds_the_target_names_the_unreachable_and_resumes(searched_study, capsys):
+    study_dir, err = searched_study["dir"], searched_study["err"]
     assert "EXCLUDED" in err and "dp_noisy__seed-0" in err
 
     probes = pd.read_parquet(study_dir / "search.parquet")
@@ -99,3 +113,16 @@ def test_search_finds_the_target_names_the_unreachable_and_resumes(ray_local, tm
     assert study_main(["--no-dashboard", "--resume", str(study_dir)]) == 0, capsys.readouterr().err[-3000:]
     assert {p: p.stat().st_mtime_ns for p in study_dir.glob("*/*/final_weights.pt")} == stamps
     assert pd.read_parquet(study_dir / "search.parquet").equals(probes)
+
+
+def test_the_same_study_on_another_number_of_cpus_gives_identical_results(searched_study, tmp_path):
+    # The CLI in its own Ray instance with 1 CPU: one cell or probe at a time, where the fixture's 4 CPUs
+    # packed them side by side. Every table (search decisions, cells, metrics, each run's tables but the
+    # wall times), every final weight and the report must come out the same (issue 28).
+    out = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "simfl.study", str(searched_study["spec"]), "--out", str(out),
+                           "--num-cpus", "1", "--no-dashboard", "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "report.md").exists() and len(list(out.rglob("final_weights.pt"))) == 7  # 5 probes, 2 cells
+    assert differences(searched_study["dir"], out) == []

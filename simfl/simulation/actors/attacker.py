@@ -22,6 +22,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from simfl.core.config import AttackPoolConfig
+from simfl.core.determinism import actor_runtime_env, pin_cpu_kernels
 from simfl.core.resources import actor_device, torch_threads, within_gpu_share
 from simfl.core.seeding import derive_seed, torch_generator
 from simfl.core.training import to_input
@@ -132,7 +133,7 @@ class Attacker:
         attacks = self.sc.attacks
         assert attacks is not None  # attacker actors exist only for scenarios that attack
         self.attacks = attacks
-        torch.set_num_threads(torch_threads(attacks.pool.cpus_per_actor))
+        pin_cpu_kernels(torch_threads(attacks.pool.cpus_per_actor))
         self.device = actor_device(attacks.pool.gpus_per_actor)
         self.index = index
         self.known: ray.ObjectRef | None = None
@@ -252,6 +253,7 @@ class AttackPool:
                 max_task_retries=0,
                 name=f"{run_tag}/attacker-{i}",
                 namespace="simfl",
+                runtime_env=actor_runtime_env(),
             ).remote(scenario, i)
             for i in range(pool.actors)
         ]

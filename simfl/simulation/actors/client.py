@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import ray
-import torch
 
+from simfl.core.determinism import pin_cpu_kernels
 from simfl.core.resources import actor_device, torch_threads
 from simfl.engine.client_work import ClientWorker
 from simfl.engine.messages import ClientReply, EvalReply, TrainTask
@@ -28,7 +28,7 @@ class ClientShard:
 
     def __init__(self, scenario: dict, shard: int) -> None:
         sc = Scenario.model_validate(scenario)
-        torch.set_num_threads(torch_threads(sc.resources.cpus_per_actor))
+        pin_cpu_kernels(torch_threads(sc.resources.cpus_per_actor))
         node = ray.get_runtime_context().get_node_id()
         self.worker = ClientWorker(sc, shard, actor_device(sc.resources.gpus_per_actor), node)
 

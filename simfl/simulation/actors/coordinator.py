@@ -24,6 +24,7 @@ import torch
 
 from simfl.core.aggregation import ServerOptimizer
 from simfl.core.checkpoint import load_latest, save_checkpoint
+from simfl.core.determinism import pin_cpu_kernels
 from simfl.core.resources import torch_threads
 from simfl.core.seeding import derive_seed
 from simfl.core.weights import FlatWeights
@@ -50,7 +51,7 @@ class Coordinator:
         # unresolved and each client actor fetches them from the object store itself.
         self.sc = Scenario.model_validate(scenario)
         self.run_dir = Path(run_dir)
-        torch.set_num_threads(torch_threads(max(self.sc.resources.coordinator_cpus, 1.0)))
+        pin_cpu_kernels(torch_threads(max(self.sc.resources.coordinator_cpus, 1.0)))
         dataset: Dataset = ray.get(refs["dataset"])
         self.partition: Partition = ray.get(refs["partition"])
 

@@ -20,6 +20,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from simfl.core.determinism import actor_runtime_env
 from simfl.core.resources import assign_clients
 from simfl.data.partition import Partition
 from simfl.engine.client_work import new_client_state
@@ -55,6 +56,7 @@ class RayTransport:
                 scheduling_strategy="SPREAD",
                 name=f"{name}/client-{i}",
                 namespace="simfl",
+                runtime_env=actor_runtime_env(),
             ).remote(sc.model_dump(mode="json"), i)
             for i in range(n_actors)
         ]
