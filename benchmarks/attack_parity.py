@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simfl.core.config import ModelConfig
+from simfl.core.determinism import pin_this_script
 from simfl.core.models import build_model
 from simfl.core.training import to_input
 from simfl.core.weights import FlatWeights
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if not HAVE_BREACHING:
         print(INSTALL_HINT)
         return 0
-    torch.set_num_threads(args.threads)
+    pin_this_script(args.threads)  # the kernels simfl's actors run, for both implementations
     torch.manual_seed(args.seed)
     model = build_model(MODEL, CHANNELS, SIZE, CLASSES)
     flat = FlatWeights(model)

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from simfl.core.config import ModelConfig
+from simfl.core.determinism import pin_cpu_kernels, pin_this_script
 from simfl.core.models import build_model
 from simfl.core.weights import FlatWeights
 from simfl.data.synthetic import make_dataset
@@ -81,7 +82,7 @@ def batched_vs_single(args: argparse.Namespace) -> dict:
     "single_s", "ratio", "met"}}}`` with ``case`` "shared weights" or "different weights";
     each time is the best of ``args.repeats`` measurements.
     """
-    torch.set_num_threads(args.threads)
+    pin_cpu_kernels(args.threads)
     attack = InvertingGradients(iterations=args.iterations)
     warm_up = InvertingGradients(iterations=min(3, args.iterations))
     seeds = list(range(args.victims))
@@ -118,7 +119,7 @@ def every_attack_batched(args: argparse.Namespace) -> dict[str, dict[str, float]
     their victims into one vmapped optimisation; learned ones fit their network once per round
     and reuse it for every victim. The server's data: a synthetic validation split.
     """
-    torch.set_num_threads(args.threads)
+    pin_cpu_kernels(args.threads)
     ds = make_dataset(train_size=10, val_size=200, test_size=10, image_size=IMAGE_SIZE, num_classes=CLASSES, seed=0)
     aux = AuxData(torch.from_numpy(ds.val_x), torch.from_numpy(ds.val_y), seed=0)
     model, flat, observations = smoke_victims(args.victims, shared_weights=True)
@@ -191,6 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    pin_this_script(args.threads)  # the kernels simfl's attacker actors run
     print("1. batched vs single (Inverting Gradients, smoke model, gradient view, B=1)")
     result = batched_vs_single(args)
     print(f"torch threads: {result['threads']} (set explicitly); iterations: {result['iterations']}; "

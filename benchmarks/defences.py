@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from simfl.core.config import ModelConfig, TrainingConfig
+from simfl.core.determinism import pin_this_script
 from simfl.core.training import train_client
 from simfl.core.weights import FlatWeights
 from simfl.data import Dataset
@@ -81,7 +82,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check of the script")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_this_script(args.threads)  # the kernels simfl's actors run
     n, count, epochs = (16, 2, 1) if args.quick else (80, 6, 4)
     cfg = TrainingConfig(local_epochs=epochs, batch_size=8, optimizer={"kind": "sgd", "lr": 0.01, "momentum": 0.9})
     data = clients(count, n)

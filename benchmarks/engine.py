@@ -112,6 +112,7 @@ import torch.nn.functional as F
 
 from simfl.core.checkpoint import list_checkpoints, load_latest
 from simfl.core.config import ModelConfig
+from simfl.core.determinism import pin_cpu_kernels, pin_this_script
 from simfl.core.models import build_model
 from simfl.core.seeding import torch_generator
 from simfl.core.training import batch_order, train_client
@@ -390,7 +391,7 @@ def plain_loop(
 ) -> float:
     """The same clients, samples and batches in one process with plain PyTorch; returns the training seconds."""
     sc = prepared.scenario
-    torch.set_num_threads(threads)
+    pin_cpu_kernels(threads)
     torch.manual_seed(0)
     ds = prepared.dataset
     model = build_model(sc.model, ds.channels, ds.image_size, ds.num_classes).to(device)
@@ -457,7 +458,7 @@ def limit_worker(job: LimitJob, passes: int, ready: Any, barrier: Any, results: 
     ``ready`` (with the parent) before the first pass, ``barrier`` (the processes) before each;
     it exits on ``release``, so the parent can read its CPU time first.
     """
-    torch.set_num_threads(job.threads)
+    pin_cpu_kernels(job.threads)  # spawned with the pinned environment main() runs in
     torch.manual_seed(0)
     channels, size, classes = job.shape
     model = build_model(ModelConfig.model_validate(job.model), channels, size, classes)
@@ -554,7 +555,7 @@ def side_by_side(prepared: Prepared, run: EngineRun, rounds: int) -> SideBySide:
     process with one torch thread. Alternating client by client, the machine's drift over minutes (several
     per cent on this one) falls on both alike: what is left is the cost of the engine's own training code."""
     sc, ds = prepared.scenario, prepared.dataset
-    torch.set_num_threads(1)
+    pin_cpu_kernels(1)
     shifts = [p.shift for p in sc.populations]
     shape = (ds.channels, ds.image_size, ds.num_classes)
     model, defence = defended_model(sc.model, sc.defence, sc.seed, shape)
@@ -740,6 +741,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, help="engine runs at 500 clients, each followed by the limit "
                         "(default 2; quick 1)")
     args = parser.parse_args()
+    pin_this_script(1)  # the limit and the side-by-side loop run the kernels the actors run
     cores = len(os.sched_getaffinity(0))
     actors = cores
     threads = max(1, math.floor(cores / actors))

@@ -24,25 +24,14 @@ CI prints this table (``.ci/run``) so that each CI machine reports its model.
 from __future__ import annotations
 
 import os
-import platform
 import sys
-from pathlib import Path
 
 from simfl.core.determinism import AVX2_MACHINE_ENV, actor_runtime_env, kernel_fingerprint_in
+from simfl.core.provenance import cpu_flags, cpu_model
 
 # kernel_fingerprint() pinned, and the machine it was recorded on (2026-12-07).
 RECORDED = {"pinned": "e290fd01be1ef770",
-            "machine": "AMD EPYC, 2 cores, AVX-512 (avx512_vp2intersect), 32 MiB L3; torch 2.14.1"}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what the platform module says."""
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+            "machine": "AMD EPYC (cpu family 26, model 2, stepping 1: Zen 5), 2 cores, AVX-512; torch 2.14.1"}
 
 
 def main() -> int:
@@ -53,8 +42,7 @@ def main() -> int:
         "native": kernel_fingerprint_in({}, pin=False),
         "native, AVX2 caps": kernel_fingerprint_in(AVX2_MACHINE_ENV, pin=False),
     }
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, AVX-512 {'yes' if 'avx512f' in flags else 'no'}; "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, AVX-512 {'yes' if 'avx512f' in cpu_flags() else 'no'}; "
           f"kernels {', '.join(f'{k}={v}' for k, v in pinned_env.items())}")
     print("| kernels | fingerprint |\n|---|---|")
     for name, value in rows.items():

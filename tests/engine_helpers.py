@@ -13,10 +13,11 @@ import psutil
 import torch
 from ray._common.utils import get_default_ray_temp_dir
 
+from simfl.engine.run_tables import EXECUTION_COLUMNS
 from simfl.simulation.runner import main
 
 # Columns that legitimately differ between equal runs (timing, placement, retries).
-VOLATILE = {"time_s", "round_time_s", "finished_at", "actor", "node_id", "attempt", "reruns"}
+VOLATILE = EXECUTION_COLUMNS
 
 # A study small enough for tests: three defences by two seeds, two rounds, two weak attacks.
 TINY_STUDY = {

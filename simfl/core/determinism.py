@@ -113,6 +113,16 @@ def pin_cpu_kernels(threads: int) -> None:
     torch.backends.nnpack.set_flags(False)
 
 
+def pin_this_script(threads: int) -> None:
+    """For a script that times or compares simfl's code in its own process (the benchmarks): run the kernels
+    the actors run. Started without their environment, it executes itself again with it (the variables are
+    read when the libraries load); processes it spawns inherit the environment and call :func:`pin_cpu_kernels`."""
+    wanted = cpu_kernel_env()
+    if any(os.environ.get(name) != value for name, value in wanted.items()):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **wanted})
+    pin_cpu_kernels(threads)
+
+
 def kernel_fingerprint() -> str:
     """SHA-256 (16 hex digits) of a small ConvNet's weights after 8 SGD steps in this process, as it is set up.
 

@@ -22,9 +22,11 @@ from simfl.privacy.defences.base import client_columns, round_columns
 CLIENT_DEFENCE_COLUMNS = client_columns()
 ROUND_DEFENCE_COLUMNS = round_columns()
 
-# Columns that record what the machine measured (wall-clock times, which Ray node ran it), not a result:
-# two runs of one scenario and seed agree on every other column (simfl.results.compare).
-MACHINE_COLUMNS = frozenset({"round_time_s", "finished_at", "time_s", "node_id", "attack_s", "submitted_at"})
+# Columns that record how a run was executed, not a result: wall-clock times, which Ray node and client actor
+# ran a client, its attempt after a lost actor, a round's reruns. Two runs of one scenario and seed agree on
+# every other column, whatever the actors and CPUs (simfl.results.compare).
+EXECUTION_COLUMNS = frozenset({"round_time_s", "finished_at", "time_s", "node_id", "actor", "attempt", "reruns",
+                               "attack_s", "submitted_at"})
 
 SCHEMAS: dict[str, pa.Schema] = {
     "rounds": pa.schema(

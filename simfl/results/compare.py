@@ -4,11 +4,12 @@ Why: a privacy verdict that moves when it is re-run cannot be cited (issue 28).
 A run directory keeps every result in its Parquet tables, its final weights and,
 for a study, its ``report.md``; two runs of one scenario and seed must agree on
 all of them, exactly, whatever the number of actors or CPUs and however a
-study's cells were packed. What may differ is what the machine measured
-(:data:`~simfl.engine.run_tables.MACHINE_COLUMNS`: wall times, Ray node ids)
-and where each directory lies (``run_dir``, paths in the report). Rows are
-compared as sets (attack results arrive in the order attacker actors finish),
-floats bit for bit.
+study's cells were packed. What may differ is how it was executed
+(:data:`~simfl.engine.run_tables.EXECUTION_COLUMNS`: wall times, which node
+and actor trained a client, attempts after a lost actor) and where each
+directory lies (``run_dir``, paths in the report). Rows are compared as sets
+(attack results arrive in the order attacker actors finish), floats bit for
+bit.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from simfl.engine.run_tables import MACHINE_COLUMNS
+from simfl.engine.run_tables import EXECUTION_COLUMNS
 
-# Where the directory was (a study's cell table), on top of what the machine measured.
-IGNORED_COLUMNS = MACHINE_COLUMNS | {"run_dir"}
+# Where the directory was (a study's cell table), on top of how the run was executed.
+IGNORED_COLUMNS = EXECUTION_COLUMNS | {"run_dir"}
 
 
 def differences(a: Path | str, b: Path | str) -> list[str]:

@@ -10,6 +10,7 @@ the command line). The driver then only starts the coordinator and shows progres
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from simfl.core.checkpoint import list_checkpoints, load_latest
 from simfl.core.determinism import actor_runtime_env
 from simfl.core.errors import UserError
+from simfl.core.provenance import environment, mismatches
 from simfl.core.resources import GpuShareExceeded, plan_actors
 from simfl.data import Dataset, load_dataset
 from simfl.data.partition import Partition, client_sizes, make_partition
@@ -170,9 +172,10 @@ def fresh_dir(parent: str, name: str | None, default: str) -> Path:
 
 
 def write_run_header(run_dir: Path, prepared: Prepared) -> None:
-    """Create ``run_dir`` (failing if it exists) holding the scenario and the partition it runs."""
+    """Create ``run_dir`` (failing if it exists) holding the scenario, the partition it runs and where it runs."""
     run_dir.mkdir(parents=True)
     (run_dir / "scenario.yaml").write_text(scenario_to_yaml(prepared.scenario))
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
     pq.write_table(prepared.partition.to_table(), run_dir / "partition.parquet")
 
 
@@ -210,6 +213,17 @@ def check_same_partition(run_dir: Path, prepared: Prepared) -> None:
             f"--resume {run_dir}: the data no longer give the saved partition.parquet "
             f"(was {prepared.scenario.data.name} under data.root replaced?)"
         )
+
+
+def warn_if_made_elsewhere(run_dir: Path) -> None:
+    """A run resumed on another machine, kernel setting or version goes on with this one's numbers: say so."""
+    record = run_dir / "environment.json"
+    if not record.is_file():
+        return
+    changed = mismatches(json.loads(record.read_text()), environment())
+    if changed:
+        print(f"simfl: warning: --resume {run_dir}: started elsewhere ({'; '.join(changed)}); the rounds after "
+              "its checkpoint will not match an uninterrupted run", file=sys.stderr)
 
 
 def plan(prepared: Prepared, elastic: bool) -> int:
@@ -373,6 +387,7 @@ def run_scenario(scenario: Scenario, resume: Path | None, options: RayOptions, *
     prepared = prepare(scenario)
     if resume is not None:
         check_same_partition(resume, prepared)
+        warn_if_made_elsewhere(resume)
     return run_planned(prepared, plan_run(prepared, options, quiet=quiet), resume, quiet=quiet)
 
 
@@ -468,6 +483,7 @@ def run_in(run_dir: Path, prep: Prepared, n_actors: int, *, quiet: bool) -> tupl
         return run_planned(prep, n_actors, None, quiet=quiet)
     check_resumable(run_dir)
     check_same_partition(run_dir, prep)
+    warn_if_made_elsewhere(run_dir)
     return run_planned(prep, n_actors, run_dir, quiet=quiet)
 
 

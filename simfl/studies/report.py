@@ -8,6 +8,7 @@ has a markdown table with the numbers behind it.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from simfl.core.errors import UserError
+from simfl.core.provenance import mismatches
 from simfl.engine.scenario import load_scenario
 from simfl.results import analysis
 from simfl.results.compare import differences
@@ -365,6 +367,10 @@ def _print_differences(path: Path, other: Path) -> int:
     found = differences(path, other)
     for line in found:
         print(line)
+    records = [next(iter(sorted(d.rglob("environment.json"))), None) for d in (path, other)]
+    if found and all(records):
+        for line in mismatches(*(json.loads(r.read_text()) for r in records if r is not None)):
+            print(f"made elsewhere: {line}")
     print(f"simfl: {len(found)} difference(s) between {path} and {other}" if found
           else f"simfl: {path} reproduces {other}: every table, final weights and report.md identical")
     return 1 if found else 0

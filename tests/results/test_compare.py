@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from simfl.results.compare import differences
 from simfl.studies.report import main as report_main
 
 
-def _run(root: Path, accuracy: float = 0.5, round_time: float = 1.0, order: tuple[int, ...] = (0, 1)) -> Path:
+def _run(root: Path, accuracy: float = 0.5, round_time: float = 1.0, order: tuple[int, ...] = (0, 1),
+         cpu: str = "CPU A") -> Path:
     rows = [{"round": 1, "accuracy": accuracy, "hist": [1, 2], "round_time_s": round_time, "node_id": "a"},
             {"round": 2, "accuracy": float("nan"), "hist": [3], "round_time_s": 2 * round_time, "node_id": "b"}]
     (root / "evals").mkdir(parents=True)
@@ -21,6 +23,7 @@ def _run(root: Path, accuracy: float = 0.5, round_time: float = 1.0, order: tupl
     pq.write_table(pa.table({"cell": ["x"], "run_dir": [str(root)]}), root / "cells.parquet")
     torch.save({"w": torch.tensor([1.0, 2.0])}, root / "final_weights.pt")
     (root / "report.md").write_text(f"# Study {root}\nutility 0.5\n")
+    (root / "environment.json").write_text(json.dumps({"cpu": cpu, "kernels": {}, "versions": {}, "commit": "c"}))
     return root
 
 
@@ -52,9 +55,10 @@ def test_report_cli_compares_and_exits_1_on_a_difference(tmp_path, capsys):
     before = (a / "report.md").read_text()
     assert report_main([str(a), "--compare", str(b)]) == 0
     assert "reproduces" in capsys.readouterr().out
-    c = _run(tmp_path / "c", accuracy=0.25)
+    c = _run(tmp_path / "c", accuracy=0.25, cpu="CPU B")
     assert report_main([str(a), "--compare", str(c)]) == 1
     assert capsys.readouterr().out.splitlines() == [
-        "evals: rows differ (first in columns accuracy)", f"simfl: 1 difference(s) between {a} and {c}"]
+        "evals: rows differ (first in columns accuracy)", "made elsewhere: cpu: 'CPU A' against 'CPU B'",
+        f"simfl: 1 difference(s) between {a} and {c}"]
     assert report_main([str(a), "--compare", str(tmp_path / "none")]) == 2
     assert (a / "report.md").read_text() == before  # --compare writes nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ from engine_helpers import SMOKE_FAST, assert_same_results, kill_at_checkpoint, 
 from folder_helpers import SITES, write_site_tree
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from simfl.core.provenance import environment
 from simfl.data.synthetic import make_dataset
 from simfl.engine.scenario import load_scenario
-from simfl.simulation.runner import main, prepare, write_run_header
+from simfl.simulation.runner import main, prepare, warn_if_made_elsewhere, write_run_header
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,6 +159,18 @@ def test_resume_refuses_when_the_data_changed(tmp_path, capsys):
     assert "no longer give the saved partition.parquet" in capsys.readouterr().err
 
 
+def test_resume_elsewhere_warns_that_later_rounds_follow_this_machine(tmp_path, capsys):
+    run_dir = make_resumable_looking_dir(tmp_path, seed=0)
+    warn_if_made_elsewhere(run_dir)  # the header was written here, by this process
+    assert capsys.readouterr().err == ""
+    record = json.loads((run_dir / "environment.json").read_text())
+    (run_dir / "environment.json").write_text(json.dumps(dict(record, cpu="Other CPU")))
+    warn_if_made_elsewhere(run_dir)
+    assert capsys.readouterr().err.splitlines() == [
+        f"simfl: warning: --resume {run_dir}: started elsewhere (cpu: 'Other CPU' against {record['cpu']!r}); "
+        "the rounds after its checkpoint will not match an uninterrupted run"]
+
+
 def write_fake_bloodmnist(root: Path, train: int) -> None:
     """A bloodmnist.npz in MedMNIST's exact layout (keys, dtypes, (N, 1) labels)."""
     ds = make_dataset(train_size=train, val_size=300, test_size=600, image_size=28, num_classes=8, seed=7)
@@ -186,6 +200,7 @@ def test_noniid_500_runs_to_the_end_on_bloodmnist_npz(ray_local, tmp_path):
     for name in ("rounds", "clients", "evals", "client_evals"):
         assert len(pd.read_parquet(run_dir / name)) > 0, name
     assert len(pd.read_parquet(run_dir / "clients")) == 100
+    assert json.loads((run_dir / "environment.json").read_text()) == environment()  # where it ran, for --compare
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
