@@ -22,8 +22,9 @@ started with :func:`actor_runtime_env`):
   of threads, which the scenario fixes). On AMD processors MKL takes this as
   its ``AUTO`` CNR branch (read back through ``mkl_serv_cbwr_get``), which
   still fixes cache sizes and reductions but dispatches by the processor's
-  instruction sets: identical results on AMD machines of one kind, not
-  guaranteed between AMD and Intel. ``MKL_CBWR=COMPATIBLE`` (SSE2 kernels) is
+  instruction sets: expected identical on AMD machines of one kind (checked
+  so far by capping instruction sets on one model, Zen 5:
+  ``benchmarks/reproducibility.py``), not guaranteed between AMD and Intel. ``MKL_CBWR=COMPATIBLE`` (SSE2 kernels) is
   documented identical on every x86-64 CPU; set it in the environment to use
   it (simfl passes the user's own ``ATEN_CPU_CAPABILITY`` and ``MKL_CBWR`` on).
 
