@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine  # noqa: E402  (the engine benchmark beside this file: same workload)
 
 from simfl.core.config import ModelConfig  # noqa: E402
+from simfl.core.determinism import pin_this_script  # noqa: E402
 from simfl.core.models import build_model  # noqa: E402
 from simfl.core.resources import GpuShareExceeded, actor_device, within_gpu_share  # noqa: E402
 from simfl.privacy.attacks import ATTACKS  # noqa: E402
@@ -291,6 +292,7 @@ def main() -> int:
     if not gpu and not args.cpu:
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check")
         return 0
+    pin_this_script(1)  # the plain loop beside the engine runs the CPU kernels simfl's actors run
     if gpu:
         props = torch.cuda.get_device_properties(0)
         print(f"gpu_check: {torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.0f} GiB), "
