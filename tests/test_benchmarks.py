@@ -192,5 +192,6 @@ def test_peers_run_flower_and_pfl_beside_simfl_in_a_venv_with_the_extra(tmp_path
         assert 0 < s_lo <= s <= s_hi and 0 < sps_lo <= sps <= sps_hi, (name, proc.stdout)
         # Each round trains 50 clients of ~50 images: s/round x samples/s is that round's samples.
         assert 1000 < s * sps < 5000, (name, proc.stdout)
-        assert math.isclose(ratio, rows["simfl"][3] / sps, rel_tol=0.01), (name, proc.stdout)
+        # the ratio is printed with two decimals
+        assert math.isclose(ratio, rows["simfl"][3] / sps, rel_tol=0.01, abs_tol=0.006), (name, proc.stdout)
     assert rows["simfl"][6] == 1.0
