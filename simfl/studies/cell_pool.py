@@ -15,12 +15,17 @@ from typing import Literal
 
 import ray
 
+from simfl.engine.scenario import Scenario
 from simfl.simulation.runner import Prepared, run_in
 
 
 def cell_demand(prep: Prepared, n_actors: int) -> tuple[float, float]:
     """CPUs and GPUs a cell's actors hold while it runs."""
-    sc = prep.scenario
+    return run_demand(prep.scenario, n_actors)
+
+
+def run_demand(sc: Scenario, n_actors: int) -> tuple[float, float]:
+    """CPUs and GPUs the actors of a run of ``sc`` with ``n_actors`` client actors hold."""
     cpus = n_actors * sc.resources.cpus_per_actor + sc.resources.coordinator_cpus
     gpus = n_actors * sc.resources.gpus_per_actor
     if sc.attacks is not None:

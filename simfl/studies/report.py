@@ -23,6 +23,7 @@ from simfl.results import analysis
 from simfl.results.compare import differences
 from simfl.results.markdown import DIGITS, fmt, fmt_interval, table
 from simfl.studies import figures, matched
+from simfl.studies.profile import profile
 from simfl.studies.spec import ComparisonConfig, load_study, search_outcomes, study_cells
 
 EXIT_USER_ERROR = 2
@@ -345,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", metavar="OTHER_DIR",
                    help="write nothing: list every result that differs from OTHER_DIR's (a re-run of the same "
                         "scenario or study); exit 1 if any does")
+    p.add_argument("--profile", action="store_true",
+                   help="write nothing: print where a study's time went (probes kept and not, cells, attacks)")
     args = p.parse_args(argv)
     try:
         if args.target is not None and not 0 < args.target < 1:
@@ -355,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{d}: no such directory")
         if args.compare:
             return _print_differences(path, Path(args.compare))
+        if args.profile:
+            print(profile(path), end="")
+            return 0
         report = write_report(path, args.target, args.utility)
     except UserError as exc:
         print(f"simfl: error: {exc}", file=sys.stderr)

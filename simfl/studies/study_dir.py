@@ -14,6 +14,7 @@ import pandas as pd
 
 from simfl.core.errors import UserError
 from simfl.results.run import Run
+from simfl.studies.profile import profile
 from simfl.studies.spec import StudyConfig, load_study, study_cells
 
 
@@ -51,6 +52,10 @@ class Study:
         if not path.is_file():
             raise UserError(f"{self.path}: no metrics.parquet yet (the study has not finished; resume it)")
         return pd.read_parquet(path)
+
+    def profile(self) -> str:
+        """Where the study's time went, as Markdown (:func:`simfl.studies.profile.profile`)."""
+        return profile(self.path)
 
     @property
     def report(self) -> Path | None:

@@ -25,6 +25,7 @@ from simfl.results.compare import differences
 from simfl.studies.probes import plan_searches, with_setting
 from simfl.studies.spec import expand, load_study
 from simfl.studies.study import main as study_main
+from simfl.studies.study_dir import Study
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = 0.14
@@ -126,3 +127,11 @@ def test_the_same_study_on_another_number_of_cpus_gives_identical_results(search
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "report.md").exists() and len(list(out.rglob("final_weights.pt"))) == 7  # 5 probes, 2 cells
     assert differences(searched_study["dir"], out) == []
+
+
+def test_the_profile_counts_every_probe_and_cell(searched_study):
+    text = Study(searched_study["dir"]).profile()
+    assert "(7 runs: 5 probes, 2 cells)" in text
+    assert "| search: the chosen probes (the attacked cell trains the same model again) | 1 |" in text
+    assert "| search: probes not kept | 4 |" in text
+    assert "| ig | naive |  |" in text and "| idlg | naive |  |" in text  # per attack, none of them learned
