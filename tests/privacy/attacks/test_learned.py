@@ -10,6 +10,7 @@ from simfl.core.errors import UserError
 from simfl.core.weights import FlatWeights
 from simfl.data.synthetic import make_dataset
 from simfl.engine.scenario import parse_scenario
+from simfl.privacy import decoders
 from simfl.privacy.attacks import ATTACKS, adapt, build_attack, observe_gradient
 from simfl.privacy.attacks.analytic import linear_layers, recover
 from simfl.privacy.attacks.base import AuxData
@@ -102,3 +103,33 @@ def test_learned_attacks_need_batch_size_one():
     with pytest.raises(UserError, match="feature_decoder needs attacks.batch_size: 1"):
         parse_scenario({"populations": [{"name": "a", "clients": 2}],
                         "attacks": {"batch_size": 2, "methods": ["feature_decoder"]}})
+
+
+def test_a_decoder_fitted_twice_on_the_same_inputs_is_fitted_once_with_the_same_result(data, monkeypatch):
+    # decoded_ig's decoder is feature_decoder's (same layer, steps, seed and purpose): the second fit is the first.
+    aux, victims, _ = data
+    model, flat, observations = _setup(NoDefenceConfig(), data)
+    fits = []
+    real_fit = decoders._fit
+    monkeypatch.setattr(decoders, "_fit", lambda *a: fits.append(a[-1]) or real_fit(*a))
+    monkeypatch.setattr(decoders, "_FITTED", type(decoders._FITTED)())
+    seeds = list(range(len(observations)))
+    alone = build_attack(ATTACKS.configs["feature_decoder"](steps=40), aux)(model, flat, observations, seeds)
+    assert fits == ["attack-FeatureDecoder"]
+    ig = build_attack(ATTACKS.configs["decoded_ig"](iterations=1, decoder_steps=40), aux)
+    ig(model, flat, observations, seeds)
+    again = build_attack(ATTACKS.configs["feature_decoder"](steps=40), aux)(model, flat, observations, seeds)
+    assert fits == ["attack-FeatureDecoder"]  # neither decoded_ig nor the second attack fitted again
+    assert torch.equal(alone.images, again.images)
+    # What a fit depends on changes the key: more steps, another seed, other inputs.
+    build_attack(ATTACKS.configs["feature_decoder"](steps=41), aux)(model, flat, observations, seeds)
+    other = AuxData(aux.images, aux.labels, seed=1)
+    build_attack(ATTACKS.configs["feature_decoder"](steps=40), other)(model, flat, observations, seeds)
+    assert len(fits) == 3
+    # A hit is exactly what fitting again from scratch gives.
+    features = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(50, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    hit = decoders.fit_decoder(features.clone(), images, 20, 1e-3, 16, 0, "p")
+    assert decoders.fit_decoder(features, images.clone(), 20, 1e-3, 16, 0, "p") is hit
+    fresh = real_fit(features, images, 20, 1e-3, 16, 0, "p")
+    assert all(torch.equal(a, b) for a, b in zip(hit.state_dict().values(), fresh.state_dict().values(), strict=True))
