@@ -35,16 +35,12 @@ before each client and after the gradient view.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
-from typing import Any, ClassVar, Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from opacus.accountants.utils import create_accountant
-from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from opacus.validators import ModuleValidator
 from pydantic import Field, NonNegativeFloat, PositiveFloat
 from torch import nn
 
@@ -56,10 +52,23 @@ from simfl.core.weights import FlatWeights
 from simfl.privacy.defences.base import DEFENCES, Defence, SearchKnob
 from simfl.privacy.disclosure import Disclosure
 
+if TYPE_CHECKING:
+    from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
+
 # Where the model keeps its per-sample-gradient wrapper: a plain attribute (not a
 # registered submodule, which would make a cycle in the module tree), so the
 # wrapper lives exactly as long as the model and every DPSGD object shares it.
 _GSM_ATTR = "_simfl_grad_sample_module"
+
+
+def opacus() -> ModuleType:
+    """Opacus's parts (:mod:`simfl.privacy.defences.opacus_parts`), imported when DP-SGD first needs them.
+
+    Importing Opacus costs about 1.7 s of CPU (it imports ``torch.distributed.tensor``,
+    sympy and ``scipy.stats``), and every actor of every run imports this module
+    through the defence registry, while most runs never train with DP-SGD.
+    """
+    return importlib.import_module("simfl.privacy.defences.opacus_parts")
 
 
 def sample_rate(n: int, batch_size: int) -> float:
@@ -89,36 +98,10 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         return 0.0
     if noise_multiplier == 0:
         return math.inf
-    acc = create_accountant(accountant)
+    acc = opacus().create_accountant(accountant)
     # Exactly the history Opacus's own ``step`` builds for `steps` identical steps.
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     return float(acc.get_epsilon(delta=delta))
-
-
-class HostNoiseDPOptimizer(DPOptimizer):
-    """Opacus's DPOptimizer with its Gaussian noise drawn on the CPU, from the client's generator, then moved.
-
-    Opacus draws the noise on the parameters' device. A CUDA normal draw's
-    values depend on the GPU's multiprocessor count (its launch grid), so the
-    same (seed, client, round) would give other noise on another GPU model or
-    MIG slice, and other noise than on the CPU. Drawn on the CPU, the noise is
-    the same wherever the client trains (costs one host draw and copy of the
-    weights' size per step). Otherwise exactly Opacus's ``add_noise`` (its
-    non-secure mode): ``torch.normal(0, σC)`` per parameter, none when σ = 0.
-    """
-
-    def add_noise(self) -> None:
-        """Add N(0, (σC)²) noise drawn on the CPU to each summed, clipped gradient and set it as ``p.grad``."""
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            if std == 0:
-                noise = torch.zeros_like(p.summed_grad)
-            else:
-                noise = torch.normal(0.0, std, size=p.summed_grad.shape, generator=self.generator,
-                                     dtype=p.summed_grad.dtype).to(p.summed_grad.device)
-            p.grad = (p.summed_grad + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
 
 
 def _clear(model: nn.Module) -> None:
@@ -126,12 +109,6 @@ def _clear(model: nn.Module) -> None:
     for p in model.parameters():
         p.grad_sample = None  # type: ignore[attr-defined]  # Opacus's attributes on torch Parameters
         p.summed_grad = None  # type: ignore[attr-defined]
-
-
-def _release_grad_samples(optimizer: DPOptimizer) -> None:
-    """DPOptimizer step hook (after clipping, noise and scaling; before the update)."""
-    for p in optimizer.params:
-        p.grad_sample = None
 
 
 class DPSGDConfig(PluginConfig):
@@ -174,8 +151,9 @@ class DPSGD(Defence):
     def build(self, model: SplitNet) -> SplitNet:
         """BatchNorm mixes samples, so per-sample clipping is meaningless with it: Opacus's own
         ``ModuleValidator.fix`` swaps each BatchNorm for a GroupNorm (the layout every process then shares)."""
-        if ModuleValidator.validate(model, strict=False):
-            model = ModuleValidator.fix(model)
+        validator = opacus().ModuleValidator
+        if validator.validate(model, strict=False):
+            model = validator.fix(model)
         return model
 
     # ------------------------------------------------------------ client side
@@ -184,8 +162,8 @@ class DPSGD(Defence):
         """The model's per-sample-gradient wrapper, built on first use and reused for every later client."""
         module = model.__dict__.get(_GSM_ATTR)
         if module is None:
-            ModuleValidator.validate(model, strict=True)  # Opacus's own check (e.g. no BatchNorm)
-            module = GradSampleModuleExpandedWeights(model, loss_reduction="mean")
+            opacus().ModuleValidator.validate(model, strict=True)  # Opacus's own check (e.g. no BatchNorm)
+            module = opacus().GradSampleModuleExpandedWeights(model, loss_reduction="mean")
             object.__setattr__(model, _GSM_ATTR, module)
         return module
 
@@ -199,7 +177,7 @@ class DPSGD(Defence):
         self._batch_size = cfg.batch_size
         if n == 0:
             return []
-        sampler = UniformWithReplacementSampler(
+        sampler = opacus().UniformWithReplacementSampler(
             num_samples=n, sample_rate=sample_rate(n, cfg.batch_size), generator=generator, steps=local_steps(n, cfg)
         )
         return [torch.tensor(idx, dtype=torch.long) for idx in sampler]
@@ -208,7 +186,7 @@ class DPSGD(Defence):
         self, model: nn.Module, cfg: TrainingConfig, generator: torch.Generator, n: int
     ) -> torch.optim.Optimizer:
         """The client's optimiser wrapped in a DPOptimizer (clip, noise from ``generator``, ÷ expected batch)."""
-        optimizer = HostNoiseDPOptimizer(
+        optimizer = opacus().HostNoiseDPOptimizer(
             make_optimizer(model, cfg),
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
@@ -218,7 +196,7 @@ class DPSGD(Defence):
         )
         # Once clipped into p.grad, the per-sample gradients are spent: drop them before the
         # next forward (ExpandedWeights refuses to run on stale ones; it also frees B× the weights).
-        optimizer.attach_step_hook(_release_grad_samples)
+        optimizer.attach_step_hook(opacus().release_grad_samples)
         return optimizer
 
     def empty_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -262,7 +240,7 @@ class DPSGD(Defence):
         model.train()
         module = self.training_module(model)
         params = list(model.parameters())
-        optimizer = HostNoiseDPOptimizer(
+        optimizer = opacus().HostNoiseDPOptimizer(
             torch.optim.SGD(params, lr=0.0),
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,

@@ -25,7 +25,7 @@ generator local training was given and :meth:`GaussianNoise.share` draws from
 it after training; in the gradient view the noise is drawn from the generator
 :meth:`GaussianNoise.shared_gradient` is called with. Draws are made on the
 CPU and moved, so the noise does not depend on the device (see
-``dpsgd.HostNoiseDPOptimizer``).
+``opacus_parts.HostNoiseDPOptimizer``).
 
 Attackers. The naive attacker is not exact: it matches a noise-free simulated
 gradient to a noisy one (:meth:`GaussianNoise.naive_is_exact`). An adaptive

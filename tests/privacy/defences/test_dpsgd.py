@@ -18,7 +18,8 @@ from simfl.core.training import evaluate, make_optimizer, to_input, train_client
 from simfl.core.weights import FlatWeights
 from simfl.privacy.defences import make_defence
 from simfl.privacy.defences.base import Defence, NoDefenceConfig
-from simfl.privacy.defences.dpsgd import DPSGD, DPSGDConfig, HostNoiseDPOptimizer, epsilon, local_steps, sample_rate
+from simfl.privacy.defences.dpsgd import DPSGD, DPSGDConfig, epsilon, local_steps, sample_rate
+from simfl.privacy.defences.opacus_parts import HostNoiseDPOptimizer
 
 SHAPE = (3, 16, 4)  # channels, image size, classes
 N, B = 64, 16  # B divides N: Opacus's PrivacyEngine rate 1/len(loader) is then our B/N
