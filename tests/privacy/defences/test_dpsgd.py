@@ -1,6 +1,8 @@
 """DP-SGD through Opacus: accounting, determinism, clipping/noise, and Opacus object lifetime."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -399,3 +401,14 @@ def test_host_noise_optimizer_is_opacus_dp_optimizer_on_the_cpu(sigma):
         opt.step()
         results.append(flat.snapshot())
     assert torch.equal(results[0], results[1])
+
+
+def test_opacus_is_imported_only_by_a_process_that_uses_dp_sgd():
+    # Every actor imports the defence registry; Opacus's own import costs seconds of CPU per actor start.
+    probe = ("import sys; import simfl.simulation.actors.coordinator, simfl.simulation.actors.client; "
+             "print('opacus' in sys.modules); "
+             "from simfl.privacy.defences.dpsgd import epsilon; epsilon(1.0, 0.1, 10, 1e-5); "
+             "print('opacus' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]
