@@ -43,6 +43,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, key=lambda item: item[0])]  # round 1000000 sorts last
 
 
+def latest_round(run_dir: Path) -> int | None:
+    """The round of the newest checkpoint (from its name; nothing is loaded); None if there is none."""
+    found = list_checkpoints(run_dir)
+    return int(_NAME.fullmatch(found[-1].name).group(1)) if found else None  # type: ignore[union-attr]
+
+
 def load_latest(run_dir: Path) -> dict[str, Any] | None:
     """The newest checkpoint, read with ``weights_only=True`` (never arbitrary pickles); None if there is none."""
     found = list_checkpoints(run_dir)

@@ -104,6 +104,11 @@ class AttacksConfig(Strict):
         "without probes. Counted in `rounds.attack_victims`; the generalization gap in attack metrics is measured "
         "on these")
     victims_per_job: PositiveInt = Field(16, description="victims stacked into one batched attack job")
+    record: bool = Field(
+        False, description="save each attack job (the victims' shares and private originals, the round's defence "
+        "broadcast) under `attack_jobs/` instead of attacking it; training is bit-identical. Resumed with "
+        "`record: false` (its `scenario.yaml` changed), the finished run attacks every recorded job without "
+        "training again, as a study does with the probe its search keeps")
     pool: AttackPoolConfig = Field(
         AttackPoolConfig(), description="the attacker actors, and what happens when they fall behind training")
 
@@ -231,6 +236,11 @@ class Scenario(Strict):
         for method in self.attacks.methods if self.attacks is not None else []:
             method.check(self)
         return self
+
+    @property
+    def live_attacks(self) -> AttacksConfig | None:
+        """The attacks, where attacker actors run them beside training (not recorded for later: ``record``)."""
+        return self.attacks if self.attacks is not None and not self.attacks.record else None
 
     @property
     def num_clients(self) -> int:

@@ -97,7 +97,7 @@ class Prepared:
 
 def prepare_evaluator(prepared: Prepared, quiet: bool) -> None:
     """Load (or train once and cache) the evaluation classifier attacker accuracy needs."""
-    if prepared.scenario.attacks is None:
+    if prepared.scenario.live_attacks is None:
         return
     cache = prepared.scenario.data.derived_path / "evaluators"
     if not quiet:
@@ -234,8 +234,8 @@ def plan(prepared: Prepared, elastic: bool) -> int:
     sc = prepared.scenario
     totals = ray.cluster_resources()
     cpus, gpus = totals.get("CPU", 0.0), totals.get("GPU", 0.0)
-    if sc.attacks is not None:  # the attacker pool comes first: what is left goes to the client actors
-        pool = sc.attacks.pool
+    if sc.live_attacks is not None:  # the attacker pool comes first: what is left goes to the client actors
+        pool = sc.live_attacks.pool
         cpus -= pool.actors * pool.cpus_per_actor
         gpus -= pool.actors * pool.gpus_per_actor
         if not elastic and (cpus < 0 or gpus < -1e-9):
@@ -246,7 +246,7 @@ def plan(prepared: Prepared, elastic: bool) -> int:
         return plan_actors(sc.resources, max(cpus, 0.0), max(gpus, 0.0), prepared.partition.num_clients,
                            elastic=elastic)
     except UserError as exc:
-        if sc.attacks is None:
+        if sc.live_attacks is None:
             raise
         raise UserError(f"{exc} (what is left after attacks.pool)") from None
 

@@ -28,9 +28,9 @@ def run_demand(sc: Scenario, n_actors: int) -> tuple[float, float]:
     """CPUs and GPUs the actors of a run of ``sc`` with ``n_actors`` client actors hold."""
     cpus = n_actors * sc.resources.cpus_per_actor + sc.resources.coordinator_cpus
     gpus = n_actors * sc.resources.gpus_per_actor
-    if sc.attacks is not None:
-        cpus += sc.attacks.pool.actors * sc.attacks.pool.cpus_per_actor
-        gpus += sc.attacks.pool.actors * sc.attacks.pool.gpus_per_actor
+    if (attacks := sc.live_attacks) is not None:
+        cpus += attacks.pool.actors * attacks.pool.cpus_per_actor
+        gpus += attacks.pool.actors * attacks.pool.gpus_per_actor
     return cpus, gpus
 
 
@@ -69,7 +69,8 @@ def run_cells(cells_dir: Path, prepared: dict[str, tuple[Prepared, int]], concur
                 queue.remove(name)
                 prep, n_actors = prepared[name]
                 need_c, need_g = cell_demand(prep, n_actors)
-                say(f"cell {name}: started ({n_actors} client actors)")
+                say(f"cell {name}: started ({n_actors} client actors)" if n_actors else
+                    f"cell {name}: started (trained already: attacks only)")
                 future = pool.submit(run_in, cells_dir / name, prep, n_actors, quiet=True)
                 running[future] = (name, need_c, need_g, time.monotonic())
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)

@@ -1,11 +1,17 @@
 """A study's searches: find each searched cell's knob value at the target utility, by probe runs.
 
 The search logic is :mod:`simfl.studies.search`; this module runs it. Probes are
-complete runs without attacks (utility alone decides the knob), written under
+complete runs that record their attack jobs instead of attacking
+(``attacks.record``: utility alone decides the knob), written under
 ``<study>/search/<cell>.probe<k>`` (with ``.tune<j>`` for a tuned
 combination), run in waves: each wave holds the next probe of every search
 still going, packed onto the cluster like cells. Searches replay from the
 probes on disk, so a killed study resumes its searches where they stood.
+
+The cell at the chosen setting does not train again: it starts as a copy of
+the kept probe (:func:`seed_cell`), whose training is bit-identical to the
+cell's, and resumes it with live attacks, which attack the recorded jobs.
+Recorded jobs of probes no cell needs are deleted (:func:`drop_recorded`).
 
 Tuning (``search.tune``): on the first seed of each group of cells (cells that
 differ only in their seed), every combination of the tuned keys is searched;
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from simfl.core.errors import UserError
-from simfl.engine.scenario import Scenario, parse_scenario, set_keys
+from simfl.engine.scenario import Scenario, parse_scenario, scenario_to_yaml, set_keys
 from simfl.privacy.defences import DEFENCES
 from simfl.privacy.defences.base import SearchKnob
 from simfl.results.analysis import UTILITY_METRIC, final_values, run_metrics
@@ -72,13 +79,13 @@ def knob_of(study: StudyConfig, cell: Cell) -> SearchKnob:
     return declared
 
 
-def with_setting(cell: Cell, knob: SearchKnob, value: float, combo: dict[str, Any], attacks: bool) -> Scenario:
-    """The cell's scenario at one knob value and tuned combination; without attacks for a probe."""
+def with_setting(cell: Cell, knob: SearchKnob, value: float, combo: dict[str, Any], *, probe: bool) -> Scenario:
+    """The cell's scenario at one knob value and tuned combination; a ``probe`` records its attacks."""
     raw = cell.scenario.model_dump(mode="json")
     items = [(f"defence.{k}", v) for k, v in knob.settings(value).items()] + list(combo.items())
     raw = set_keys(raw, items)
-    if not attacks:
-        raw["attacks"] = None
+    if probe and raw.get("attacks") is not None:
+        raw["attacks"]["record"] = True
     try:
         return parse_scenario(raw)
     except UserError as exc:
@@ -99,7 +106,7 @@ def plan_searches(study: StudyConfig, cells: list[Cell]) -> list[CellSearch]:
         combos = [dict(zip(tune, values)) for values in itertools.product(*tune.values())] or [{}]
         for combo in combos:
             for end in (knob.low, knob.high):
-                with_setting(cell, knob, end, combo, attacks=True)
+                with_setting(cell, knob, end, combo, probe=False)
         group = CELL_SEPARATOR.join(v for a, v in cell.labels.items() if a != SEED_AXIS)
         tuning = len(combos) > 1 and group not in seen_groups
         seen_groups.add(group)
@@ -162,9 +169,17 @@ def _wave(study: StudyConfig, plans: list[CellSearch]) -> dict[str, tuple[CellSe
     return wave
 
 
+@dataclass(frozen=True)
+class Found:
+    """A searched cell's outcome: its scenario at the chosen setting, and the probe that trained it."""
+
+    scenario: Scenario
+    probe: Path
+
+
 def run_searches(study_dir: Path, study: StudyConfig, plans: list[CellSearch], options: RayOptions, *,
-                 quiet: bool) -> dict[str, Scenario | None]:
-    """Run every search to its end; returns each searched cell's scenario at its setting (None: excluded).
+                 quiet: bool) -> dict[str, Found | None]:
+    """Run every search to its end; returns each searched cell's setting and kept probe (None: excluded).
 
     Writes ``search.parquet``: every probe with its knob value, combination and utility,
     and each search's outcome. ``quiet``: no line per probe.
@@ -179,7 +194,7 @@ def run_searches(study_dir: Path, study: StudyConfig, plans: list[CellSearch], o
         wave = wave or _wave(study, plans)
         if not wave:
             break
-        scenarios = {name: with_setting(plan.cell, plan.knob, value, plan.combos[j], attacks=False)
+        scenarios = {name: with_setting(plan.cell, plan.knob, value, plan.combos[j], probe=True)
                      for name, (plan, j, value) in wave.items()}
         prepared = prepare_under(probes_dir, scenarios, options, quiet=True)
         status = run_cells(probes_dir, prepared, study.concurrency, quiet=quiet)
@@ -198,13 +213,48 @@ def run_searches(study_dir: Path, study: StudyConfig, plans: list[CellSearch], o
                       f"{'' if len(plan.combos) == 1 else f' ({json.dumps(plan.combos[j])})'} → {kind} {utility:.3f} "
                       f"(target {study.comparison.target_accuracy:g})", file=sys.stderr)
     _write_table(study_dir, study, plans, failed)
-    out: dict[str, Scenario | None] = {}
+    out: dict[str, Found | None] = {}
     for plan in plans:
-        probe = plan.searches[plan.combo].chosen() if plan.combo in plan.searches else None
-        out[plan.cell.name] = (None if probe is None or plan.combo is None or plan.cell.name in failed
-                               else with_setting(plan.cell, plan.knob, probe.value, plan.combos[plan.combo],
-                                                 attacks=True))
+        search = plan.searches.get(plan.combo) if plan.combo is not None else None
+        probe = search.chosen() if search is not None else None
+        if search is None or probe is None or plan.combo is None or plan.cell.name in failed:
+            out[plan.cell.name] = None
+            continue
+        name = plan.probe_name(plan.combo, search.probes.index(probe))
+        out[plan.cell.name] = Found(with_setting(plan.cell, plan.knob, probe.value, plan.combos[plan.combo],
+                                                 probe=False), probes_dir / name)
     return out
+
+
+def seed_cell(cell_dir: Path, found: Found, scenario: Scenario) -> bool:
+    """Start the cell as a copy of its kept probe (final weights left out), ``scenario`` its own; True if seeded.
+
+    Resumed, the copy trains nothing (its checkpoint is the last round) and attacks the jobs the probe
+    recorded: the cell a live run would have written, without its training. A cell directory that
+    exists already (a resumed study) is left as it is; so is one whose probe did not finish.
+    """
+    if cell_dir.exists() or not (found.probe / "final_weights.pt").is_file():
+        return False
+    tmp = cell_dir.with_name(f".{cell_dir.name}.seeding")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(found.probe, tmp, ignore=shutil.ignore_patterns("final_weights.pt"))
+    (tmp / "scenario.yaml").write_text(scenario_to_yaml(scenario))
+    tmp.rename(cell_dir)  # whole or not at all: a killed copy is never taken for a cell
+    return True
+
+
+def drop_recorded(study_dir: Path, found: dict[str, Found | None]) -> None:
+    """Delete recorded attack jobs no cell needs: every probe's but those of kept probes whose cell has not finished,
+    and every finished cell's (they hold the victims' private images; a live run keeps none)."""
+    needed = {f.probe.name for name, f in found.items()
+              if f is not None and not (study_dir / "cells" / name / "final_weights.pt").is_file()}
+    for recorded in (*(study_dir / "search").glob("*/attack_jobs"), *(study_dir / "cells").glob("*/attack_jobs")):
+        run = recorded.parent
+        if run.parent.name == "search" and run.name in needed:
+            continue
+        if run.parent.name == "cells" and not (run / "final_weights.pt").is_file():
+            continue
+        shutil.rmtree(recorded)
 
 
 def _write_table(study_dir: Path, study: StudyConfig, plans: list[CellSearch], failed: dict[str, str]) -> None:

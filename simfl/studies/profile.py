@@ -34,6 +34,7 @@ KINDS = {
     "cell_startup": "cells: start-up (actors, data, attack evaluator) before round 1",
     "cell_rounds": "cells: rounds (training and evaluation; attacks run beside them)",
     "cell_tail": "cells: after the last round (waiting for attacks, final writes)",
+    "cell_attacks_only": "cells seeded from their kept probe: attacks on its recorded jobs (no training)",
 }
 
 
@@ -58,9 +59,6 @@ def _mtime(path: Path) -> float | None:
 def run_span(run_dir: Path, kind: str) -> RunSpan:
     """A run's span and the CPUs it holds, from its header, tables and final weights."""
     sc = load_scenario(run_dir / "scenario.yaml")
-    actors = _table(run_dir, "clients", ["actor"])["actor"].nunique()  # as planned on the cluster it ran on
-    cpus, _ = run_demand(sc, max(1, actors))
-    attackers = sc.attacks.pool.actors if sc.attacks is not None else 0
     start = _mtime(run_dir / "environment.json") or _mtime(run_dir / "scenario.yaml")
     assert start is not None
     rounds = _table(run_dir, "rounds", ["round", "round_time_s", "finished_at"])
@@ -69,6 +67,10 @@ def run_span(run_dir: Path, kind: str) -> RunSpan:
         rounds = rounds.drop_duplicates("round", keep="last").sort_values("round")
         first = float(rounds["finished_at"].iloc[0] - rounds["round_time_s"].iloc[0])
         last = float(rounds["finished_at"].iloc[-1])
+    # As planned on the cluster it ran on; none where the rounds are its probe's (a seeded cell trains nothing).
+    actors = 0 if last is not None and last < start else _table(run_dir, "clients", ["actor"])["actor"].nunique()
+    cpus, _ = run_demand(sc, actors)
+    attackers = sc.live_attacks.pool.actors if sc.live_attacks is not None else 0
     attacks = _table(run_dir, "attacks", ["finished_at"])
     ends = [t for t in (_mtime(run_dir / "final_weights.pt"), last,
                         float(attacks["finished_at"].max()) if len(attacks) else None) if t is not None]
@@ -148,6 +150,9 @@ def core_seconds(runs: list[RunSpan]) -> dict[str, float]:
         if r.kind != "cell":
             out[r.kind] += (r.end - r.start) * r.cpus
             continue
+        if r.last_round_end is not None and r.last_round_end < r.start:  # its rounds are its probe's
+            out["cell_attacks_only"] += (r.end - r.start) * r.cpus
+            continue
         first = r.first_round_start if r.first_round_start is not None else r.end
         last = r.last_round_end if r.last_round_end is not None else r.end
         out["cell_startup"] += (first - r.start) * r.cpus
@@ -173,10 +178,13 @@ def profile(study_dir: str | Path, cores: float | None = None) -> str:
     cores = cores or max(sum(r.cpus for r in runs if r.start <= t < r.end) for t in (r.start for r in runs))
     spent = core_seconds(runs)
     available = wall * cores
-    counts = {k: sum(1 for r in runs if r.kind == k or (r.kind == "cell" and k.startswith("cell"))) for k in KINDS}
+    counts = {k: sum(1 for r in runs if r.kind == k) for k in (*KINDS, "cell")}
+    seeded = sum(1 for r in runs if r.kind == "cell" and r.last_round_end is not None and r.last_round_end < r.start)
+    counts.update({k: counts["cell"] - seeded for k in ("cell_startup", "cell_rounds", "cell_tail")},
+                  cell_attacks_only=seeded)
     probes = counts["probe_kept"] + counts["probe_dropped"]
     lines = [f"Study {study_dir.name}: {wall / 60:.1f} min wall on {cores:g} CPUs "
-             f"({len(runs)} runs: {probes} probes, {counts['cell_rounds']} cells)", ""]
+             f"({len(runs)} runs: {probes} probes, {counts['cell']} cells)", ""]
     rows = [[text, str(counts[k]), f"{spent[k] / 60:.1f}", f"{100 * spent[k] / available:.0f} %"]
             for k, text in KINDS.items()]
     idle = available - sum(spent.values())

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from simfl.core.checkpoint import latest_round
 from simfl.core.errors import UserError
 from simfl.engine.scenario import Overrides, override_items
 from simfl.results.analysis import write_study_tables
@@ -36,7 +37,7 @@ from simfl.simulation.runner import (
     ray_options,
 )
 from simfl.studies.cell_pool import run_cells
-from simfl.studies.probes import plan_searches, run_searches
+from simfl.studies.probes import Found, drop_recorded, plan_searches, run_searches, seed_cell
 from simfl.studies.report import write_report
 from simfl.studies.spec import StudyConfig, expand, load_study, study_cells
 from simfl.studies.study_dir import Study
@@ -148,17 +149,26 @@ def drive_study(source: str | Path | None, overrides: Overrides | None, *,
     if not study_dir.exists():
         _write_header(study_dir, study, base)
     excluded: list[str] = []
+    found: dict[str, Found | None] = {}
     if plans:
         found = run_searches(study_dir, study, plans, options, quiet=quiet)
-        excluded = sorted(name for name, sc in found.items() if sc is None)
-        prepared.update(prepare_under(cells_dir, {n: sc for n, sc in found.items() if sc is not None}, options,
-                                      quiet=True))
+        excluded = sorted(name for name, f in found.items() if f is None)
+        kept = {n: f for n, f in found.items() if f is not None}
+        prepared.update(prepare_under(cells_dir, {n: f.scenario for n, f in kept.items()}, options, quiet=True))
+        for name, f in kept.items():
+            prep = prepared[name][0]
+            seed_cell(cells_dir / name, f, prep.scenario)
+            if latest_round(cells_dir / name) == prep.scenario.training.rounds:
+                prepared[name] = (prep, 0)  # its probe's training, copied: no client actor to hold a CPU for
+        drop_recorded(study_dir, found)
         for name in excluded:
             prepared.pop(name)
         if excluded:
             print(f"simfl study: EXCLUDED (the target utility {study.comparison.target_accuracy:g} is out of reach): "
                   f"{', '.join(excluded)}; see search.parquet", file=sys.stderr)
     status = run_cells(cells_dir, prepared, study.concurrency, quiet=quiet)
+    if found:
+        drop_recorded(study_dir, found)
     failed = sorted(n for n, s in status.items() if s.startswith("failed"))
     written, error = None, None
     try:

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from simfl.core.provenance import environment
 from simfl.data.synthetic import make_dataset
 from simfl.engine.scenario import load_scenario
+from simfl.results.compare import differences
 from simfl.simulation.runner import main, prepare, warn_if_made_elsewhere, write_run_header
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -244,3 +245,24 @@ def test_folder_sites_runs_end_to_end_on_a_manifest_with_a_held_out_hospital(ray
     assert main([*args, "--set", "output.name=second", "--set", "attacks=null"]) == 0
     assert cache.stat().st_mtime_ns == stamp and len(list((root / ".simfl-cache").glob("*.npz"))) == 1
     assert pd.read_parquet(out / "second" / "partition.parquet").equals(partition)
+
+
+RECORDED_ATTACKS = ["--set", "attacks={methods: [{kind: ig, iterations: 10}, {kind: feature_decoder, steps: 10}], "
+                    "victims: 2, rounds: [1, 3], pool: {actors: 1, cpus_per_actor: 1}}"]
+
+
+@pytest.mark.timeout(600)
+def test_recorded_attack_jobs_attacked_later_give_the_live_runs_results(ray_local, tmp_path):
+    # What a study's cell does with its kept probe: record while training, then resume with live attacks.
+    live = run_smoke(tmp_path, "live", *RECORDED_ATTACKS)
+    recorded = run_smoke(tmp_path, "rec", *RECORDED_ATTACKS, "--set", "attacks.record=true")
+    assert not (recorded / "attacks").exists() and not (recorded / "reconstructions").exists()
+    assert sorted(p.name for p in (recorded / "attack_jobs").iterdir()) == ["round_000001.pt", "round_000003.pt"]
+    assert_same_results(live, recorded)  # recording changes nothing in training
+    saved = recorded / "scenario.yaml"
+    saved.write_text(saved.read_text().replace("record: true", "record: false"))
+    assert main(["--resume", str(recorded), "--quiet"]) == 0
+    assert differences(live, recorded) == []  # every table (attacks included), final weights
+    assert sorted(p.name for p in (recorded / "reconstructions").iterdir()) == sorted(
+        p.name for p in (live / "reconstructions").iterdir())
+    assert pd.read_parquet(recorded / "rounds")["round"].tolist() == [1, 2, 3]  # nothing trained again

@@ -55,8 +55,11 @@ def test_searched_levels_join_the_grid_axis_and_probes_drop_attacks(tmp_path):
     plans = plan_searches(study, cells)
     assert [(p.knob.name, p.knob.low, p.knob.high) for p in plans] == [("noise_multiplier", 0.05, 5.0),
                                                                       ("noise_multiplier", 4.0, 5.0)]
-    probe = with_setting(plans[0].cell, plans[0].knob, 0.7, {"training.optimizer.lr": 0.3}, attacks=False)
-    assert probe.attacks is None and probe.defence.noise_multiplier == 0.7 and probe.training.optimizer.lr == 0.3
+    probe = with_setting(plans[0].cell, plans[0].knob, 0.7, {"training.optimizer.lr": 0.3}, probe=True)
+    assert probe.attacks.record and probe.live_attacks is None  # a probe records its attack jobs, attacks none
+    assert probe.defence.noise_multiplier == 0.7 and probe.training.optimizer.lr == 0.3
+    cell = with_setting(plans[0].cell, plans[0].knob, 0.7, {}, probe=False)
+    assert cell.live_attacks is not None and cell.attacks == plans[0].cell.scenario.attacks
 
 
 def test_a_defence_without_a_search_knob_is_one_line(tmp_path, capsys):
@@ -97,9 +100,16 @@ def test_search_finds_the_target_names_the_unreachable_and_resumes(searched_stud
     assert abs(chosen["utility"] - TARGET) == min(abs(dp["utility"] - TARGET))
 
     # The cell ran at the chosen setting, with attacks, and training did not change: same utility as its probe.
+    # It did not train again: it is its kept probe's copy, resumed to attack the jobs the probe recorded.
     cell = study_dir / "cells" / "dp__seed-0"
     assert load_scenario(cell / "scenario.yaml").defence.noise_multiplier == pytest.approx(chosen["value"])
+    assert load_scenario(cell / "scenario.yaml").live_attacks is not None
     assert (cell / "attacks").is_dir()
+    assert "cell dp__seed-0: started (trained already: attacks only)" in err
+    kept = study_dir / "search" / f"dp__seed-0.probe{int(chosen['probe'])}"
+    assert pd.read_parquet(cell / "rounds").equals(pd.read_parquet(kept / "rounds"))  # the very rows, times too
+    assert sorted(pd.read_parquet(cell / "attacks")["round"].unique()) == [1, 2]
+    assert not list(study_dir.glob("*/*/attack_jobs"))  # recorded jobs are dropped once no cell needs them
     m = run_metrics(cell)
     m.insert(0, "cell", "x")
     assert final_values(m, "local_val_accuracy")["value"].iloc[0] == pytest.approx(chosen["utility"], abs=1e-12)

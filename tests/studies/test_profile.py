@@ -74,34 +74,44 @@ def study(tmp_path) -> Path:
                        "finished_at": T0 + 205, "image": 0},
                       {**job, "round": 2, "attack": "ig", "knowledge": "naive", "attack_s": 4.0,
                        "submitted_at": T0 + 180, "finished_at": T0 + 215, "image": 0}])
+    # Seeded from its probe at T0+230 (its rounds are the probe's), attacks only until T0+250.
+    _run(tmp_path / "cells" / "dq__seed-0", start=T0 + 230, end=T0 + 250, rounds=[(50, T0 + 155)], attacks=True,
+         attack_rows=[{**job, "attack": "ig", "knowledge": "naive", "attack_s": 5.0, "submitted_at": T0 + 231,
+                       "finished_at": T0 + 249, "image": 0}])
     return tmp_path
 
 
 def test_runs_are_told_apart_and_their_core_seconds_split(study):
     runs = {r.name: r for r in study_runs(study)}
     assert {n: r.kind for n, r in runs.items()} == {"dp__seed-0.probe0": "probe_dropped",
-                                                   "dp__seed-0.probe1": "probe_kept", "dp__seed-0": "cell"}
+                                                   "dp__seed-0.probe1": "probe_kept", "dp__seed-0": "cell",
+                                                   "dq__seed-0": "cell"}
     assert runs["dp__seed-0"].cpus == 1.0 and runs["dp__seed-0.probe0"].cpus == 0.5
+    assert runs["dq__seed-0"].cpus == 0.5  # no client actor: its attacker alone
     spent = core_seconds(list(runs.values()))
     assert spent == {"probe_dropped": 50.0, "probe_kept": 30.0, "cell_startup": 10.0, "cell_rounds": 30.0,
-                     "cell_tail": 30.0}
+                     "cell_tail": 30.0, "cell_attacks_only": 10.0}
 
 
 def test_attack_time_is_counted_once_per_job_with_the_rest_of_each_job_apart(study):
     t = attack_time(study).set_index("attack")
-    assert t.loc["ig", "seconds"] == 12.0 and t.loc["ig", "jobs"] == 2
+    assert t.loc["ig", "seconds"] == 17.0 and t.loc["ig", "jobs"] == 3
     assert t.loc["lti", "seconds"] == 12.0 and bool(t.loc["lti", "learned"]) and not bool(t.loc["ig", "learned"])
     # Job 1: 175 → 205 less 20 s of attacks; job 2 waits for job 1: 205 → 215 less 4 s.
-    assert t.loc["(scoring, evaluator, objective at truth)", "seconds"] == pytest.approx(10.0 + 6.0)
+    # The seeded cell's job: 231 → 249 less 5 s.
+    assert t.loc["(scoring, evaluator, objective at truth)", "seconds"] == pytest.approx(10.0 + 6.0 + 13.0)
 
 
 def test_the_profile_names_each_share_of_the_wall_time(study):
     text = profile(study, cores=2)
-    assert "Study " in text and "4.0 min wall on 2 CPUs (3 runs: 2 probes, 1 cells)" in text
-    # 240 s x 2 CPUs = 480 core-seconds; the runs reserved 150 of them.
+    assert "Study " in text and "4.3 min wall on 2 CPUs (4 runs: 2 probes, 2 cells)" in text
+    # 260 s x 2 CPUs = 520 core-seconds; the runs reserved 160 of them.
     assert "| search: probes not kept | 1 | 0.8 | 10 % |" in text
-    assert "| not reserved by any run" in text and "| 5.5 | 69 % |" in text
-    assert "busy 0.7 of 1.2 actor-minutes" in text  # 24 s of attacks + 16 s besides; the cell's 70 s x 1 actor
+    assert "| cells: rounds (training and evaluation; attacks run beside them) | 1 | 0.5 | 6 % |" in text
+    assert "| cells seeded from their kept probe: attacks on its recorded jobs (no training) | 1 | 0.2 | 2 % |" in text
+    assert "| not reserved by any run" in text and "| 6.0 | 69 % |" in text
+    # 29 s of attacks + 29 s besides; the cells' 70 s and 20 s x 1 actor.
+    assert "busy 1.0 of 1.5 actor-minutes" in text
 
 
 def test_a_directory_that_is_not_a_study_is_one_line(tmp_path):

@@ -33,10 +33,11 @@ from simfl.data.client_data import test_sets
 from simfl.data.partition import Partition
 from simfl.engine.attack_log import AttackLog
 from simfl.engine.messages import TrainTask
+from simfl.engine.recorded_jobs import job_from_state, job_state, record_jobs, recorded_jobs
 from simfl.engine.round import RoundPlan, Rounds, attack_jobs, central_eval_rows
 from simfl.engine.run_log import RunLog
 from simfl.engine.scenario import Scenario, scenario_to_yaml
-from simfl.engine.victim import Victim, victim_from_state, victim_state
+from simfl.engine.victim import Victim
 from simfl.privacy.defences import defended_model
 from simfl.simulation.actors.attacker import AttackerKnowledge, AttackPool
 from simfl.simulation.actors.transport import RayTransport
@@ -73,10 +74,15 @@ class Coordinator:
         manifest = None
         if resume:
             journal, restored_jobs, manifest = self._restore()
+            if self.sc.live_attacks is not None and not manifest.get("attacks"):
+                # Recorded by this run (``attacks.record``) and not yet attacked: attack them now, as pending jobs.
+                restored_jobs += recorded_jobs(self.run_dir, self.round)
         self.log = RunLog(self.run_dir, self.sc.output.flush_seconds, scenario_to_yaml(self.sc),
                           (self.round, manifest) if manifest is not None else None)
         run_tag = f"{self.run_dir.name}-{uuid.uuid4().hex[:8]}"  # unique per run: two runs may share a dir name
-        self.transport = RayTransport(self.sc, self.partition, refs, n_actors, run_tag, journal)
+        # A finished run resumed to attack its recorded jobs trains nothing: no client actors.
+        self.transport = (RayTransport(self.sc, self.partition, refs, n_actors, run_tag, journal)
+                          if self.round < self.sc.training.rounds else None)
         self.attack_pool = self._start_attacks(dataset, refs, run_tag, resume, restored_jobs)
 
     # ------------------------------------------------------------ setup
@@ -95,8 +101,8 @@ class Coordinator:
 
     def _start_attacks(self, dataset: Dataset, refs: dict, run_tag: str, resume: bool,
                        restored_jobs: list[dict]) -> AttackPool | None:
-        """The attacker pool, whose results stream in between rounds (see AttackLog); None without attacks."""
-        if self.sc.attacks is None:
+        """The attacker pool, whose results stream in between rounds (see AttackLog); None without live attacks."""
+        if self.sc.live_attacks is None:
             return None
         pop, names = self.partition.client_population, self.partition.populations
         self.attack_log = AttackLog(
@@ -106,15 +112,15 @@ class Coordinator:
         knowledge = AttackerKnowledge.from_dataset(dataset, ray.get(refs["evaluator"]), self.sc.seed)
         pool = AttackPool.start(self.sc.model_dump(mode="json"), knowledge, run_tag, self.attack_log.done)
         # In flight at the checkpoint we resume from: run them again (waiting for room, never dropped).
-        for job in self.attack_log.expect(restored_jobs):
-            job["victims"] = [victim_from_state(v) for v in job["victims"]]
+        for job in self.attack_log.expect([job_from_state(j) for j in restored_jobs]):
             while not self._submit_attack(pool, job):
                 pool.wait_for_one()
         return pool
 
     def info(self) -> dict:
         """Where the run stands (the round to resume from) and where its actors run."""
-        return {"round": self.round, "actors": self.transport.info, "clients": int(self.partition.num_clients)}
+        return {"round": self.round, "actors": self.transport.info if self.transport is not None else [],
+                "clients": int(self.partition.num_clients)}
 
     def global_weights(self) -> torch.Tensor:
         """The current global weights (benchmarks replay rounds from them)."""
@@ -127,6 +133,7 @@ class Coordinator:
         if self.round >= self.sc.training.rounds:
             return None
         started = time.perf_counter()
+        assert self.transport is not None  # created whenever rounds are left
         plan = self.rounds.plan(self.round + 1)
         replies, reruns = self.transport.train(
             TrainTask(plan.round, plan.cohort.tolist(), victims=sorted(plan.victims)), self.weights, plan.broadcast)
@@ -159,6 +166,7 @@ class Coordinator:
         per_client: list[dict] = []
         per_population: list[dict] = []
         if self.sc.evaluation.local_val_fraction > 0:
+            assert self.transport is not None
             local = self.transport.evaluate(r, self.weights, self.rounds.local_eval_clients(r))
             per_client, per_population = self.rounds.local_eval_rows(r, local)
         self.log.evaluation(r, central, per_client, per_population)
@@ -171,7 +179,7 @@ class Coordinator:
 
         Returns how many were dropped.
         """
-        if self.attack_pool is None or self.sc.attacks is None:
+        if self.sc.attacks is None:
             return 0
         # One tensor for the round's global weights: Ray and checkpoints then carry it once per job, not per victim.
         victims = [
@@ -181,6 +189,10 @@ class Coordinator:
         ]
         jobs = [{"round": plan.round, "victims": group, "context": plan.broadcast}
                 for group in attack_jobs(victims, self.sc.attacks.victims_per_job)]
+        if self.attack_pool is None:  # attacks.record: kept for a later attack, none dropped
+            if jobs:
+                record_jobs(self.run_dir, plan.round, jobs)
+            return 0
         dropped = 0
         for job in self.attack_log.expect(jobs):
             if not self._submit_attack(self.attack_pool, job):
@@ -221,11 +233,7 @@ class Coordinator:
                 "manifest": self.log.tables.manifest(),
                 "defence": self.defence.server_state(),
                 # Attacks still running: their results are not in the manifest, so a resume re-runs them.
-                "attack_jobs": [
-                    {"round": job["round"], "victims": [victim_state(v) for v in job["victims"]],
-                     "context": job.get("context")}
-                    for job in (self.attack_pool.jobs() if self.attack_pool else [])
-                ],
+                "attack_jobs": [job_state(job) for job in (self.attack_pool.jobs() if self.attack_pool else [])],
             },
             keep=self.sc.checkpoint.keep,
         )
@@ -237,9 +245,10 @@ class Coordinator:
             self.attack_pool.stop()
             self.attack_log.close()
         self.log.close()
+        if self.transport is not None:
+            self.transport.stop()
         # Its presence marks the run finished (a study or arms resume skips it): write it whole or not at all.
         tmp = self.run_dir / ".final_weights.pt.tmp"
         torch.save({"weights": self.weights}, tmp)
         os.replace(tmp, self.run_dir / "final_weights.pt")
-        self.transport.stop()
         return {"round": self.round}
