@@ -200,3 +200,19 @@ def test_peers_run_flower_and_pfl_beside_simfl_in_a_venv_with_the_extra(tmp_path
         # the ratio is printed with two decimals
         assert math.isclose(ratio, rows["simfl"][3] / sps, rel_tol=0.01, abs_tol=0.006), (name, proc.stdout)
     assert rows["simfl"][6] == 1.0
+
+
+@pytest.mark.timeout(900)
+def test_verdict_benchmark_quick_times_both_sides_and_compares_their_results():
+    # Both sides at this checkout (HEAD as the base): the script's machinery, not a claim about a past commit.
+    proc = subprocess.run([sys.executable, "benchmarks/verdict.py", "--quick", "--before", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    out = proc.stdout
+    sides = dict(re.findall(r"^\| (before|after) \| [0-9a-f]+ \| [0-9]+ \| ([0-9]+) \|$", out, re.M))
+    assert set(sides) == {"before", "after"} and all(int(v) > 0 for v in sides.values()), out
+    ratio = re.search(r"^after / before: ([0-9.]+) \(median wall\)$", out, re.M)
+    assert ratio and float(ratio.group(1)) > 0, out
+    assert "results identical (every table, final weight, report): yes" in out, out
+    assert "| search: the chosen probes" in out and "| cells seeded from their kept probe" in out, out
+    assert not list(ROOT.glob(".git/worktrees/before*")), "the base commit's worktree was left behind"

@@ -57,9 +57,10 @@ class SearchConfig(Strict):
     ``levels`` join the grid axis ``axis`` like its named levels (``{name: patch}``),
     each expanded over the grid's other axes (seeds, contexts). Per cell, the
     defence's declared monotone knob is searched until the utility is within
-    ``tolerance`` of ``comparison.target_accuracy``, in probe runs without
-    attacks (under ``<study>/search``); then the cell runs at the found
-    setting, with attacks. ``tune``: per level, key paths and values tried
+    ``tolerance`` of ``comparison.target_accuracy``, in probe runs that record
+    their attack jobs instead of attacking (under ``<study>/search``); then the
+    cell at the found setting is its kept probe resumed with attacks, which
+    attack the recorded jobs (no second training). ``tune``: per level, key paths and values tried
     jointly (e.g. DP-SGD's clipping norm and learning rate), each combination
     searched on the first seed; the combination that reaches the target at the
     most private knob value is used for every seed.

@@ -29,6 +29,7 @@ from simfl.engine.scenario import Overrides, override_items
 from simfl.results.analysis import write_study_tables
 from simfl.simulation.runner import (
     EXIT_USER_ERROR,
+    Prepared,
     RayOptions,
     add_ray_arguments,
     connect_ray,
@@ -146,6 +147,8 @@ def drive_study(source: str | Path | None, overrides: Overrides | None, *,
     connect_ray(options)
     # Each cell and probe without a progress bar: one line per cell, not one per step.
     prepared = prepare_under(cells_dir, {c.name: c.scenario for c in cells}, options, quiet=True)
+    if plans:
+        _check_target_above_chance(study, prepared)
     if not study_dir.exists():
         _write_header(study_dir, study, base)
     excluded: list[str] = []
@@ -176,6 +179,15 @@ def drive_study(source: str | Path | None, overrides: Overrides | None, *,
     except UserError as exc:  # e.g. no cell finished: nothing to tabulate or report
         error = str(exc)
     return StudyOutcome(study.name, study_dir, len(cells), failed, excluded, written, error)
+
+
+def _check_target_above_chance(study: StudyConfig, prepared: dict[str, tuple[Prepared, int]]) -> None:
+    """A search's target at or below chance is met by every setting: nothing would be matched."""
+    target = study.comparison.target_accuracy
+    classes = max(prep.dataset.num_classes for prep, _ in prepared.values())
+    if target <= 1 / classes:
+        raise UserError(f"study: comparison.target_accuracy: {target:g} is at or below chance (1/{classes} classes): "
+                        "every defence reaches it at its most private setting; search for a target above chance")
 
 
 def _summarise(study_dir: Path, report: bool) -> Path | None:

@@ -73,6 +73,18 @@ def test_a_defence_without_a_search_knob_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_target_at_chance_is_one_line_before_anything_is_written(ray_local, tmp_path, capsys):
+    s = spec(tmp_path)
+    s["comparison"]["target_accuracy"] = 0.125  # 8 classes
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(s, sort_keys=False))
+    assert study_main([str(path), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "simfl: error: study: comparison.target_accuracy: 0.125 is at or below chance (1/8 classes): every defence "
+        "reaches it at its most private setting; search for a target above chance"]
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.fixture(scope="module")
 def searched_study(ray_local, tmp_path_factory) -> dict:
     """The study above, run in this process on the session's Ray instance (4 CPUs); its stderr kept."""
