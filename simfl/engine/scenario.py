@@ -242,6 +242,16 @@ class Scenario(Strict):
         """The attacks, where attacker actors run them beside training (not recorded for later: ``record``)."""
         return self.attacks if self.attacks is not None and not self.attacks.record else None
 
+    def demand(self, client_actors: int) -> tuple[float, float]:
+        """CPUs and GPUs a run's actors hold: ``client_actors`` client actors, the coordinator, live attackers."""
+        res = self.resources
+        cpus = client_actors * res.cpus_per_actor + res.coordinator_cpus
+        gpus = client_actors * res.gpus_per_actor
+        if (attacks := self.live_attacks) is not None:
+            cpus += attacks.pool.actors * attacks.pool.cpus_per_actor
+            gpus += attacks.pool.actors * attacks.pool.gpus_per_actor
+        return cpus, gpus
+
     @property
     def num_clients(self) -> int:
         """Clients over all populations."""

@@ -15,23 +15,12 @@ from typing import Literal
 
 import ray
 
-from simfl.engine.scenario import Scenario
 from simfl.simulation.runner import Prepared, run_in
 
 
 def cell_demand(prep: Prepared, n_actors: int) -> tuple[float, float]:
     """CPUs and GPUs a cell's actors hold while it runs."""
-    return run_demand(prep.scenario, n_actors)
-
-
-def run_demand(sc: Scenario, n_actors: int) -> tuple[float, float]:
-    """CPUs and GPUs the actors of a run of ``sc`` with ``n_actors`` client actors hold."""
-    cpus = n_actors * sc.resources.cpus_per_actor + sc.resources.coordinator_cpus
-    gpus = n_actors * sc.resources.gpus_per_actor
-    if (attacks := sc.live_attacks) is not None:
-        cpus += attacks.pool.actors * attacks.pool.cpus_per_actor
-        gpus += attacks.pool.actors * attacks.pool.gpus_per_actor
-    return cpus, gpus
+    return prep.scenario.demand(n_actors)
 
 
 def run_cells(cells_dir: Path, prepared: dict[str, tuple[Prepared, int]], concurrency: int | Literal["auto"], *,

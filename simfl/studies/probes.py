@@ -25,6 +25,7 @@ import itertools
 import json
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from simfl.results.analysis import UTILITY_METRIC, final_values, run_metrics
 from simfl.simulation.runner import RayOptions, prepare_under
 from simfl.studies.cell_pool import run_cells
 from simfl.studies.search import Search, more_private
-from simfl.studies.spec import CELL_SEPARATOR, Cell, StudyConfig
+from simfl.studies.spec import CELL_SEPARATOR, SEEDED_FROM, Cell, StudyConfig
 
 SEED_AXIS = "seed"
 
@@ -239,6 +240,7 @@ def seed_cell(cell_dir: Path, found: Found, scenario: Scenario) -> bool:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(found.probe, tmp, ignore=shutil.ignore_patterns("final_weights.pt"))
     (tmp / "scenario.yaml").write_text(scenario_to_yaml(scenario))
+    (tmp / SEEDED_FROM).write_text(json.dumps({"probe": found.probe.name, "seeded_at": time.time()}) + "\n")
     tmp.rename(cell_dir)  # whole or not at all: a killed copy is never taken for a cell
     return True
 

@@ -4,7 +4,8 @@ Why: a study is many runs packed onto a few cores; its wall time says nothing of
 which part to make cheaper. This reads a finished (or running) study directory
 and nothing else: no Ray, no re-run. Each run holds the CPUs its actors reserve
 from its header (``environment.json``, written when it starts) to its final
-weights; those spans times the CPUs held are the **reserved core-seconds** that
+weights (a cell seeded from its kept probe: from its ``seeded_from.json``);
+those spans times the CPUs held are the **reserved core-seconds** that
 the table splits, and their sum beside the study's wall time times the cores
 says how full the cluster was. The attacker actor's own time is split by attack
 from the ``attacks`` table (``attack_s`` per job; what remains of a job is
@@ -16,6 +17,7 @@ otherwise), so profile the study directory where it was written, not a copy.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from simfl.core.errors import UserError
 from simfl.engine.scenario import load_scenario
 from simfl.privacy.attacks import ATTACKS
 from simfl.results.markdown import table
-from simfl.studies.cell_pool import run_demand
+from simfl.studies.spec import SEEDED_FROM
 
 # What each kind of run is, in the order the table lists them.
 KINDS = {
@@ -59,7 +61,9 @@ def _mtime(path: Path) -> float | None:
 def run_span(run_dir: Path, kind: str) -> RunSpan:
     """A run's span and the CPUs it holds, from its header, tables and final weights."""
     sc = load_scenario(run_dir / "scenario.yaml")
-    start = _mtime(run_dir / "environment.json") or _mtime(run_dir / "scenario.yaml")
+    seeded = run_dir / SEEDED_FROM
+    start = (json.loads(seeded.read_text())["seeded_at"] if seeded.is_file()
+             else _mtime(run_dir / "environment.json") or _mtime(run_dir / "scenario.yaml"))
     assert start is not None
     rounds = _table(run_dir, "rounds", ["round", "round_time_s", "finished_at"])
     first = last = None
@@ -69,7 +73,7 @@ def run_span(run_dir: Path, kind: str) -> RunSpan:
         last = float(rounds["finished_at"].iloc[-1])
     # As planned on the cluster it ran on; none where the rounds are its probe's (a seeded cell trains nothing).
     actors = 0 if last is not None and last < start else _table(run_dir, "clients", ["actor"])["actor"].nunique()
-    cpus, _ = run_demand(sc, actors)
+    cpus, _ = sc.demand(actors)
     attackers = sc.live_attacks.pool.actors if sc.live_attacks is not None else 0
     attacks = _table(run_dir, "attacks", ["finished_at"])
     ends = [t for t in (_mtime(run_dir / "final_weights.pt"), last,

@@ -28,6 +28,8 @@ from simfl.results.analysis import cell_entry, cells_frame
 
 LEAVE_ONE_OUT = "leave_one_population_out"
 CELL_SEPARATOR = "__"
+# In a cell started as a copy of its kept probe (simfl.studies.probes.seed_cell): which probe, and when.
+SEEDED_FROM = "seeded_from.json"
 
 
 class ComparisonConfig(Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,7 @@ def test_search_finds_the_target_names_the_unreachable_and_resumes(searched_stud
     assert (cell / "attacks").is_dir()
     assert "cell dp__seed-0: started (trained already: attacks only)" in err
     kept = study_dir / "search" / f"dp__seed-0.probe{int(chosen['probe'])}"
+    assert json.loads((cell / "seeded_from.json").read_text())["probe"] == kept.name
     assert pd.read_parquet(cell / "rounds").equals(pd.read_parquet(kept / "rounds"))  # the very rows, times too
     assert sorted(pd.read_parquet(cell / "attacks")["round"].unique()) == [1, 2]
     assert not list(study_dir.glob("*/*/attack_jobs"))  # recorded jobs are dropped once no cell needs them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from simfl.engine.run_tables import SCHEMAS
 from simfl.engine.scenario import load_scenario, scenario_to_yaml
 from simfl.studies.profile import attack_time, core_seconds, profile, study_runs
 from simfl.studies.report import main as report_main
+from simfl.studies.spec import SEEDED_FROM
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_800_000_000.0
@@ -74,10 +76,13 @@ def study(tmp_path) -> Path:
                        "finished_at": T0 + 205, "image": 0},
                       {**job, "round": 2, "attack": "ig", "knowledge": "naive", "attack_s": 4.0,
                        "submitted_at": T0 + 180, "finished_at": T0 + 215, "image": 0}])
-    # Seeded from its probe at T0+230 (its rounds are the probe's), attacks only until T0+250.
-    _run(tmp_path / "cells" / "dq__seed-0", start=T0 + 230, end=T0 + 250, rounds=[(50, T0 + 155)], attacks=True,
+    # Seeded from its probe at T0+230 (a copy: its header's time and rounds are the probe's), attacks only until
+    # T0+250.
+    seeded = tmp_path / "cells" / "dq__seed-0"
+    _run(seeded, start=T0 + 100, end=T0 + 250, rounds=[(50, T0 + 155)], attacks=True,
          attack_rows=[{**job, "attack": "ig", "knowledge": "naive", "attack_s": 5.0, "submitted_at": T0 + 231,
                        "finished_at": T0 + 249, "image": 0}])
+    (seeded / SEEDED_FROM).write_text(json.dumps({"probe": "dp__seed-0.probe1", "seeded_at": T0 + 230}))
     return tmp_path
 
 
