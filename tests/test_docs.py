@@ -211,6 +211,24 @@ def test_the_script_regenerates_a_table_from_a_run_directory(arms_run, tmp_path)
     assert sum(row.startswith("| none | none |") for row in rows) == 2  # gi and ig, naive = adaptive
 
 
+def test_the_script_regenerates_a_table_from_a_study_report(tmp_path):
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.yaml").write_text("name: s\n")
+    (study / "report.md").write_text("# Study s\n\n## Matched-utility comparison (searched, target 0.35)\n\n"
+                                     "Worst attack per defence.\n\n| defence | acc |\n|---|---|\n| none | 0.9 |\n\n"
+                                     "## Cells\n\n| cell |\n|---|\n")
+    out = tmp_path / "verdict.md"
+    command = "python -m simfl.study scenarios/study_verdict.yaml"
+    assert docs_tables.main(["study", str(study), "--out", str(out), "--command", command, "--title", "V"]) == 0
+    table = stamps.read_table(out)
+    assert table.body.splitlines() == ["| defence | acc |", "|---|---|", "| none | 0.9 |"]
+    assert (table.stamp["title"], table.stamp["command"]) == ("V", command)
+    (study / "report.md").write_text("# Study s\n\n## Cells\n\n| cell |\n")
+    with pytest.raises(SystemExit, match="no report.md with a matched-utility comparison"):
+        docs_tables.main(["study", str(study), "--out", str(out), "--command", command])
+
+
 def test_the_hook_marks_a_stale_table_visibly():
     stamp = {"title": "T", "commit": "abc1234", "command": "python x.py", "date": "2026-12-07", "machine": "m",
              "measures": ["simfl/engine"], "note": "predates a fix"}

@@ -337,6 +337,13 @@ def _verdict(metrics: pd.DataFrame, cell: str) -> str:
     return "; ".join(parts) or "–"
 
 
+def headline(report: str) -> str:
+    """The report's matched-utility comparison table (empty if it has none)."""
+    if "## Matched-utility comparison (" not in report:
+        return ""
+    return report.split("## Matched-utility comparison")[1].split("\n## ")[0].split("\n\n", 2)[-1].strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a user error, reported in one line)."""
     p = argparse.ArgumentParser(prog="python -m simfl.report", description=__doc__.splitlines()[0])

@@ -39,7 +39,7 @@ from simfl.simulation.runner import (
 )
 from simfl.studies.cell_pool import run_cells
 from simfl.studies.probes import Found, drop_recorded, plan_searches, run_searches, seed_cell
-from simfl.studies.report import write_report
+from simfl.studies.report import headline, write_report
 from simfl.studies.spec import StudyConfig, expand, load_study, study_cells
 from simfl.studies.study_dir import Study
 
@@ -194,13 +194,6 @@ def _summarise(study_dir: Path, report: bool) -> Path | None:
     """The study's tables, then (if asked) its report; the report's path."""
     write_study_tables(study_dir, study_cells(study_dir))
     return write_report(study_dir) if report else None
-
-
-def headline(report: str) -> str:
-    """The report's matched-utility comparison table (empty if it has none)."""
-    if "## Matched-utility comparison (" not in report:
-        return ""
-    return report.split("## Matched-utility comparison")[1].split("\n## ")[0].split("\n\n", 2)[-1].strip()
 
 
 def _write_header(study_dir: Path, study: StudyConfig, base: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from test_spec import study_file
 
-from simfl.studies.study import headline
+from simfl.studies.report import headline
 
 ROOT = Path(__file__).resolve().parents[2]
 
