@@ -24,6 +24,7 @@ Honesty rules this module enforces, because published numbers often break them:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -360,16 +361,67 @@ def attacker_accuracy(
     return int((pred == true_labels.cpu()).sum()) / recon.shape[0]
 
 
+@dataclass(frozen=True)
+class Baselines:
+    """One victim's batch scored for the image-free guesses (``random_``, ``mean_``, ``class_mean_`` columns).
+
+    They do not depend on the attack: :func:`score_baselines` computes them
+    once per victim, and every attack's :func:`score_batch` on that victim
+    shares them (the same values it would compute again).
+    """
+
+    columns: dict[str, list]
+    pool: Tensor  # the nn_rank candidates: the batch's originals, then the peers
+    original_correct: Tensor  # (B,) the classifier's verdict on each original
+
+
+def score_baselines(
+    orig: Tensor,
+    true_labels: Tensor,
+    classifier: nn.Module,
+    mean_image: Tensor,
+    generator: torch.Generator,
+    class_means: Tensor,
+    peers: Tensor | None = None,
+) -> Baselines:
+    """The image-free guesses of one victim's batch, scored as :func:`score_batch` scores a reconstruction."""
+    true_labels = torch.as_tensor(true_labels).flatten().long().cpu()
+    pool = orig if peers is None else torch.cat([orig, peers.to(orig)])
+    guesses = {
+        "random_": baseline_images(orig, "random", generator),
+        "mean_": baseline_images(orig, "mean", None, reference_mean=mean_image),
+        "class_mean_": class_mean_images(class_means, true_labels).to(orig.device),
+    }
+    columns: dict[str, list] = {}
+    for prefix, images in guesses.items():
+        columns.update(_scored(prefix, images, orig, true_labels, classifier, pool)[0])
+    return Baselines(columns, pool, predict(classifier, orig) == true_labels)
+
+
+def _scored(prefix: str, images: Tensor, orig: Tensor, true_labels: Tensor, classifier: nn.Module, pool: Tensor
+            ) -> tuple[dict[str, list], Tensor]:
+    """``images`` against the batch: each metric's column (named with ``prefix``), and the Hungarian matching."""
+    scored = score(images, orig)
+    matched_labels = true_labels[scored["perm"]]
+    columns: dict[str, list] = {prefix + name: scored[name].tolist() for name in ("mse", "psnr", "ssim")}
+    columns[prefix + "attacker_correct"] = (predict(classifier, images) == matched_labels).tolist()
+    rank = nn_rank(images, pool, scored["perm"])
+    columns[prefix + "nn_match"] = (rank == 1).tolist()
+    columns[prefix + "nn_rank"] = rank.tolist()
+    return columns, scored["perm"]
+
+
 def score_batch(
     recon: Tensor,
     orig: Tensor,
     true_labels: Tensor,
     recovered_labels: Tensor,
     classifier: nn.Module,
-    mean_image: Tensor,
-    generator: torch.Generator,
-    class_means: Tensor,
+    mean_image: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    class_means: Tensor | None = None,
     peers: Tensor | None = None,
+    baselines: Baselines | None = None,
 ) -> list[dict[str, float | int | bool]]:
     """One victim's batch scored per reconstructed image, beside three image-free baselines.
 
@@ -390,30 +442,23 @@ def score_batch(
     that are not the victim's (the caller's choice, e.g. same-label images seen
     through the victim's device); ``nn_pool_size`` is B + M. Without ``peers``
     the pool is the batch alone, and at B = 1 every guess trivially ranks 1.
+
+    ``baselines``: this batch's :func:`score_baselines`, when several
+    reconstructions of it are scored (then ``mean_image``, ``generator``,
+    ``class_means`` and ``peers`` are not needed); computed here otherwise.
     """
     true_labels = torch.as_tensor(true_labels).flatten().long().cpu()
+    if baselines is None:
+        if mean_image is None or generator is None or class_means is None:
+            raise ValueError("score_batch: give the baselines, or mean_image, generator and class_means to score them")
+        baselines = score_baselines(orig, true_labels, classifier, mean_image, generator, class_means, peers)
     label_acc = label_accuracy(recovered_labels, true_labels)
-    pool = orig if peers is None else torch.cat([orig, peers.to(orig)])
-    candidates = {
-        "": recon,
-        "random_": baseline_images(orig, "random", generator),
-        "mean_": baseline_images(orig, "mean", None, reference_mean=mean_image),
-        "class_mean_": class_mean_images(class_means, true_labels).to(orig.device),
-    }
-    columns: dict[str, list] = {}
-    for prefix, images in candidates.items():
-        scored = score(images, orig)
-        matched_labels = true_labels[scored["perm"]]
-        for name in ("mse", "psnr", "ssim"):
-            columns[prefix + name] = scored[name].tolist()
-        columns[prefix + "attacker_correct"] = (predict(classifier, images) == matched_labels).tolist()
-        rank = nn_rank(images, pool, scored["perm"])
-        columns[prefix + "nn_match"] = (rank == 1).tolist()
-        columns[prefix + "nn_rank"] = rank.tolist()
-        if prefix == "":
-            columns["matched_image"] = scored["perm"].tolist()
-            columns["true_label"] = matched_labels.tolist()
-            columns["evaluator_on_original"] = (predict(classifier, orig) == true_labels)[scored["perm"]].tolist()
+    columns, perm = _scored("", recon, orig, true_labels, classifier, baselines.pool)
+    columns["matched_image"] = perm.tolist()
+    columns["true_label"] = true_labels[perm].tolist()
+    columns["evaluator_on_original"] = baselines.original_correct[perm].tolist()
+    columns.update(baselines.columns)
+    pool = baselines.pool
     return [
         {"image": i, "label_accuracy": label_acc, "nn_pool_size": len(pool), **{k: v[i] for k, v in columns.items()}}
         for i in range(len(recon))

@@ -216,12 +216,12 @@ def run_searches(study_dir: Path, study: StudyConfig, plans: list[CellSearch], o
     _write_table(study_dir, study, plans, failed)
     out: dict[str, Found | None] = {}
     for plan in plans:
-        search = plan.searches.get(plan.combo) if plan.combo is not None else None
-        probe = search.chosen() if search is not None else None
-        if search is None or probe is None or plan.combo is None or plan.cell.name in failed:
+        kept = plan.searches.get(plan.combo) if plan.combo is not None else None
+        probe = kept.chosen() if kept is not None else None
+        if kept is None or probe is None or plan.combo is None or plan.cell.name in failed:
             out[plan.cell.name] = None
             continue
-        name = plan.probe_name(plan.combo, search.probes.index(probe))
+        name = plan.probe_name(plan.combo, kept.probes.index(probe))
         out[plan.cell.name] = Found(with_setting(plan.cell, plan.knob, probe.value, plan.combos[plan.combo],
                                                  probe=False), probes_dir / name)
     return out

@@ -18,6 +18,7 @@ from simfl.privacy.metrics import (
     nn_rank,
     psnr,
     score,
+    score_baselines,
     score_batch,
     ssim,
 )
@@ -355,6 +356,22 @@ def test_score_batch_scores_each_image_and_both_baselines_the_same_way():
     assert [r["class_mean_attacker_correct"] for r in rows] == (
         _Oracle()(guess).argmax(1) == labels[scored["perm"]]).tolist()
     assert all(r["class_mean_psnr"] < r["psnr"] for r in rows)
+
+
+def test_baselines_scored_once_give_every_attack_the_rows_it_would_score_itself():
+    gen = torch.Generator().manual_seed(0)
+    orig = torch.rand(3, 3, 16, 16, generator=gen)
+    labels = torch.tensor([0, 2, 3])
+    peers = torch.rand(5, 3, 16, 16, generator=gen)
+    class_means = torch.stack([torch.full((3, 16, 16), k / 3) for k in range(4)])
+    shared = score_baselines(orig, labels, _Oracle(), orig.mean(0), torch.Generator().manual_seed(1), class_means,
+                             peers)
+    for recon in (orig[[1, 2, 0]] + 0.05, torch.rand(3, 3, 16, 16, generator=gen)):  # two attacks' results
+        alone = score_batch(recon, orig, labels, labels, _Oracle(), orig.mean(0), torch.Generator().manual_seed(1),
+                            class_means, peers)
+        assert score_batch(recon, orig, labels, labels, _Oracle(), baselines=shared) == alone
+    with pytest.raises(ValueError, match="give the baselines"):
+        score_batch(orig, orig, labels, labels, _Oracle())
 
 
 def test_the_class_mean_guess_of_one_image_reads_as_its_class():

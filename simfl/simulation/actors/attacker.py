@@ -36,7 +36,7 @@ from simfl.privacy.attacks import Attack, adapt, build_attack
 from simfl.privacy.attacks.base import AuxData
 from simfl.privacy.defences import defended_model
 from simfl.privacy.evaluator import Evaluator
-from simfl.privacy.metrics import score_batch
+from simfl.privacy.metrics import score_baselines, score_batch
 from simfl.simulation.actors.restarts import once_restarted
 
 # Images per attack shown in a TensorBoard grid / PNG (originals above, reconstructions below).
@@ -192,6 +192,10 @@ class Attacker:
         rows: list[dict] = []
         grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         pools = [peer_pool(self.peers, self.sc, v, self.channels) for v in victims]  # the same for every attack
+        # The image-free guesses do not depend on the attack: scored once per victim, shared by every attack.
+        baselines = [score_baselines(v.images, v.labels, self.classifier, self.mean_image,
+                                     torch_generator(self.sc.seed, "attack-baseline", v.client_id, v.round),
+                                     self.class_means, peers=pools[i]) for i, v in enumerate(victims)]
         for (kind, knowledge), attack in self._attacks(context).items():
             result = attack(self.model, self.flat, observations, seeds)
             finished = time.time()
@@ -203,10 +207,8 @@ class Attacker:
                 # In the box the data live in; a non-finite pixel (an attack that found nothing) scores as black.
                 recon = torch.nan_to_num(result.images[i].detach().cpu(), nan=0.0).clamp(0.0, 1.0)
                 orig = v.images
-                gen = torch_generator(self.sc.seed, "attack-baseline", v.client_id, v.round)
                 scored: list[dict[str, Any]] = score_batch(recon, orig, v.labels, result.labels[i].cpu(),
-                                                           self.classifier, self.mean_image, gen,
-                                                           self.class_means, peers=pools[i])
+                                                           self.classifier, baselines=baselines[i])
                 for row in scored:
                     row.update(
                         round=v.round, client_id=v.client_id, attack=kind, knowledge=knowledge,

@@ -220,6 +220,7 @@ class Coordinator:
             self.log.tables.maybe_flush()
 
     def _checkpoint(self) -> None:
+        assert self.transport is not None  # checkpoints follow rounds, which need client actors
         self.log.flush()
         if self.attack_pool is not None:
             self.attack_log.flush()
