@@ -11,7 +11,7 @@ probes on disk, so a killed study resumes its searches where they stood.
 The cell at the chosen setting does not train again: it starts as a copy of
 the kept probe (:func:`seed_cell`), whose training is bit-identical to the
 cell's, and resumes it with live attacks, which attack the recorded jobs.
-Recorded jobs of probes no cell needs are deleted (:func:`drop_recorded`).
+Recorded jobs are deleted once no run needs them (:func:`drop_recorded`).
 
 Tuning (``search.tune``): on the first seed of each group of cells (cells that
 differ only in their seed), every combination of the tuned keys is searched;
@@ -245,18 +245,14 @@ def seed_cell(cell_dir: Path, found: Found, scenario: Scenario) -> bool:
     return True
 
 
-def drop_recorded(study_dir: Path, found: dict[str, Found | None]) -> None:
-    """Delete recorded attack jobs no cell needs: every probe's but those of kept probes whose cell has not finished,
-    and every finished cell's (they hold the victims' private images; a live run keeps none)."""
-    needed = {f.probe.name for name, f in found.items()
-              if f is not None and not (study_dir / "cells" / name / "final_weights.pt").is_file()}
-    for recorded in (*(study_dir / "search").glob("*/attack_jobs"), *(study_dir / "cells").glob("*/attack_jobs")):
-        run = recorded.parent
-        if run.parent.name == "search" and run.name in needed:
-            continue
-        if run.parent.name == "cells" and not (run / "final_weights.pt").is_file():
-            continue
+def drop_recorded(study_dir: Path) -> None:
+    """Delete recorded attack jobs no run needs (they hold the victims' private images; a live run keeps none):
+    every probe's, once the cells are seeded with their copies, and every finished cell's."""
+    for recorded in (study_dir / "search").glob("*/attack_jobs"):
         shutil.rmtree(recorded)
+    for recorded in (study_dir / "cells").glob("*/attack_jobs"):
+        if (recorded.parent / "final_weights.pt").is_file():
+            shutil.rmtree(recorded)
 
 
 def _write_table(study_dir: Path, study: StudyConfig, plans: list[CellSearch], failed: dict[str, str]) -> None:

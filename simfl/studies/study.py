@@ -163,7 +163,7 @@ def drive_study(source: str | Path | None, overrides: Overrides | None, *,
             seed_cell(cells_dir / name, f, prep.scenario)
             if latest_round(cells_dir / name) == prep.scenario.training.rounds:
                 prepared[name] = (prep, 0)  # its probe's training, copied: no client actor to hold a CPU for
-        drop_recorded(study_dir, found)
+        drop_recorded(study_dir)
         for name in excluded:
             prepared.pop(name)
         if excluded:
@@ -171,7 +171,7 @@ def drive_study(source: str | Path | None, overrides: Overrides | None, *,
                   f"{', '.join(excluded)}; see search.parquet", file=sys.stderr)
     status = run_cells(cells_dir, prepared, study.concurrency, quiet=quiet)
     if found:
-        drop_recorded(study_dir, found)
+        drop_recorded(study_dir)
     failed = sorted(n for n, s in status.items() if s.startswith("failed"))
     written, error = None, None
     try:
