@@ -227,22 +227,21 @@ def run_searches(study_dir: Path, study: StudyConfig, plans: list[CellSearch], o
     return out
 
 
-def seed_cell(cell_dir: Path, found: Found, scenario: Scenario) -> bool:
-    """Start the cell as a copy of its kept probe (final weights left out), ``scenario`` its own; True if seeded.
+def seed_cell(cell_dir: Path, found: Found, scenario: Scenario) -> None:
+    """Start the cell as a copy of its kept probe (final weights left out), ``scenario`` its own.
 
     Resumed, the copy trains nothing (its checkpoint is the last round) and attacks the jobs the probe
     recorded: the cell a live run would have written, without its training. A cell directory that
     exists already (a resumed study) is left as it is; so is one whose probe did not finish.
     """
     if cell_dir.exists() or not (found.probe / "final_weights.pt").is_file():
-        return False
+        return
     tmp = cell_dir.with_name(f".{cell_dir.name}.seeding")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(found.probe, tmp, ignore=shutil.ignore_patterns("final_weights.pt"))
     (tmp / "scenario.yaml").write_text(scenario_to_yaml(scenario))
     (tmp / SEEDED_FROM).write_text(json.dumps({"probe": found.probe.name, "seeded_at": time.time()}) + "\n")
     tmp.rename(cell_dir)  # whole or not at all: a killed copy is never taken for a cell
-    return True
 
 
 def drop_recorded(study_dir: Path) -> None:
